@@ -1,0 +1,149 @@
+"""Typed configuration of every component (house-style §3).
+
+Each method constant has exactly one home: a field default below, with the method.md section
+that defines it. The CLI, the registry and the API only override these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # method.md §2.2
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)  # method.md §2.2
+
+# The 7 prompts of the reference's `sub_imagenet_template` set, verbatim and in order (method.md §4.1).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of a {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+Profile = Literal["2025", "2024"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen DINOv2 visual backbone (method.md §2.2)."""
+
+    source: str  # weight source: hf-hub:ORG/REPO[@REV] or local-dir:PATH of a transformers DINOv2 model
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, §2.2
+    image_std: tuple[float, float, float] = IMAGENET_STD  # input normalisation, §2.2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The frozen CLIP ViT-B/16 text tower (method.md §2.1)."""
+
+    source: str  # weight source of a transformers CLIPTextModelWithProjection + tokenizer
+    context_length: int = 77  # CLIP context; longer prompts are truncated with a warning, §2.1
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompt templates averaged before psi, §4.1
+    batch_size: int = 256  # prompts per text forward; no effect beyond fp32 rounding, §4.1 item 5
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """The learned tanh MLP psi: R^512 -> R^D (method.md §2.3)."""
+
+    source: str | None  # a .pth / .safetensors file, a local-dir: model folder, or a URL; None = random init
+    sha256: str | None = None  # pinned hash of the file (method.md §7, pitfall P6)
+    git_blob_sha1: str | None = None  # pin used until a sha256 is recorded (method.md §7)
+    in_dim: int = 512  # CLIP text embedding width, §2.1
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """The benchmark inference protocol (method.md §4), the default for every entry point."""
+
+    short_side: int = 448  # resized shorter side, §4.3 step 2
+    max_long_side: int = 2048  # cap on the resized longer side, §4.3 step 2
+    window: int = 448  # sliding-window crop, §4.3 step 3
+    stride: int = 224  # sliding-window stride, §4.3 step 3
+    background: bool = False  # prepend the constant threshold channel as class 0, §4.6
+    bg_threshold: float = 0.55  # theta, ViT-B value; ViT-L models override it to 0.54, §4.6
+    bg_clean: bool | None = None  # background cleaning, §4.5; None = on exactly when `background` is on
+    clean_lambda: float = 0.2  # lambda of background cleaning, §4.5 step 5
+    clean_head_embedding: Literal["logits", "softmax"] = "logits"  # "softmax" = the 2024 formula, §4.5
+    pamr: bool = True  # PAMR refinement, §4.7 (the paper's best rows use it)
+    pamr_iterations: int = 10  # §4.7
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # §4.7
+    window_batch_size: int = 8  # windows per backbone forward; memory only, results are identical
+
+    @property
+    def effective_bg_clean(self) -> bool:
+        """Whether background cleaning runs: the explicit setting, else follow `background`."""
+        return self.background if self.bg_clean is None else self.bg_clean
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible value."""
+        checks: list[tuple[bool, str]] = [
+            (self.short_side > 0, f"short_side must be positive, got {self.short_side}"),
+            (self.max_long_side >= self.short_side, f"max_long_side must be >= short_side, got {self.max_long_side}"),
+            (self.window > 0, f"window must be positive, got {self.window}"),
+            (0 < self.stride <= self.window, f"stride must be in (0, window], got {self.stride}"),
+            (0.0 < self.bg_threshold < 1.0, f"bg_threshold must be in (0, 1), got {self.bg_threshold}"),
+            (self.clean_lambda >= 0.0, f"clean_lambda must be >= 0, got {self.clean_lambda}"),
+            (self.pamr_iterations >= 0, f"pamr_iterations must be >= 0, got {self.pamr_iterations}"),
+            (all(d > 0 for d in self.pamr_dilations) and len(self.pamr_dilations) > 0,
+             f"pamr_dilations must be positive integers, got {self.pamr_dilations}"),
+            (self.window_batch_size > 0, f"window_batch_size must be positive, got {self.window_batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the settings, with cleaning resolved to its effective value."""
+        d = dataclasses.asdict(self)
+        d["bg_clean"] = self.effective_bg_clean
+        d["pamr_dilations"] = list(self.pamr_dilations)
+        return d
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A complete Talk2DINO model: the three weight sources plus its inference defaults."""
+
+    name: str  # registry name, or a description of a composed model
+    backbone: BackboneConfig
+    text: TextConfig
+    projection: ProjectionConfig
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    profile: Profile = "2025"  # result-table profile the weights belong to, method.md §6
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["inference"] = self.inference.to_dict()
+        d["text"]["templates"] = list(self.text.templates)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are errors, not warnings (house-style §3)."""
+        def build(kind: type, values: dict[str, Any]) -> Any:
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
+            converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return kind(**converted)
+
+        top = dict(d)
+        unknown = set(top) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        return cls(
+            name=top["name"],
+            backbone=build(BackboneConfig, top["backbone"]),
+            text=build(TextConfig, top["text"]),
+            projection=build(ProjectionConfig, top["projection"]),
+            inference=build(InferenceConfig, top.get("inference", {})),
+            profile=top.get("profile", "2025"),
+        )

@@ -1,0 +1,1 @@
+"""Image loading and conversion (RGB everywhere, method.md pitfall P1)."""

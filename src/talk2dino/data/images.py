@@ -1,0 +1,456 @@
+"""Image loading, conversion and resizing: RGB uint8 everywhere.
+
+This module is the one place where images enter the package (house-style §5 "Inputs"):
+
+- :func:`load_image` decodes a file into an ``[H, W, 3]`` uint8 RGB array.
+- :func:`to_rgb_uint8` converts the accepted API inputs (a PIL image, an RGB uint8 ``H×W×3`` numpy array, an
+  RGB ``[3, H, W]`` tensor) into the same form.
+- :func:`resize_uint8` is the benchmark resize of method.md §4.3 (OpenCV ``INTER_LINEAR`` on uint8).
+- :func:`list_images` expands the CLI's file, folder and list-file arguments.
+
+Channel order is RGB from here on; no later step swaps channels (method.md pitfall P1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from talk2dino.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "MIN_IMAGE_SIDE",
+    "list_images",
+    "load_image",
+    "resize_uint8",
+    "to_rgb_uint8",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_IMAGE_PIXELS: int = 178_956_970
+"""Default decompression-bomb guard of :func:`load_image`, in pixels (width × height).
+
+Twice Pillow's default warning threshold (89,478,485), i.e. Pillow's own hard-error threshold. A file whose
+header declares more pixels is refused before any pixel data is decoded.
+"""
+
+MIN_IMAGE_SIDE: int = 2
+"""Smallest accepted height and width, in pixels. A 1-pixel side cannot be resized or windowed meaningfully."""
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+"""File extensions (lower case) that :func:`list_images` picks up when it scans a folder."""
+
+_SIXTEEN_BIT_MAX = 65535
+_UINT8_MAX = 255
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_EXPECTED_FORMS = "expected a PIL image, an RGB uint8 HxWx3 numpy array or an RGB [3,H,W] tensor"
+
+# Errors that Pillow (or one of its format plugins) raises on files that are corrupt, truncated or not
+# images at all. Anything else is a bug and propagates.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    SyntaxError,  # PNG plugin: broken chunks
+    ValueError,  # e.g. PNG text chunk too large, bad tile descriptors
+    EOFError,
+    IndexError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+# warnings.catch_warnings mutates process-wide state; serialise our own use of it (Image.open only parses the
+# header, so holding the lock is cheap).
+_WARNINGS_LOCK = threading.Lock()
+
+
+def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file into an RGB uint8 array.
+
+    Decoding uses Pillow; method.md §4.3 notes that Pillow and OpenCV decode the test JPEGs identically, and
+    that only the resize must be OpenCV's. The EXIF orientation is applied. Modes are converted as follows:
+
+    - ``RGB``: as is. ``L``, ``1``, ``CMYK``, ``YCbCr`` …: Pillow's conversion to RGB (``1`` gives 0 / 255).
+    - ``RGBA``, ``LA``, ``P`` and ``PA`` (with or without transparency): the alpha channel is **dropped**, not
+      composited, so fully transparent pixels show whatever colour they store.
+    - 16-bit greyscale (``I;16*``) and 32-bit integer ``I``: values in [0, 65535] are scaled to [0, 255],
+      ``round(v * 255 / 65535)`` with halves rounded up; ``I`` values outside [0, 65535] are clipped first.
+    - float ``F``: if all values lie in [0, 1] they are scaled by 255 and rounded; otherwise they are read as
+      [0, 255] and clipped, like Pillow's own conversion. NaN or infinite values are refused.
+
+    Args:
+        path: Image file. Folders and list files are expanded by :func:`list_images`, not here.
+        max_pixels: Largest accepted width × height, checked from the header before any pixel is decoded.
+            ``None`` uses :data:`MAX_IMAGE_PIXELS`. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``, a hard
+            error at twice that value) still applies on top; raise it too to open larger files.
+
+    Returns:
+        ``[H, W, 3]`` uint8 array, RGB, values in [0, 255], C-contiguous and writable; H and W are those of the
+        image after EXIF orientation.
+
+    Raises:
+        InvalidInputError: The path is missing or a folder; the file is not a decodable image, is truncated or
+            corrupt; the image exceeds ``max_pixels``; or a side is shorter than :data:`MIN_IMAGE_SIDE`. The
+            message is one line, ``"<path>: <reason>"``.
+
+    Note:
+        Truncated files raise because the pixels are decoded (``Image.load``) inside the error handling and
+        Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False`` makes truncation an error. An application
+        that sets that flag to ``True`` globally opts into silently padded images; this function does not
+        change the flag, as it is process-wide state.
+    """
+    file_path = Path(path)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit < 1:
+        raise InvalidInputError(f"max_pixels must be a positive number of pixels; got {limit}")
+    if file_path.is_dir():
+        raise InvalidInputError(
+            f"{file_path}: is a folder, not an image file; pass image files, or expand folders with list_images"
+        )
+    if not file_path.exists():
+        raise InvalidInputError(f"{file_path}: no such file")
+
+    try:
+        # Our own limit (checked below, before decoding) is authoritative; silence Pillow's softer warning for
+        # sizes between its threshold and ours. Pillow's hard DecompressionBombError is caught below.
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(file_path)
+    except UnidentifiedImageError as exc:
+        raise InvalidInputError(
+            f"{file_path}: cannot identify image file (not an image, or a format Pillow cannot read)"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidInputError(f"{file_path}: refused as a possible decompression bomb ({exc})") from exc
+    except OSError as exc:
+        raise InvalidInputError(f"{file_path}: cannot open file ({exc.strerror or exc})") from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidInputError(f"{file_path}: cannot read image header ({exc})") from exc
+
+    with opened as image:
+        width, height = image.size
+        # Image.open is lazy: only the header has been parsed so far, so these checks cost nothing.
+        if width * height > limit:
+            raise InvalidInputError(
+                f"{file_path}: image is {width}x{height} pixels ({width * height:,}), above the limit of "
+                f"{limit:,}; refused without decoding (pass a larger max_pixels if the file is trusted)"
+            )
+        _check_min_size(width, height, where=str(file_path))
+        try:
+            image.load()
+        except _DECODE_ERRORS as exc:
+            raise InvalidInputError(
+                f"{file_path}: cannot decode image data, the file may be truncated or corrupt ({exc})"
+            ) from exc
+        try:
+            rgb = _pil_to_rgb(image)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{file_path}: {exc}") from exc
+        except _DECODE_ERRORS as exc:
+            raise InvalidInputError(f"{file_path}: cannot convert image to RGB ({exc})") from exc
+
+    logger.debug("loaded %s: %dx%d, mode %s", file_path, rgb.shape[1], rgb.shape[0], opened.mode)
+    return rgb
+
+
+def to_rgb_uint8(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Convert an API image input into an RGB uint8 array; the one place where API inputs are converted.
+
+    Accepted forms (house-style §5 "Inputs"):
+
+    - a PIL image, any mode: converted as in :func:`load_image` (EXIF orientation applied, alpha dropped,
+      16-bit scaled, …);
+    - a numpy uint8 array: ``[H, W, 3]`` RGB; also ``[H, W]`` or ``[H, W, 1]`` greyscale (replicated to three
+      channels) and ``[H, W, 4]`` RGBA (alpha dropped). Other dtypes, float included, are refused: the value
+      range of a float array is ambiguous;
+    - a torch tensor ``[3, H, W]`` RGB, either uint8 in [0, 255], or floating point with **every value in
+      [0, 1]** (scaled by 255 and rounded to the nearest integer, ties to even). Float tensors outside [0, 1],
+      other dtypes and other shapes are refused. The tensor may live on any device and may require grad.
+
+    Args:
+        image: The input image, in one of the forms above.
+
+    Returns:
+        ``[H, W, 3]`` uint8 array, RGB, values in [0, 255], C-contiguous and writable. It never shares memory
+        with the input, so later changes to the input do not affect it.
+
+    Raises:
+        InvalidInputError: The input is of none of the accepted forms (the message lists them), contains
+            values outside the accepted range, cannot be decoded, or has a side shorter than
+            :data:`MIN_IMAGE_SIDE`.
+    """
+    if isinstance(image, Image.Image):
+        try:
+            rgb = _pil_to_rgb(image)
+        except _DECODE_ERRORS as exc:
+            raise InvalidInputError(f"cannot decode or convert the PIL image to RGB ({exc})") from exc
+    elif isinstance(image, np.ndarray):
+        rgb = _numpy_to_rgb(image)
+    elif _is_torch_tensor(image):
+        rgb = _tensor_to_rgb(image)
+    else:
+        raise InvalidInputError(f"{_EXPECTED_FORMS}; got {_describe(image)}")
+    _check_min_size(rgb.shape[1], rgb.shape[0], where=None)
+    return rgb
+
+
+def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an RGB uint8 image with OpenCV's bilinear interpolation, as the benchmark protocol does.
+
+    See method.md §4.3, step 2: ``cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)`` on the
+    **uint8** array (note that OpenCV's ``dsize`` is width first), with no antialiasing even when downscaling.
+    The reference resizes with mmcv's cv2 backend; OpenCV's fixed-point uint8 bilinear kernel is what
+    reproduces its resized pixels bit for bit. Resizing in float first is off by up to 0.76 grey levels and PIL
+    or antialiased resizing by up to 31, which moves predicted labels; convert to float only after this step.
+
+    Args:
+        image: ``[H, W, 3]`` uint8, RGB, values in [0, 255].
+        height: Output height in pixels, ≥ 1.
+        width: Output width in pixels, ≥ 1.
+
+    Returns:
+        ``[height, width, 3]`` uint8, RGB. When the size is unchanged, ``image`` itself is returned (no copy).
+
+    Raises:
+        InvalidInputError: ``image`` is not a uint8 ``[H, W, 3]`` array, or the target size is not positive.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidInputError(f"resize_uint8 expects a uint8 HxWx3 RGB numpy array; got {_describe(image)}")
+    if height < 1 or width < 1:
+        raise InvalidInputError(f"resize target must be at least 1x1 pixels; got height={height}, width={width}")
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    # OpenCV needs a contiguous buffer with positive strides (e.g. not a [:, ::-1] view).
+    resized = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def list_images(
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *, recursive: bool = False
+) -> list[Path]:
+    """Expand command-line image arguments into a list of image files.
+
+    Each input is expanded as follows, in order:
+
+    - a folder: its files whose extension (case-insensitive) is in :data:`IMAGE_EXTENSIONS`, sorted by path.
+      Hidden files (name starting with ``.``, e.g. macOS ``._photo.jpg`` metadata) are skipped. Sub-folders
+      are scanned only when ``recursive`` is true;
+    - ``@list.txt``, or any existing file whose name ends in ``.txt``: a list file with one path per line
+      (UTF-8). Blank lines and lines starting with ``#`` are skipped; relative paths are resolved against the
+      list file's folder. Each entry may be a file or a folder (expanded as above); list files do not nest;
+    - any other file: kept as is, whatever its extension (:func:`load_image` reports unreadable files).
+
+    Order is kept and repeated paths (the same absolute path, however it was spelled) are dropped after their
+    first occurrence.
+
+    Args:
+        inputs: Paths as given on the command line. A single string or path is treated as one input.
+        recursive: Also scan sub-folders of folder inputs.
+
+    Returns:
+        The image paths, as spelled by the inputs (folder entries are ``folder / name``).
+
+    Raises:
+        InvalidInputError: An input, a list file or one of its entries does not exist.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for raw in inputs:
+        text = os.fspath(raw)
+        if text.startswith("@"):
+            found.extend(_read_list_file(Path(text[1:]), recursive=recursive))
+            continue
+        path = Path(text)
+        if path.is_dir():
+            found.extend(_scan_folder(path, recursive=recursive))
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            found.extend(_read_list_file(path, recursive=recursive))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise InvalidInputError(f"{path}: no such file or folder")
+    return _dedupe(found)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_min_size(width: int, height: int, *, where: str | None) -> None:
+    if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
+        prefix = f"{where}: " if where else ""
+        raise InvalidInputError(
+            f"{prefix}image is {width}x{height} pixels; need at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
+        )
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """PIL image of any mode -> ``[H, W, 3]`` uint8 RGB, EXIF orientation applied (see :func:`load_image`)."""
+    image = _exif_transposed(image)
+    mode = image.mode
+    if mode == "RGB":
+        return np.array(image, dtype=np.uint8)
+    if mode in _SIXTEEN_BIT_MODES:
+        return _gray_to_rgb(_scale_sixteen_bit(np.array(image)))
+    if mode == "F":
+        return _gray_to_rgb(_float_gray_to_uint8(np.array(image, dtype=np.float64)))
+    if mode in ("P", "PA"):
+        # Going through RGBA keeps Pillow from warning about palette transparency; the alpha is then dropped.
+        image = image.convert("RGBA")
+    try:
+        converted = image.convert("RGB")
+    except ValueError as exc:
+        raise InvalidInputError(f"unsupported image mode {mode!r} ({exc})") from exc
+    return np.array(converted, dtype=np.uint8)
+
+
+def _exif_transposed(image: Image.Image) -> Image.Image:
+    try:
+        transposed = ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, KeyError, TypeError, struct.error) as exc:
+        # A malformed EXIF block should not make the pixels unusable.
+        logger.warning("ignoring unreadable EXIF orientation (%s)", exc)
+        return image
+    return image if transposed is None else transposed
+
+
+def _scale_sixteen_bit(values: np.ndarray) -> np.ndarray:
+    """``[H, W]`` integers in [0, 65535] (clipped) -> uint8 ``round(v * 255 / 65535)``, halves up."""
+    wide = np.clip(values.astype(np.int64), 0, _SIXTEEN_BIT_MAX)
+    return ((wide * _UINT8_MAX + _SIXTEEN_BIT_MAX // 2) // _SIXTEEN_BIT_MAX).astype(np.uint8)
+
+
+def _float_gray_to_uint8(values: np.ndarray) -> np.ndarray:
+    """``[H, W]`` float greyscale -> uint8: [0, 1] is scaled by 255; anything else is read as [0, 255]."""
+    if not np.isfinite(values).all():
+        raise InvalidInputError("float image contains NaN or infinite values")
+    if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = values * _UINT8_MAX
+    return np.clip(np.rint(values), 0, _UINT8_MAX).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def _numpy_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        hint = ""
+        if np.issubdtype(array.dtype, np.floating):
+            hint = " (float arrays have no agreed range; for values in [0, 1] pass (x * 255).round().astype(np.uint8))"
+        raise InvalidInputError(f"{_EXPECTED_FORMS}; got {_describe(array)}{hint}")
+    if array.ndim == 2:
+        return _gray_to_rgb(array)
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        if array.shape[2] == 1:
+            return _gray_to_rgb(array[:, :, 0])
+        return np.array(array[:, :, :3], dtype=np.uint8, order="C", copy=True)
+    hint = ""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4):
+        hint = " (it looks channel-first; pass array.transpose(1, 2, 0))"
+    raise InvalidInputError(f"{_EXPECTED_FORMS}; got {_describe(array)}{hint}")
+
+
+def _is_torch_tensor(obj: object) -> bool:
+    # torch is only consulted if the caller already imported it; a tensor cannot exist otherwise.
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(obj, torch_module.Tensor)
+
+
+def _tensor_to_rgb(tensor: torch.Tensor) -> np.ndarray:
+    import torch
+
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise InvalidInputError(f"{_EXPECTED_FORMS}; got {_describe(tensor)}")
+    data = tensor.detach().to("cpu")
+    if data.dtype == torch.uint8:
+        pixels = data
+    elif data.is_floating_point():
+        values = data.to(torch.float64)
+        if not bool(torch.isfinite(values).all()):
+            raise InvalidInputError("float image tensor contains NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0 or high > 1.0:
+            raise InvalidInputError(
+                f"float image tensors must hold values in [0, 1]; got values in [{low:g}, {high:g}] "
+                "(for [0, 255] data pass a uint8 tensor, e.g. x.round().to(torch.uint8))"
+            )
+        pixels = (values * _UINT8_MAX).round().to(torch.uint8)
+    else:
+        raise InvalidInputError(f"{_EXPECTED_FORMS}; got {_describe(tensor)}")
+    return np.array(pixels.permute(1, 2, 0).numpy(), dtype=np.uint8, order="C", copy=True)
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, np.ndarray):
+        return f"a numpy array of shape {tuple(obj.shape)} and dtype {obj.dtype}"
+    if _is_torch_tensor(obj):
+        return f"a tensor of shape {list(obj.shape)} and dtype {obj.dtype}"  # type: ignore[attr-defined]
+    return f"an object of type {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _scan_folder(folder: Path, *, recursive: bool) -> list[Path]:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    images = sorted(
+        path
+        for path in candidates
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+    if not images:
+        logger.warning("no image files (%s) found in %s", ", ".join(sorted(IMAGE_EXTENSIONS)), folder)
+    return images
+
+
+def _read_list_file(list_file: Path, *, recursive: bool) -> list[Path]:
+    if not list_file.is_file():
+        raise InvalidInputError(f"{list_file}: list file not found")
+    try:
+        lines = list_file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{list_file}: cannot read list file ({exc})") from exc
+    base = list_file.parent
+    found: list[Path] = []
+    for line_number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry)
+        if not path.is_absolute():
+            path = base / path
+        if path.is_dir():
+            found.extend(_scan_folder(path, recursive=recursive))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise InvalidInputError(f"{list_file}:{line_number}: {path}: no such file or folder")
+    return found
+
+
+def _dedupe(paths: list[Path]) -> list[Path]:
+    seen: set[str] = set()
+    unique: list[Path] = []
+    for path in paths:
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique

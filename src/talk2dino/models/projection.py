@@ -1,0 +1,107 @@
+"""The projection psi: psi(t) = W2 · tanh(W1 t + b1) + b2 (method.md §2.3).
+
+Parameter names equal the released checkpoints' keys (``linear_layer.*``, ``hidden_layers.0.*``),
+so the authors' files load strictly, without renaming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from talk2dino.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_FILE = "projection.safetensors"
+PROJECTION_CONFIG_FILE = "projection.json"
+# The one legacy alias the reference accepts (method.md §2.3); we read it, never write it.
+_LEGACY_ALIASES = {"linear_layer2.": "hidden_layers.0."}
+
+
+class Projection(nn.Module):
+    """psi: R^in_dim -> R^out_dim, hidden width out_dim, no norm, no residual, no output activation."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.linear_layer = nn.Linear(in_dim, out_dim)
+        self.hidden_layers = nn.ModuleList([nn.Linear(out_dim, out_dim)])
+
+    def forward(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Args:
+            text_embeddings: ``[N, in_dim]`` raw, unnormalised CLIP embeddings (cast to float32).
+
+        Returns:
+            ``[N, out_dim]`` float32, not normalised (every consumer normalises).
+        """
+        x = text_embeddings.to(self.linear_layer.weight.dtype)
+        return self.hidden_layers[0](torch.tanh(self.linear_layer(x)))
+
+    def load_checked(self, state: dict[str, torch.Tensor], *, origin: str) -> None:
+        """Strictly load `state`: every key present, none extra, every shape equal (house-style §4).
+
+        Raises:
+            WeightsError: listing missing and unexpected keys and mismatched shapes, naming `origin`.
+        """
+        renamed: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            for old, new in _LEGACY_ALIASES.items():
+                if key.startswith(old):
+                    logger.info("%s: legacy key %s read as %s", origin, key, new + key[len(old):])
+                    key = new + key[len(old):]
+            renamed[key] = value
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(renamed))
+        unexpected = sorted(set(renamed) - set(expected))
+        shapes = [
+            f"{k}: file {tuple(renamed[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items() if k in renamed and renamed[k].shape != v.shape
+        ]
+        if missing or unexpected or shapes:
+            hint = ""
+            if shapes:
+                hint = (f" (this psi expects a {self.in_dim}-d text embedding and a {self.out_dim}-d backbone; "
+                        "was it trained for another backbone size?)")
+            raise WeightsError(
+                f"{origin}: projection checkpoint does not match: missing={missing} unexpected={unexpected} "
+                f"shape_mismatch={shapes}{hint}"
+            )
+        self.load_state_dict({k: v.to(torch.float32) for k, v in renamed.items()}, strict=True)
+
+
+def projection_dims(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(in_dim, out_dim) of a psi state dict, read from ``linear_layer.weight`` [out, in]."""
+    weight = state.get("linear_layer.weight")
+    if weight is None or weight.ndim != 2:
+        raise WeightsError(f"not a projection checkpoint: keys {sorted(state)[:6]}")
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+def save_projection(folder: str | os.PathLike[str], projection: Projection, metadata: dict[str, Any]) -> Path:
+    """Write psi as ``projection.safetensors`` plus ``projection.json`` (dims and `metadata`).
+
+    Returns:
+        The path of the safetensors file.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / PROJECTION_FILE
+    tmp = folder / (PROJECTION_FILE + ".tmp")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projection.state_dict().items()}
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    info = {"in_dim": projection.in_dim, "out_dim": projection.out_dim, **metadata}
+    tmp_json = folder / (PROJECTION_CONFIG_FILE + ".tmp")
+    tmp_json.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp_json, folder / PROJECTION_CONFIG_FILE)
+    return path

@@ -1,0 +1,99 @@
+"""CLIP ViT-B/16 text tower: prompts -> unnormalised 512-d embeddings (method.md §2.1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class ClipTextEncoder(nn.Module):
+    """A frozen transformers ``CLIPTextModelWithProjection`` plus its tokenizer.
+
+    The embedding is CLIP's ``encode_text``: final LayerNorm, the token at the **first** end-of-text
+    position, times the text projection; it is not normalised (method.md §2.1).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: object, *, context_length: int) -> None:
+        """Args:
+            model: a transformers ``CLIPTextModelWithProjection``.
+            tokenizer: its CLIP tokenizer (called with a list of strings).
+            context_length: maximum tokens per prompt, start and end tokens included (77 for CLIP).
+        """
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        eot = getattr(tokenizer, "eos_token_id", None)
+        if eot is None:
+            raise ValueError("the CLIP tokenizer defines no end-of-text token")
+        self.eot_id: int = int(eot)
+        self.embed_dim: int = int(model.config.projection_dim)
+
+    def tokenize(self, prompts: Sequence[str], *, pad_to_context: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise prompts, truncating (with a warning) any longer than the context.
+
+        Padding after the end-of-text token cannot change its embedding (CLIP's text attention is
+        causal), so the fast path pads to the longest prompt only.
+
+        Args:
+            prompts: N strings.
+            pad_to_context: pad every row to `context_length` (the reference's layout).
+
+        Returns:
+            ``(input_ids [N, L] int64, attention_mask [N, L] int64)``.
+        """
+        enc = self.tokenizer(
+            list(prompts),
+            padding="max_length" if pad_to_context else "longest",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        has_eot = (ids == self.eot_id).any(dim=1)
+        if not bool(has_eot.all()):
+            # The tokenizer cut the end-of-text token away; CLIP expects it last, as in the reference's
+            # tokenize(truncate=True).
+            for i in torch.nonzero(~has_eot).flatten().tolist():
+                logger.warning("prompt truncated to %d tokens: %.60r", self.context_length, prompts[i])
+                ids[i, -1] = self.eot_id
+        return ids, mask
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embed token ids.
+
+        Args:
+            input_ids: ``[N, L]`` int64 CLIP token ids, each row holding an end-of-text token.
+            attention_mask: ``[N, L]`` 1 for real tokens.
+
+        Returns:
+            ``[N, 512]`` float32 unnormalised text embeddings.
+        """
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        hidden = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # First occurrence of the end-of-text id (the reference's "largest id" trick fails with
+        # tokenizers that pad with that very id; method.md §2.1 step 3).
+        eot_pos = (input_ids == self.eot_id).int().argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=device), eot_pos]
+        return self.model.text_projection(pooled).float()
+
+    def encode(self, prompts: Sequence[str], *, batch_size: int, pad_to_context: bool = False) -> torch.Tensor:
+        """Embed prompts in batches.
+
+        Returns:
+            ``[N, 512]`` float32 unnormalised embeddings, on the model's device.
+        """
+        chunks = []
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = self.tokenize(prompts[start:start + batch_size], pad_to_context=pad_to_context)
+            chunks.append(self.forward(ids, mask))
+        if not chunks:
+            return torch.zeros(0, self.embed_dim, device=next(self.model.parameters()).device)
+        return torch.cat(chunks)

@@ -1,0 +1,383 @@
+"""`Segmenter`: embed an image once, answer many vocabularies (house-style §5, method.md §4).
+
+The pipeline per image (method.md §4.3–4.8): resize the uint8 image with OpenCV, cut the window
+grid, run the backbone on all windows as one batch, then per window sigmoid(cos) → cleaning →
+bilinear upsampling (align_corners=True) → PAMR → background channel, stitch by averaging, resize
+to the original size (align_corners=False), softmax over channels and argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from talk2dino.config import InferenceConfig
+from talk2dino.data.images import resize_uint8, to_rgb_uint8
+from talk2dino.errors import InvalidInputError
+from talk2dino.models import BackboneOutput, Talk2DINO
+from talk2dino.ops.cleaning import clean_background
+from talk2dino.ops.pamr import pamr as pamr_fast
+from talk2dino.ops.pamr import pamr_reference
+from talk2dino.ops.similarity import sigmoid_cosine
+from talk2dino.ops.sliding import resized_size, stitch, window_grid
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND_NAME = "background"
+ImageLike = Any  # PIL image, HxWx3 uint8 numpy array or [3, H, W] tensor; see data.images.to_rgb_uint8
+_TEXT_CACHE_SIZE = 64
+
+
+@dataclass
+class SegmentationResult:
+    """The answer for one image.
+
+    Attributes:
+        labels: ``[H, W]`` int64 label map at the original image size. With a background channel,
+            0 is background and n + 1 is ``class_names[n + 1]``; otherwise n is ``class_names[n]``.
+        scores: ``[C, H, W]`` float32 stitched per-channel scores resized to the image, before the
+            softmax (sigmoid units; channel ``background_index`` is the constant threshold).
+        class_names: C names, ``"background"`` first when a background channel is used.
+        background_index: 0 with a background channel, else None.
+        config: the effective inference settings.
+        timings: seconds per stage of this prediction.
+        stitched: ``[C, H', W']`` float32 window average at the resized (processing) size, before the
+            final resize (method.md §4.8 step 1).
+    """
+
+    labels: torch.Tensor
+    scores: torch.Tensor
+    class_names: list[str]
+    background_index: int | None
+    config: InferenceConfig
+    timings: dict[str, float] = field(default_factory=dict)
+    stitched: torch.Tensor | None = None
+
+    def shares(self) -> list[dict[str, Any]]:
+        """Per channel: index, name, pixel count and share of the image (shares sum to 1)."""
+        counts = torch.bincount(self.labels.flatten(), minlength=len(self.class_names)).tolist()
+        total = max(int(self.labels.numel()), 1)
+        return [
+            {"index": i, "name": n, "pixels": int(c), "share": round(c / total, 6)}
+            for i, (n, c) in enumerate(zip(self.class_names, counts, strict=True))
+        ]
+
+
+@dataclass
+class ImageFeatures:
+    """What `Segmenter.set_image` caches: geometry, PAMR guides and backbone outputs of every window.
+
+    Attributes:
+        original_size: ``(h, w)`` of the input image.
+        resized_size: ``(H, W)`` after the resize rule (method.md §4.3 step 2).
+        boxes: ``(y1, y2, x1, x2)`` per window, in resized pixels, row-major.
+        guides: ``[n, 3, wh, ww]`` float32 RGB in [0, 255], the windows before normalisation (PAMR guide).
+        output: the backbone output of the n windows (``attn_logits [n, M, P]`` etc.).
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    boxes: list[tuple[int, int, int, int]]
+    guides: torch.Tensor
+    output: BackboneOutput
+
+    def dense_features(self) -> torch.Tensor:
+        """``[n, h, w, D]`` raw patch tokens per window, for users who want text-aligned maps."""
+        n, _, d = self.output.patch_tokens.shape
+        return self.output.patch_tokens.reshape(n, *self.output.grid, d)
+
+
+class Segmenter:
+    """Stateful predictor caching class embeddings and the current image's window features.
+
+    Example:
+        >>> seg = Segmenter.from_pretrained("talk2dino-vitb14-reg")
+        >>> seg.set_classes(["cat", "sofa", "window"], background=True)
+        >>> seg.set_image(pil_image)
+        >>> result = seg.predict()
+    """
+
+    def __init__(self, model: Talk2DINO, config: InferenceConfig | None = None, *, reference: bool = False) -> None:
+        """Args:
+            model: a built `Talk2DINO`.
+            config: inference settings; the model's registry defaults when None.
+            reference: use the plain reference path everywhere (eager attention, one window per
+                backbone call, prompts padded to the full context, PAMR materialising every
+                neighbour shift). For tests and benchmarks; results equal the fast path.
+        """
+        self.model = model
+        self.config = config if config is not None else model.config.inference
+        self.config.validate()
+        self.reference = reference
+        self._check_window(self.config)
+        self._text_cache: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self._classes: list[str] | None = None
+        self._class_embeddings: torch.Tensor | None = None
+        self._features: ImageFeatures | None = None
+
+    @classmethod
+    def from_pretrained(cls, name: str = "talk2dino-vitb14-reg", *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
+                        **overrides: Any) -> Segmenter:
+        """Build the model by name and a segmenter with its defaults, overridden by `overrides`
+        (any `InferenceConfig` field, e.g. ``pamr=False``)."""
+        from talk2dino.registry import create_model
+
+        model = create_model(name, device=device, dtype=dtype, cache_dir=cache_dir)
+        return cls(model, dataclasses.replace(model.config.inference, **overrides))
+
+    def _check_window(self, config: InferenceConfig) -> None:
+        patch = self.model.backbone.patch_size
+        if config.window % patch:
+            raise ValueError(f"window {config.window} is not a multiple of the backbone patch size {patch}")
+
+    # ------------------------------------------------------------------ text side
+    @staticmethod
+    def check_labels(names: Sequence[str], *, background: bool) -> list[str]:
+        """Validate a vocabulary; names are kept verbatim (method.md §4.2, P25).
+
+        Raises:
+            InvalidInputError: empty vocabulary, a non-string, empty or whitespace-only label, a
+                duplicate, or 'background' while the background channel is on.
+        """
+        if isinstance(names, str):
+            raise InvalidInputError("labels must be a list of strings, not one string; split it first")
+        names = list(names)
+        if not names:
+            raise InvalidInputError("no labels given")
+        seen: set[str] = set()
+        for name in names:
+            if not isinstance(name, str):
+                raise InvalidInputError(f"label {name!r} is not a string")
+            if not name.strip():
+                raise InvalidInputError(f"label {name!r} is empty or only whitespace")
+            if name in seen:
+                raise InvalidInputError(f"duplicate label {name!r}")
+            if background and name.strip().lower() == BACKGROUND_NAME:
+                raise InvalidInputError(
+                    "label 'background' clashes with the background channel; remove it or turn background off"
+                )
+            seen.add(name)
+        return names
+
+    def class_embeddings(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Unit class embeddings ``[N, D]`` float32, cached per (names, templates, text weights)."""
+        templates = tuple(templates if templates is not None else self.model.config.text.templates)
+        for t in templates:
+            if t.count("{}") != 1:
+                raise InvalidInputError(f"template {t!r} must contain exactly one '{{}}'")
+        key = (tuple(names), templates, self.model.weights_key, self.reference)
+        cached = self._text_cache.get(key)
+        if cached is not None:
+            self._text_cache.move_to_end(key)
+            return cached
+        embeddings = self.model.embed_classes(names, templates, pad_to_context=self.reference)
+        self._text_cache[key] = embeddings
+        while len(self._text_cache) > _TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return embeddings
+
+    def set_classes(self, names: Sequence[str], *, background: bool | None = None, threshold: float | None = None,
+                    templates: Sequence[str] | None = None) -> None:
+        """Set the vocabulary (and optionally the background channel and threshold).
+
+        Args:
+            names: class names, used verbatim.
+            background: add the constant threshold channel as class 0 (None keeps the current setting).
+            threshold: background threshold θ (None keeps the current setting).
+            templates: prompt templates (None: the model's 7 templates).
+        """
+        changes: dict[str, Any] = {}
+        if background is not None:
+            changes["background"] = background
+        if threshold is not None:
+            changes["bg_threshold"] = threshold
+        if changes:
+            config = dataclasses.replace(self.config, **changes)
+            config.validate()
+            self.config = config
+        names = self.check_labels(names, background=self.config.background)
+        self._class_embeddings = self.class_embeddings(names, templates)
+        self._classes = names
+
+    # ------------------------------------------------------------------ image side
+    def _prepare(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int], list[tuple[int, int, int, int]],
+                                                   torch.Tensor]:
+        cfg = self.config
+        rgb = to_rgb_uint8(image)
+        h, w = rgb.shape[:2]
+        rh, rw = resized_size(h, w, short_side=cfg.short_side, max_long_side=cfg.max_long_side)
+        resized = resize_uint8(rgb, rh, rw)
+        boxes = window_grid(rh, rw, window=cfg.window, stride=cfg.stride)
+        # Cast to float only after the uint8 resize (method.md §4.3 step 2).
+        full = torch.from_numpy(resized).permute(2, 0, 1).to(torch.float32)
+        guides = torch.stack([full[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+        return rgb, (rh, rw), boxes, guides
+
+    def _backbone_inputs(self, guides: torch.Tensor) -> torch.Tensor:
+        """``[n, 3, wh, ww]`` 0–255 windows -> ``[n, 3, window, window]`` normalised backbone input."""
+        size = self.config.window
+        x = guides.to(self.model.device)
+        if x.shape[-2:] != (size, size):
+            # Windows smaller than the crop only occur for tiny or extreme-aspect images; the
+            # reference stretches them without keeping the aspect ratio (pitfall P23).
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        return self.model.normalize(x)
+
+    def _run_backbone(self, windows: torch.Tensor) -> BackboneOutput:
+        """Backbone over ``[n, 3, S, S]`` windows in chunks of `window_batch_size` (1 on the reference path)."""
+        step = 1 if self.reference else self.config.window_batch_size
+        outs = [self.model.encode_image(windows[i:i + step], reference=self.reference)
+                for i in range(0, windows.shape[0], step)]
+        if len(outs) == 1:
+            return outs[0]
+        return BackboneOutput(
+            patch_tokens=torch.cat([o.patch_tokens for o in outs]),
+            cls_token=torch.cat([o.cls_token for o in outs]),
+            register_tokens=torch.cat([o.register_tokens for o in outs]),
+            attn_logits=torch.cat([o.attn_logits for o in outs]),
+            grid=outs[0].grid,
+        )
+
+    def embed_images(self, images: Sequence[ImageLike]) -> list[ImageFeatures]:
+        """Embed several images, batching the windows of all of them through the backbone.
+
+        Returns:
+            One `ImageFeatures` per image, in order.
+        """
+        prepared = [self._prepare(image) for image in images]
+        if not prepared:
+            return []
+        # Windows of different images can be batched only when they have the same size.
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for idx, (_, _, _, guides) in enumerate(prepared):
+            by_size.setdefault(tuple(guides.shape[-2:]), []).append(idx)
+        outputs: dict[int, BackboneOutput] = {}
+        for indices in by_size.values():
+            stacked = torch.cat([prepared[i][3] for i in indices])
+            out = self._run_backbone(self._backbone_inputs(stacked))
+            start = 0
+            for i in indices:
+                n = prepared[i][3].shape[0]
+                sl = slice(start, start + n)
+                outputs[i] = BackboneOutput(out.patch_tokens[sl], out.cls_token[sl], out.register_tokens[sl],
+                                            out.attn_logits[sl], out.grid)
+                start += n
+        return [
+            ImageFeatures(original_size=rgb.shape[:2], resized_size=size, boxes=boxes,
+                          guides=guides.to(self.model.device), output=outputs[i])
+            for i, (rgb, size, boxes, guides) in enumerate(prepared)
+        ]
+
+    def set_image(self, image: ImageLike) -> ImageFeatures:
+        """Embed one image (resize, windows, backbone) and cache the result for `predict`."""
+        self._features = self.embed_images([image])[0]
+        return self._features
+
+    def reset_image(self) -> None:
+        """Free the cached image features."""
+        self._features = None
+
+    # ------------------------------------------------------------------ prediction
+    def _options(self, overrides: dict[str, Any]) -> InferenceConfig:
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if not changes:
+            return self.config
+        config = dataclasses.replace(self.config, **changes)
+        config.validate()
+        return config
+
+    @torch.inference_mode()
+    def predict_features(self, features: ImageFeatures, *, pamr: bool | None = None, clean: bool | None = None,
+                         background: bool | None = None, threshold: float | None = None) -> SegmentationResult:
+        """Segment from cached image features with the current vocabulary.
+
+        Args:
+            features: from `set_image` or `embed_images`.
+            pamr, clean, background, threshold: per-call overrides of the inference settings.
+        """
+        if self._classes is None or self._class_embeddings is None:
+            raise InvalidInputError("no labels set; call set_classes first")
+        cfg = self._options({"pamr": pamr, "bg_clean": clean, "background": background, "bg_threshold": threshold})
+        if cfg.background and any(n.strip().lower() == BACKGROUND_NAME for n in self._classes):
+            raise InvalidInputError("label 'background' clashes with the background channel")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+
+        out = features.output
+        text = self._class_embeddings
+        n_windows, num_classes = out.patch_tokens.shape[0], text.shape[0]
+        wh, ww = features.guides.shape[-2:]
+        scores = sigmoid_cosine(out.patch_tokens, text)  # [n, N, P], method.md §4.4 step 5
+        if cfg.effective_bg_clean:
+            scores = clean_background(scores, out.patch_tokens, out.attn_logits, text, lam=cfg.clean_lambda,
+                                      head_embedding=cfg.clean_head_embedding)
+        lap("scores")
+        scores = F.interpolate(scores.view(n_windows, num_classes, *out.grid), size=(wh, ww), mode="bilinear",
+                               align_corners=True)
+        lap("upsample")
+        if cfg.pamr:
+            refine: Callable[..., torch.Tensor] = pamr_reference if self.reference else pamr_fast
+            scores = refine(features.guides, scores, iterations=cfg.pamr_iterations, dilations=cfg.pamr_dilations)
+            lap("pamr")
+        names = list(self._classes)
+        background_index = None
+        if cfg.background:
+            bg = torch.full((n_windows, 1, wh, ww), cfg.bg_threshold, dtype=scores.dtype, device=scores.device)
+            scores = torch.cat([bg, scores], dim=1)
+            names = [BACKGROUND_NAME, *names]
+            background_index = 0
+        stitched = stitch(scores, features.boxes, *features.resized_size)
+        lap("stitch")
+        final = F.interpolate(stitched[None], size=features.original_size, mode="bilinear", align_corners=False)[0]
+        # The softmax turns 1-ulp differences into exact ties that argmax resolves to the lowest
+        # index, as the reference does (method.md §4.8 step 4).
+        labels = torch.softmax(final, dim=0).argmax(dim=0)
+        lap("resize_argmax")
+        return SegmentationResult(labels=labels.cpu(), scores=final.cpu(), class_names=names,
+                                  background_index=background_index, config=cfg, timings=timings,
+                                  stitched=stitched.cpu())
+
+    def predict(self, *, pamr: bool | None = None, clean: bool | None = None, background: bool | None = None,
+                threshold: float | None = None) -> SegmentationResult:
+        """Segment the image of the last `set_image` with the vocabulary of the last `set_classes`."""
+        if self._features is None:
+            raise InvalidInputError("no image set; call set_image first")
+        return self.predict_features(self._features, pamr=pamr, clean=clean, background=background,
+                                     threshold=threshold)
+
+    def predict_batch(self, images: Sequence[ImageLike], **options: Any) -> list[SegmentationResult]:
+        """Throughput path: windows of all `images` share backbone batches; one result per image.
+
+        Does not touch the `set_image` cache. Options as in `predict_features`.
+        """
+        return [self.predict_features(f, **options) for f in self.embed_images(images)]
+
+    def summary(self, result: SegmentationResult) -> dict[str, Any]:
+        """JSON-ready description: labels with pixel shares, effective settings, model and weights."""
+        return {
+            "size": list(result.labels.shape),
+            "labels": result.shares(),
+            "background_index": result.background_index,
+            "settings": result.config.to_dict(),
+            "model": {"name": self.model.config.name, "profile": self.model.config.profile,
+                      "weights": self.model.weights_info},
+            "timings": {k: round(v, 6) for k, v in result.timings.items()},
+        }

@@ -1,0 +1,309 @@
+"""Named models and the builder that wires a `Talk2DINO` from three weight sources (house-style §3, §4).
+
+A model is either a registry name (``talk2dino-vitb14-reg``), a model folder
+(``local-dir:PATH`` or ``hf-hub:ORG/REPO`` holding ``talk2dino.json`` + ``projection.safetensors``,
+as our training writes), or composed from three separate sources (``backbone=``, ``text_encoder=``,
+``projection=``), which also override the parts of a named model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from talk2dino.config import BackboneConfig, InferenceConfig, ModelConfig, ProjectionConfig, TextConfig
+from talk2dino.errors import WeightsError
+from talk2dino.models import ClipTextEncoder, DinoV2Backbone, Projection, Talk2DINO
+from talk2dino.models.projection import PROJECTION_FILE, projection_dims
+from talk2dino.weights import load_state_dict, parse_source, resolve_file, resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "talk2dino.json"
+
+# The authors' psi files, pinned to commits of the reference repository (method.md §7,
+# ../reference/README.md). They carry no licence, so we download them, never bundle them.
+_PSI_URL = "https://raw.githubusercontent.com/lorebianchi98/Talk2DINO/{commit}/weights/{file}"
+_CURRENT = "4918c2df1d00c644ecc7f34de070694af1a8bc69"
+_SUPERSEDED = "d35413640f70d3e2beb686b1f2b36c13b1d78335"
+_CLIP_B16 = "hf-hub:openai/clip-vit-base-patch16"  # CLIP ViT-B/16 text for every backbone, method.md §2.1
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A named model: configuration with pinned sources, and a one-line description."""
+
+    config: ModelConfig
+    description: str
+    aliases: tuple[str, ...] = ()
+
+
+def _entry(name: str, backbone: str, psi: ProjectionConfig, description: str, *, aliases: tuple[str, ...] = (),
+           inference: InferenceConfig | None = None, profile: str = "2025") -> RegistryEntry:
+    config = ModelConfig(
+        name=name,
+        backbone=BackboneConfig(source=backbone),
+        text=TextConfig(source=_CLIP_B16),
+        projection=psi,
+        inference=inference or InferenceConfig(),
+        profile=profile,  # type: ignore[arg-type]
+    )
+    return RegistryEntry(config, description, aliases)
+
+
+_ENTRIES: tuple[RegistryEntry, ...] = (
+    _entry(
+        "talk2dino-vitb14-reg",
+        "hf-hub:facebook/dinov2-with-registers-base",
+        ProjectionConfig(
+            source=_PSI_URL.format(commit=_CURRENT, file="vitb_mlp_infonce.pth"),
+            sha256="5f6efcc520f22916ecf3dfdfb01d6f57e701c1c2e1feda71a80d89e3cd752f0f",
+        ),
+        "DINOv2 ViT-B/14 with registers + CLIP B/16 text, current psi (2025 results)",
+        aliases=("talk2dino-vitb14-reg.2025", "talk2dino-vitb14reg.2025"),
+    ),
+    _entry(
+        "talk2dino-vitl14-reg",
+        "hf-hub:facebook/dinov2-with-registers-large",
+        ProjectionConfig(
+            source=_PSI_URL.format(commit=_CURRENT, file="vitl_mlp_infonce.pth"),
+            git_blob_sha1="21a0038cc793403648264fe9c90a29c9533770a3",
+        ),
+        "DINOv2 ViT-L/14 with registers + CLIP B/16 text (2025 results, theta 0.54)",
+        aliases=("talk2dino-vitl14-reg.2025", "talk2dino-vitl14reg.2025"),
+        inference=InferenceConfig(bg_threshold=0.54),  # method.md §4.6: ViT-L threshold
+    ),
+    _entry(
+        "talk2dino-vitb14-reg.2024",
+        "hf-hub:facebook/dinov2-with-registers-base",
+        ProjectionConfig(
+            source=_PSI_URL.format(commit=_SUPERSEDED, file="vitb_mlp_infonce.pth"),
+            sha256="5db3e85d8745a621cddfcb5c76641f47a0514852a2da64138d5c893864c9bc81",
+        ),
+        "superseded ViT-B psi of 2024-11-21 with the 2024 cleaning formula (legacy profile, best effort)",
+        aliases=("talk2dino-vitb14reg.2024",),
+        inference=InferenceConfig(clean_head_embedding="softmax"),
+        profile="2024",
+    ),
+)
+
+
+def _lookup() -> dict[str, RegistryEntry]:
+    table: dict[str, RegistryEntry] = {}
+    for entry in _ENTRIES:
+        for key in (entry.config.name, *entry.aliases):
+            table[key] = entry
+    return table
+
+
+def list_models() -> list[str]:
+    """Names of the registered models (aliases not included)."""
+    return [e.config.name for e in _ENTRIES]
+
+
+def describe_models() -> dict[str, str]:
+    """Registered model name -> one-line description."""
+    return {e.config.name: e.description for e in _ENTRIES}
+
+
+def get_model_config(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> ModelConfig:
+    """Resolve a model name or model folder to its `ModelConfig`.
+
+    Raises:
+        WeightsError: for an unknown name (listing the known ones) or an unreadable model folder.
+    """
+    table = _lookup()
+    if name in table:
+        return table[name].config
+    if name.startswith(("local-dir:", "hf-hub:")):
+        folder = resolve_model_dir(name, what=f"model {name}", cache_dir=cache_dir,
+                                   allow_patterns=[MODEL_CONFIG_FILE, PROJECTION_FILE, "*.json"])
+        path = folder / MODEL_CONFIG_FILE
+        if not path.is_file():
+            raise WeightsError(f"model folder {folder} has no {MODEL_CONFIG_FILE}")
+        try:
+            config = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError) as err:
+            raise WeightsError(f"{path}: invalid model configuration ({err})") from err
+        psi = dataclasses.replace(config.projection, source=f"local-dir:{folder}")
+        return dataclasses.replace(config, projection=psi)
+    raise WeightsError(
+        f"unknown model '{name}'; known: {', '.join(list_models())} (or local-dir:PATH / hf-hub:ORG/REPO, "
+        "or compose one from --backbone, --text-encoder and --projection)"
+    )
+
+
+def save_model_folder(folder: str | os.PathLike[str], config: ModelConfig, projection: Projection,
+                      metadata: dict[str, Any] | None = None) -> Path:
+    """Write a model folder (``talk2dino.json`` + ``projection.safetensors``) that `create_model` loads.
+
+    Returns:
+        The folder.
+    """
+    from talk2dino.models.projection import save_projection
+
+    folder = Path(folder)
+    save_projection(folder, projection, metadata or {})
+    tmp = folder / (MODEL_CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MODEL_CONFIG_FILE)
+    return folder
+
+
+def _snapshot_revision(path: Path) -> str | None:
+    # huggingface_hub stores snapshots as .../snapshots/<commit>; record that commit.
+    return path.name if path.parent.name == "snapshots" else None
+
+
+def _load_backbone(source: str, *, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None) -> tuple[
+        DinoV2Backbone, dict[str, Any]]:
+    from transformers import AutoConfig, AutoModel
+
+    folder = resolve_model_dir(source, what="backbone", cache_dir=cache_dir)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except Exception as err:  # transformers raises OSError/ValueError/KeyError for bad folders
+        raise WeightsError(f"backbone: {folder} holds no readable config.json ({err})") from err
+    if hf_config.model_type not in ("dinov2", "dinov2_with_registers"):
+        raise WeightsError(f"backbone: {folder} is a '{hf_config.model_type}' model, not DINOv2")
+    model, info = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype,
+                                            output_loading_info=True)
+    if info.get("missing_keys"):
+        raise WeightsError(f"backbone: {folder} lacks weights {sorted(info['missing_keys'])[:8]}")
+    meta = {"source": source, "path": str(folder), "revision": _snapshot_revision(folder),
+            "model_type": hf_config.model_type}
+    return DinoV2Backbone(model), meta
+
+
+def _load_text(source: str, *, context_length: int, cache_dir: str | os.PathLike[str] | None) -> tuple[
+        ClipTextEncoder, dict[str, Any]]:
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    folder = resolve_model_dir(source, what="text encoder", cache_dir=cache_dir)
+    try:
+        model, info = CLIPTextModelWithProjection.from_pretrained(folder, dtype=torch.float32,
+                                                                  output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # transformers raises several types for a wrong folder
+        raise WeightsError(f"text encoder: cannot load a CLIP text model and tokenizer from {folder} ({err})") from err
+    if info.get("missing_keys"):
+        raise WeightsError(f"text encoder: {folder} lacks weights {sorted(info['missing_keys'])[:8]}")
+    meta = {"source": source, "path": str(folder), "revision": _snapshot_revision(folder)}
+    return ClipTextEncoder(model, tokenizer, context_length=context_length), meta
+
+
+def _load_projection(config: ProjectionConfig, *, out_dim: int, pretrained: bool,
+                     cache_dir: str | os.PathLike[str] | None) -> tuple[Projection, dict[str, Any]]:
+    projection = Projection(config.in_dim, out_dim)
+    if not pretrained or config.source is None:
+        logger.info("projection: random initialisation (no pretrained psi)")
+        return projection, {"source": None, "sha256": None}
+    path, digest = resolve_file(config.source, what="projection", cache_dir=cache_dir, sha256=config.sha256,
+                                git_blob_sha1=config.git_blob_sha1)
+    state = load_state_dict(path)
+    in_dim, file_out = projection_dims(state)
+    if (in_dim, file_out) != (config.in_dim, out_dim):
+        raise WeightsError(
+            f"projection {path} maps {in_dim}-d text to {file_out}-d, but the backbone is {out_dim}-d "
+            f"(and the text encoder {config.in_dim}-d): it was trained for another backbone"
+        )
+    projection.load_checked(state, origin=str(path))
+    logger.info("projection: %s sha256=%s", path, digest)
+    return projection, {"source": config.source, "path": str(path), "sha256": digest}
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or a torch dtype) -> torch dtype; None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None or 'auto' -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device '{device}'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available")
+    return resolved
+
+
+def create_model(
+    name: str | None = "talk2dino-vitb14-reg",
+    *,
+    pretrained: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    backbone: str | None = None,
+    text_encoder: str | None = None,
+    projection: str | None = None,
+) -> Talk2DINO:
+    """Build a `Talk2DINO` from a name, a model folder, or three sources.
+
+    Args:
+        name: registry name, ``local-dir:``/``hf-hub:`` model folder, or None to compose from the
+            three sources alone (then all three are required).
+        pretrained: load psi's weights (False: random psi, for tests and training from scratch).
+        device: "cpu", "cuda", "cuda:1", ... ; None or "auto" picks CUDA when available.
+        dtype: backbone dtype, float32 (default), bfloat16 or float16. Text and psi stay float32
+            (method.md P24).
+        cache_dir: download cache (default ``$TALK2DINO_CACHE`` or ``~/.cache/talk2dino``).
+        backbone, text_encoder, projection: sources overriding the named model's parts.
+
+    Raises:
+        WeightsError: a source cannot be resolved, downloaded, verified or strictly loaded.
+        ValueError: an unknown device or dtype.
+    """
+    torch_dtype = parse_dtype(dtype)
+    target = resolve_device(device)
+    if name is None:
+        if not (backbone and text_encoder and projection):
+            raise WeightsError("without a model name, give all three of backbone, text_encoder and projection")
+        config = ModelConfig(
+            name="composed",
+            backbone=BackboneConfig(source=backbone),
+            text=TextConfig(source=text_encoder),
+            projection=ProjectionConfig(source=projection),
+        )
+    else:
+        config = get_model_config(name, cache_dir=cache_dir)
+        if backbone:
+            config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, source=backbone))
+        if text_encoder:
+            config = dataclasses.replace(config, text=dataclasses.replace(config.text, source=text_encoder))
+        if projection:
+            # A user-supplied psi has no pin of ours; its sha256 is still computed and recorded.
+            config = dataclasses.replace(config, projection=ProjectionConfig(source=projection,
+                                                                            in_dim=config.projection.in_dim))
+    for source in (config.backbone.source, config.text.source):
+        parse_source(source)  # fail fast on a malformed string, before any download
+    dino, dino_meta = _load_backbone(config.backbone.source, dtype=torch_dtype, cache_dir=cache_dir)
+    text, text_meta = _load_text(config.text.source, context_length=config.text.context_length, cache_dir=cache_dir)
+    psi, psi_meta = _load_projection(config.projection, out_dim=dino.embed_dim, pretrained=pretrained,
+                                     cache_dir=cache_dir)
+    weights_info = {"backbone": dino_meta, "text": text_meta, "projection": psi_meta,
+                    "dtype": str(torch_dtype).removeprefix("torch.")}
+    model = Talk2DINO(dino, text, psi, config, weights_info)
+    return model.to(target).eval()

@@ -1,0 +1,133 @@
+"""Shared fixtures: locations of ../shared, tiny random models saved to disk, parity weights."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TALK2DINO_SHARED", ROOT.parent / "shared")).resolve()
+REFERENCE_WEIGHTS = Path(
+    os.environ.get("TALK2DINO_REFERENCE_WEIGHTS", SHARED / "reference" / "talk2dino-weights")
+).resolve()
+BPE = SHARED / "reference" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+IMAGES = SHARED / "reference" / "images"
+
+
+def parity_weights() -> Path:
+    """Folder with the deterministic real-size parity weights, generated on first use (~5 s, 574 MB)."""
+    cache = Path(os.environ.get("T2D_PARITY_CACHE", Path.home() / ".cache" / "t2d-parity"))
+    info = cache / "weights_info.json"
+    script = SHARED / "parity" / "make_weights.py"
+    if not info.is_file():
+        if not script.is_file():
+            pytest.skip(f"parity generator missing: {script}")
+        subprocess.run([sys.executable, str(script), str(cache)], check=True, stdout=subprocess.DEVNULL)
+    return cache
+
+
+def _byte_symbols() -> list[str]:
+    # CLIP's reversible byte -> printable-unicode table, in vocabulary order: printable bytes as
+    # themselves, then the remaining bytes mapped to chr(256 + i).
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    rest = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """The real CLIP vocabulary (49,408 entries) built from the shared BPE merge list."""
+    lines = gzip.open(BPE).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    base = _byte_symbols()
+    vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """Write a real CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`."""
+    vocab, merges = clip_vocab_and_merges()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        special, tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True,
+        clean_up_tokenization_spaces=False)), encoding="utf-8")
+
+
+def save_tiny_dinov2(folder: Path, *, registers: int = 4, hidden: int = 32, heads: int = 4, layers: int = 2,
+                     seed: int = 0) -> Path:
+    """A tiny random DINOv2 (with or without registers), saved with save_pretrained."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=2,
+                  image_size=56, patch_size=14, layerscale_value=0.5)
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
+    else:
+        model = Dinov2Model(Dinov2Config(**common))
+    with torch.no_grad():  # make the final norm non-trivial so normalisation bugs show
+        model.layernorm.bias.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_clip(folder: Path, *, hidden: int = 32, projection: int = 512, seed: int = 0) -> Path:
+    """A tiny random CLIP text tower with projection and the real CLIP tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
+                            projection_dim=projection, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    CLIPTextModelWithProjection(config).save_pretrained(folder)
+    write_clip_tokenizer(folder)
+    return folder
+
+
+def save_tiny_projection(path: Path, *, out_dim: int = 32, in_dim: int = 512, seed: int = 0,
+                         legacy: bool = False) -> Path:
+    """A random psi in the authors' .pth layout (keys linear_layer.*, hidden_layers.0.*)."""
+    g = torch.Generator().manual_seed(seed)
+    second = "linear_layer2" if legacy else "hidden_layers.0"
+    state = {
+        "linear_layer.weight": torch.randn(out_dim, in_dim, generator=g) * 0.1,
+        "linear_layer.bias": torch.randn(out_dim, generator=g) * 0.1,
+        f"{second}.weight": torch.randn(out_dim, out_dim, generator=g) * 0.1,
+        f"{second}.bias": torch.randn(out_dim, generator=g) * 0.1,
+    }
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Source strings of a tiny DINOv2-reg, a tiny CLIP text tower and a matching psi on disk."""
+    if not BPE.is_file():
+        pytest.skip(f"CLIP BPE vocabulary missing: {BPE}")
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny_dinov2(root / "dino")
+    save_tiny_clip(root / "clip")
+    save_tiny_projection(root / "psi.pth")
+    return {"backbone": f"local-dir:{root / 'dino'}", "text_encoder": f"local-dir:{root / 'clip'}",
+            "projection": str(root / "psi.pth")}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_sources: dict[str, str]):
+    from talk2dino import create_model
+
+    return create_model(None, device="cpu", **tiny_sources)

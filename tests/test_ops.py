@@ -1,0 +1,350 @@
+"""Method-math unit tests for talk2dino.ops (method.md §4.3-§4.7), on tiny hand-built tensors."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+
+from talk2dino.ops.cleaning import clean_background
+from talk2dino.ops.pamr import pamr, pamr_reference
+from talk2dino.ops.similarity import sigmoid_cosine
+from talk2dino.ops.sliding import resized_size, stitch, window_grid
+
+PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
+WINDOW = 448
+STRIDE = 224
+SHORT_SIDE = 448
+MAX_LONG_SIDE = 2048
+
+
+def _sigmoid(value: float) -> float:
+    return 1.0 / (1.0 + math.exp(-value))
+
+
+# --------------------------------------------------------------------------- sigmoid_cosine (§4.4 step 5)
+
+
+def test_sigmoid_cosine_hand_computed() -> None:
+    classes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # Norms 5, 2, 0 and 1e-7 (below the 1e-6 floor, so it is divided by 1e-6, not by its own norm).
+    patches = torch.tensor([[[3.0, 4.0], [0.0, -2.0], [0.0, 0.0], [1e-7, 0.0]]])
+    scores = sigmoid_cosine(patches, classes)
+    cosines = [[0.6, 0.0, 0.0, 0.1], [0.8, -1.0, 0.0, 0.0]]
+    expected = torch.tensor([[[_sigmoid(c) for c in row] for row in cosines]], dtype=torch.float32)
+    assert scores.shape == (1, 2, 4)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
+
+
+def test_sigmoid_cosine_zero_patch_is_half_not_nan() -> None:
+    classes = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    patches = torch.zeros(2, 5, 8, dtype=torch.float16)
+    scores = sigmoid_cosine(patches, classes)
+    assert not torch.isnan(scores).any()
+    assert torch.equal(scores, torch.full((2, 3, 5), 0.5))
+
+
+def test_sigmoid_cosine_rejects_width_mismatch() -> None:
+    with pytest.raises(ValueError, match="width mismatch"):
+        sigmoid_cosine(torch.randn(1, 4, 8), torch.randn(2, 6))
+
+
+# --------------------------------------------------------------------------- clean_background (§4.5)
+
+
+def _clean_numpy(
+    scores: np.ndarray, tokens: np.ndarray, logits: np.ndarray, classes: np.ndarray, lam: float, mode: str
+) -> np.ndarray:
+    """method.md §4.5 for one window, with explicit loops in float64."""
+    num_classes, num_patches = scores.shape
+    num_heads, width = logits.shape[0], tokens.shape[1]
+    heads = np.zeros((num_heads, width))
+    for m in range(num_heads):
+        if mode == "logits":
+            coefficients = [logits[m, p] / num_patches for p in range(num_patches)]
+        else:
+            exps = [math.exp(logits[m, p]) for p in range(num_patches)]
+            coefficients = [e / sum(exps) for e in exps]
+        for p in range(num_patches):
+            heads[m] += coefficients[p] * tokens[p]
+        heads[m] /= math.sqrt(sum(v * v for v in heads[m]))
+    attn = np.zeros((num_classes, num_patches))
+    for n in range(num_classes):
+        exps = [math.exp(sum(classes[n, d] * heads[m, d] for d in range(width))) for m in range(num_heads)]
+        weights = [e / sum(exps) for e in exps]
+        mixed = [sum(weights[m] * logits[m, p] for m in range(num_heads)) for p in range(num_patches)]
+        exps = [math.exp(v) for v in mixed]
+        attn[n] = [e / sum(exps) for e in exps]
+    a_lo, a_max = attn.min(), attn.max()
+    a_hi = max(a_max, a_max - a_lo)
+    s_lo, s_hi = scores.min(), scores.max()
+    rescaled = (attn - a_lo) / a_hi * (s_hi - s_lo) + s_lo
+    return (scores + lam * rescaled) / (1 + lam)
+
+
+def _tiny_cleaning_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens = torch.tensor([[[1.0, 2.0], [-0.5, 1.5], [2.0, -1.0]]])  # [1, P=3, D=2]
+    logits = torch.tensor([[[0.3, -1.2, 2.0], [1.5, 0.2, -0.7]]])  # [1, M=2, P=3]
+    classes = torch.tensor([[0.6, 0.8], [-1.0, 0.0]])  # [N=2, D=2], unit rows
+    scores = sigmoid_cosine(tokens, classes)  # [1, N=2, P=3]
+    return scores, tokens, logits, classes
+
+
+@pytest.mark.parametrize("mode", ["logits", "softmax"])
+def test_clean_background_hand_computed(mode: Literal["logits", "softmax"]) -> None:
+    scores, tokens, logits, classes = _tiny_cleaning_inputs()
+    cleaned = clean_background(scores, tokens, logits, classes, lam=0.2, head_embedding=mode)
+    expected = _clean_numpy(
+        scores[0].double().numpy(),
+        tokens[0].double().numpy(),
+        logits[0].double().numpy(),
+        classes.double().numpy(),
+        0.2,
+        mode,
+    )
+    assert cleaned.shape == (1, 2, 3)
+    assert cleaned.dtype == torch.float32
+    np.testing.assert_allclose(cleaned[0].numpy(), expected, atol=1e-6, rtol=0)
+
+
+def test_clean_background_modes_differ() -> None:
+    scores, tokens, logits, classes = _tiny_cleaning_inputs()
+    current = clean_background(scores, tokens, logits, classes, lam=0.2, head_embedding="logits")
+    legacy = clean_background(scores, tokens, logits, classes, lam=0.2, head_embedding="softmax")
+    assert not torch.allclose(current, legacy)
+
+
+def test_clean_background_lambda_zero_is_identity() -> None:
+    scores, tokens, logits, classes = _tiny_cleaning_inputs()
+    cleaned = clean_background(scores, tokens, logits, classes, lam=0.0)
+    torch.testing.assert_close(cleaned, scores, atol=0, rtol=0)
+
+
+def _random_cleaning_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(batch, 16, 8, generator=generator) * 3
+    logits = torch.randn(batch, 4, 16, generator=generator) * 2
+    classes = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    scores = sigmoid_cosine(tokens, classes)
+    return scores, tokens, logits, classes
+
+
+@pytest.mark.parametrize("mode", ["logits", "softmax"])
+def test_clean_background_batched_equals_per_sample(mode: Literal["logits", "softmax"]) -> None:
+    scores, tokens, logits, classes = _random_cleaning_batch(3)
+    batched = clean_background(scores, tokens, logits, classes, lam=0.2, head_embedding=mode)
+    for b in range(3):
+        single = clean_background(
+            scores[b : b + 1], tokens[b : b + 1], logits[b : b + 1], classes, lam=0.2, head_embedding=mode
+        )
+        torch.testing.assert_close(batched[b : b + 1], single, atol=0, rtol=0)
+
+
+def test_clean_background_statistics_are_per_sample() -> None:
+    scores, tokens, logits, classes = _random_cleaning_batch(3)
+    before = clean_background(scores, tokens, logits, classes, lam=0.2)
+    changed = scores.clone()
+    changed[1] = changed[1] * 0.5 + 0.4  # moves sample 1's min and max
+    after = clean_background(changed, tokens, logits, classes, lam=0.2)
+    assert torch.equal(after[0], before[0])
+    assert torch.equal(after[2], before[2])
+    assert not torch.allclose(after[1], before[1])
+
+
+# --------------------------------------------------------------------------- PAMR (§4.7)
+
+
+def _pamr_numpy(image: np.ndarray, mask: np.ndarray, iterations: int, dilations: tuple[int, ...]) -> np.ndarray:
+    """method.md §4.7 for one image, with explicit per-pixel loops in float64. image [3,H,W], mask [C,H,W]."""
+    _, height, width = image.shape
+
+    def at(array: np.ndarray, y: int, x: int) -> np.ndarray:  # replicate border
+        return array[:, min(max(y, 0), height - 1), min(max(x, 0), width - 1)]
+
+    stencils = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    neighbours = [offset for offset in stencils if offset != (0, 0)]
+    alpha = np.zeros((len(neighbours), height, width))
+    for y in range(height):
+        for x in range(width):
+            values = np.stack([at(image, y + dy, x + dx) for dy, dx in stencils], axis=1)  # [3, 9·len(d)]
+            spread = values.std(axis=1, ddof=1)
+            kappa = [
+                np.mean(-np.abs(image[:, y, x] - at(image, y + dy, x + dx)) / (1e-8 + 0.1 * spread))
+                for dy, dx in neighbours
+            ]
+            exps = np.exp(np.array(kappa) - max(kappa))
+            alpha[:, y, x] = exps / exps.sum()
+    for _ in range(iterations):
+        updated = np.zeros_like(mask)
+        for y in range(height):
+            for x in range(width):
+                for k, (dy, dx) in enumerate(neighbours):
+                    updated[:, y, x] += alpha[k, y, x] * at(mask, y + dy, x + dx)
+        mask = updated
+    return mask
+
+
+def _random_pamr_inputs(
+    batch: int, classes: int, height: int, width: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 3, height, width, generator=generator) * 255
+    masks = torch.rand(batch, classes, height, width, generator=generator)
+    return image, masks
+
+
+def test_pamr_matches_reference_odd_size() -> None:
+    image, masks = _random_pamr_inputs(2, 5, 37, 53, seed=1)
+    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    slow = pamr_reference(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    assert fast.shape == masks.shape
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert not torch.allclose(fast, masks, atol=1e-3)  # it actually did something
+
+
+def test_pamr_matches_reference_image_smaller_than_dilation() -> None:
+    image, masks = _random_pamr_inputs(1, 3, 7, 5, seed=2)
+    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    slow = pamr_reference(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_pamr_hand_computed_one_iteration() -> None:
+    image = np.array(
+        [
+            [[10.0, 200.0, 30.0], [40.0, 50.0, 250.0], [70.0, 80.0, 90.0]],
+            [[0.0, 20.0, 40.0], [60.0, 80.0, 100.0], [120.0, 140.0, 160.0]],
+            [[255.0, 0.0, 128.0], [64.0, 32.0, 16.0], [8.0, 4.0, 2.0]],
+        ]
+    )
+    mask = np.array(
+        [
+            [[0.1, 0.9, 0.3], [0.5, 0.2, 0.8], [0.7, 0.4, 0.6]],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        ]
+    )
+    expected = _pamr_numpy(image, mask, iterations=1, dilations=(1,))
+    result = pamr(
+        torch.from_numpy(image).float()[None], torch.from_numpy(mask).float()[None], iterations=1, dilations=(1,)
+    )
+    np.testing.assert_allclose(result[0].numpy(), expected, atol=1e-6, rtol=0)
+
+
+def test_pamr_hand_computed_two_dilations_two_iterations() -> None:
+    image, masks = _random_pamr_inputs(1, 2, 4, 5, seed=3)
+    expected = _pamr_numpy(image[0].double().numpy(), masks[0].double().numpy(), iterations=2, dilations=(1, 2))
+    result = pamr(image, masks, iterations=2, dilations=(1, 2))
+    np.testing.assert_allclose(result[0].numpy(), expected, atol=1e-6, rtol=0)
+
+
+def test_pamr_constant_mask_stays_constant() -> None:
+    image, _ = _random_pamr_inputs(1, 1, 20, 17, seed=4)
+    masks = torch.full((1, 4, 20, 17), 0.625)
+    result = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    # Each step is a convex combination; only float32 rounding of Σα = 1 and of the sums remains.
+    torch.testing.assert_close(result, masks, atol=1e-5, rtol=0)
+
+
+def test_pamr_constant_image_gives_uniform_affinities() -> None:
+    image = torch.full((1, 3, 6, 7), 128.0)
+    _, masks = _random_pamr_inputs(1, 2, 6, 7, seed=5)
+    result = pamr(image, masks, iterations=1, dilations=(1, 2))
+    padded = torch.nn.functional.pad(masks, [2] * 4, mode="replicate")
+    neighbours = [(dy * d, dx * d) for d in (1, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    expected = sum(padded[..., 2 + dy : 2 + dy + 6, 2 + dx : 2 + dx + 7] for dy, dx in neighbours) / len(neighbours)
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=0)
+
+
+def test_pamr_batched_equals_per_sample() -> None:
+    image, masks = _random_pamr_inputs(3, 4, 19, 23, seed=6)
+    batched = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    for b in range(3):
+        single = pamr(image[b : b + 1], masks[b : b + 1], iterations=10, dilations=PAMR_DILATIONS)
+        torch.testing.assert_close(batched[b : b + 1], single, atol=0, rtol=0)
+
+
+def test_pamr_classes_are_independent() -> None:
+    image, masks = _random_pamr_inputs(1, 6, 15, 16, seed=7)
+    whole = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    chunks = torch.cat(
+        [pamr(image, masks[:, c : c + 4], iterations=10, dilations=PAMR_DILATIONS) for c in range(0, 6, 4)], dim=1
+    )
+    torch.testing.assert_close(whole, chunks, atol=0, rtol=0)
+
+
+def test_pamr_rejects_size_mismatch() -> None:
+    with pytest.raises(ValueError, match="must share"):
+        pamr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 4, 4), iterations=1, dilations=(1,))
+
+
+# --------------------------------------------------------------------------- geometry (§4.3)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "expected"),
+    [
+        (375, 500, (448, 597)),  # VOC worked example, 500×375 (w×h)
+        (1024, 2048, (448, 896)),  # Cityscapes worked example
+        (300, 451, (448, 673)),  # golden parity image chelsea.png
+        (448, 10000, (92, 2048)),  # extreme aspect ratio: capped by the long side
+        (512, 600, (448, 525)),  # downscale, 600×512 (w×h)
+        (448, 448, (448, 448)),
+    ],
+)
+def test_resized_size(height: int, width: int, expected: tuple[int, int]) -> None:
+    assert resized_size(height, width, short_side=SHORT_SIDE, max_long_side=MAX_LONG_SIDE) == expected
+
+
+@pytest.mark.parametrize(("height", "width"), [(0, 10), (10, -1)])
+def test_resized_size_rejects_non_positive(height: int, width: int) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        resized_size(height, width, short_side=SHORT_SIDE, max_long_side=MAX_LONG_SIDE)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "expected"),
+    [
+        (448, 597, [(0, 448, 0, 448), (0, 448, 149, 597)]),
+        (448, 896, [(0, 448, 0, 448), (0, 448, 224, 672), (0, 448, 448, 896)]),
+        (448, 673, [(0, 448, 0, 448), (0, 448, 224, 672), (0, 448, 225, 673)]),  # golden parity boxes
+        (448, 448, [(0, 448, 0, 448)]),
+        (300, 200, [(0, 300, 0, 200)]),  # smaller than the window: one window covering all
+        (92, 2048, [(0, 92, x, x + 448) for x in [*range(0, 1569, 224), 1600]]),
+        (672, 449, [(0, 448, 0, 448), (0, 448, 1, 449), (224, 672, 0, 448), (224, 672, 1, 449)]),
+    ],
+)
+def test_window_grid(height: int, width: int, expected: list[tuple[int, int, int, int]]) -> None:
+    assert window_grid(height, width, window=WINDOW, stride=STRIDE) == expected
+
+
+def test_window_grid_covers_every_pixel() -> None:
+    for height, width in [(448, 597), (500, 1000), (92, 2048), (449, 450)]:
+        boxes = window_grid(height, width, window=WINDOW, stride=STRIDE)
+        covered = torch.zeros(height, width, dtype=torch.bool)
+        for y1, y2, x1, x2 in boxes:
+            assert y2 - y1 == min(WINDOW, height) and x2 - x1 == min(WINDOW, width)
+            covered[y1:y2, x1:x2] = True
+        assert covered.all()
+
+
+def test_stitch_hand_computed_overlap() -> None:
+    first = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])
+    second = torch.tensor([[[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]])
+    result = stitch(torch.stack([first, second]), [(0, 2, 0, 3), (0, 2, 1, 4)], 2, 4)
+    expected = torch.tensor([[[1.0, 6.0, 11.5, 30.0], [4.0, 22.5, 28.0, 60.0]]])
+    assert torch.equal(result, expected)
+
+
+def test_stitch_uncovered_pixel_raises() -> None:
+    with pytest.raises(ValueError, match="covered by no window"):
+        stitch(torch.ones(1, 1, 2, 3), [(0, 2, 0, 3)], 2, 4)
+
+
+def test_stitch_box_block_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="block"):
+        stitch(torch.ones(1, 1, 2, 3), [(0, 2, 0, 4)], 2, 4)

@@ -1,0 +1,289 @@
+"""Tests for talk2dino.outputs: palette, atomic writes, label/overlay PNGs, score archives, summaries, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from talk2dino.errors import InvalidInputError
+from talk2dino.outputs import (
+    atomic_path,
+    atomic_write_bytes,
+    overlay,
+    palette,
+    save_json,
+    save_label_png,
+    save_overlay_png,
+    save_scores_npz,
+    summarize,
+)
+
+
+def _leftovers(folder: Path, keep: set[str]) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name not in keep)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# palette
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_palette_voc_values() -> None:
+    colors = palette(8)
+    assert colors.dtype == np.uint8 and colors.shape == (8, 3)
+    expected = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128]]
+    np.testing.assert_array_equal(colors[:7], expected)
+    np.testing.assert_array_equal(colors[7], [128, 128, 128])
+    np.testing.assert_array_equal(palette(9)[8], [64, 0, 0])
+    np.testing.assert_array_equal(palette(256)[255], [224, 224, 192])  # the VOC "void" colour
+
+
+def test_palette_is_distinct_deterministic_and_prefix_stable() -> None:
+    full = palette(256)
+    assert len({tuple(color) for color in full}) == 256
+    np.testing.assert_array_equal(palette(21), full[:21])
+    assert palette(0).shape == (0, 3)
+
+
+@pytest.mark.parametrize("count", [257, -1])
+def test_palette_rejects_bad_counts(count: int) -> None:
+    with pytest.raises(InvalidInputError, match="256"):
+        palette(count)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_bytes_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert _leftovers(tmp_path, {"out.bin"}) == []
+
+
+def test_atomic_path_keeps_old_file_after_failure(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    seen: list[Path] = []
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as temporary:
+        seen.append(temporary)
+        assert temporary.parent == tmp_path and temporary != target
+        temporary.write_text("partial")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert not seen[0].exists()
+    assert _leftovers(tmp_path, {"result.json"}) == []
+
+
+def test_atomic_path_temp_keeps_suffix_and_replaces_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "labels.png"
+    with atomic_path(target) as temporary:
+        assert temporary.suffix == ".png"
+        assert not target.exists()
+        temporary.write_bytes(b"data")
+    assert target.read_bytes() == b"data"
+    assert _leftovers(tmp_path, {"labels.png"}) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# label PNG
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_label_png_round_trip(tmp_path: Path) -> None:
+    labels = np.array([[0, 1, 2], [20, 3, 0]], dtype=np.int64)
+    path = tmp_path / "labels.png"
+    save_label_png(path, labels, num_classes=21)
+    with Image.open(path) as image:
+        assert image.mode == "P"
+        np.testing.assert_array_equal(np.array(image), labels)
+        colors = np.array(image.convert("RGB"))
+    np.testing.assert_array_equal(colors[0, 1], [128, 0, 0])
+    np.testing.assert_array_equal(colors[1, 0], palette(21)[20])
+    assert _leftovers(tmp_path, {"labels.png"}) == []
+
+
+def test_label_png_accepts_tensor_and_max_index(tmp_path: Path) -> None:
+    labels = torch.tensor([[255, 0], [1, 254]])
+    path = tmp_path / "t.png"
+    save_label_png(path, labels, num_classes=256)  # type: ignore[arg-type]
+    with Image.open(path) as image:
+        np.testing.assert_array_equal(np.array(image), labels.numpy())
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_classes", "pattern"),
+    [
+        (np.array([[0, 256]]), 256, r"\[0, 256\)"),
+        (np.array([[0, 3]]), 3, r"\[0, 3\)"),
+        (np.array([[-1, 0]]), 3, "-1"),
+        (np.array([[0, 1]]), 300, "num_classes"),
+        (np.zeros((2, 2), dtype=np.float32), 3, "integer"),
+        (np.zeros((2, 2, 1), dtype=np.int64), 3, "integer"),
+    ],
+)
+def test_label_png_rejects(tmp_path: Path, labels: np.ndarray, num_classes: int, pattern: str) -> None:
+    path = tmp_path / "bad.png"
+    with pytest.raises(InvalidInputError, match=pattern):
+        save_label_png(path, labels, num_classes)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# overlay
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_overlay_exact_values_with_background() -> None:
+    image = np.array([[[100, 50, 0], [101, 7, 255]], [[10, 20, 30], [200, 200, 200]]], dtype=np.uint8)
+    labels = np.array([[1, 2], [0, 3]])
+    # palette: 1 -> (128, 0, 0), 2 -> (0, 128, 0), 3 -> (128, 128, 0); alpha 0.5, halves round up.
+    result = overlay(image, labels, num_classes=4, alpha=0.5, background_index=0)
+    expected = np.array(
+        [
+            [[114, 25, 0], [51, 68, 128]],  # 0.5*101 + 0 = 50.5 -> 51; 0.5*7 + 64 = 67.5 -> 68; 255/2 -> 128
+            [[10, 20, 30], [164, 164, 100]],  # background pixel unchanged
+        ],
+        dtype=np.uint8,
+    )
+    np.testing.assert_array_equal(result, expected)
+    assert result.dtype == np.uint8
+    assert not np.shares_memory(result, image)
+
+
+def test_overlay_without_background_colours_every_pixel() -> None:
+    image = np.full((2, 2, 3), 200, dtype=np.uint8)
+    labels = np.zeros((2, 2), dtype=np.int64)
+    np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.5), np.full((2, 2, 3), 100))
+    np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.0), image)
+    np.testing.assert_array_equal(overlay(image, labels + 1, 2, alpha=1.0)[0, 0], [128, 0, 0])
+    np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.25), np.full((2, 2, 3), 150))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [({"alpha": 1.5}, "alpha"), ({"background_index": 5}, "background_index")],
+)
+def test_overlay_rejects_bad_options(kwargs: dict[str, float], pattern: str) -> None:
+    with pytest.raises(InvalidInputError, match=pattern):
+        overlay(np.zeros((2, 2, 3), dtype=np.uint8), np.zeros((2, 2), dtype=np.int64), 3, **kwargs)  # type: ignore[arg-type]
+
+
+def test_overlay_rejects_shape_mismatch_and_bad_image() -> None:
+    with pytest.raises(InvalidInputError, match="does not match"):
+        overlay(np.zeros((2, 3, 3), dtype=np.uint8), np.zeros((2, 2), dtype=np.int64), 3)
+    with pytest.raises(InvalidInputError, match="uint8 HxWx3"):
+        overlay(np.zeros((2, 2, 3), dtype=np.float32), np.zeros((2, 2), dtype=np.int64), 3)
+
+
+def test_save_overlay_png(tmp_path: Path) -> None:
+    image = np.full((3, 4, 3), 60, dtype=np.uint8)
+    labels = np.array([[0, 1, 1, 0]] * 3)
+    path = tmp_path / "overlay.png"
+    save_overlay_png(path, image, labels, 2, alpha=0.5, background_index=0)
+    with Image.open(path) as saved:
+        assert saved.mode == "RGB"
+        np.testing.assert_array_equal(np.array(saved), overlay(image, labels, 2, alpha=0.5, background_index=0))
+    assert _leftovers(tmp_path, {"overlay.png"}) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scores npz
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_scores_npz_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.random((3, 4, 5)).astype(np.float32)
+    names = ["cat", "window-blind", "bed ", "ünïcode"]
+    path = tmp_path / "scores.npz"
+    save_scores_npz(path, scores, names[:3])
+    with np.load(path) as archive:  # no allow_pickle needed
+        assert set(archive.files) == {"scores", "class_names"}
+        assert archive["scores"].dtype == np.float16
+        assert archive["scores"].shape == (3, 4, 5)
+        np.testing.assert_allclose(archive["scores"], scores, atol=5e-4)
+        assert archive["class_names"].tolist() == names[:3]
+    assert _leftovers(tmp_path, {"scores.npz"}) == []
+
+
+def test_scores_npz_accepts_tensor_and_keeps_exact_name(tmp_path: Path) -> None:
+    scores = torch.linspace(0, 1, 2 * 2 * 3).reshape(2, 2, 3)
+    path = tmp_path / "scores.bin"  # numpy would append ".npz" if given a name
+    save_scores_npz(path, scores, ["a", "ünï"])
+    assert _leftovers(tmp_path, set()) == ["scores.bin"]
+    with np.load(path) as archive:
+        np.testing.assert_allclose(archive["scores"], scores.numpy(), atol=5e-4)
+        assert archive["class_names"].tolist() == ["a", "ünï"]
+
+
+@pytest.mark.parametrize(
+    ("scores", "names", "pattern"),
+    [
+        (np.zeros((2, 3, 3), dtype=np.float32), ["a"], "2 channels but 1"),
+        (np.zeros((3, 3), dtype=np.float32), [], r"\[C, H, W\]"),
+        (np.full((1, 2, 2), 1e6, dtype=np.float32), ["a"], "float16"),
+    ],
+)
+def test_scores_npz_rejects(tmp_path: Path, scores: np.ndarray, names: list[str], pattern: str) -> None:
+    with pytest.raises(InvalidInputError, match=pattern):
+        save_scores_npz(tmp_path / "s.npz", scores, names)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# summarize and JSON
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_summarize_counts_and_shares() -> None:
+    labels = np.array([[0, 0, 1], [2, 2, 2], [2, 0, 0]])
+    summary = summarize(labels, ["bg", "cat", "dog", "bird"], background_index=0)
+    assert [entry["name"] for entry in summary] == ["background", "cat", "dog", "bird"]
+    assert [entry["index"] for entry in summary] == [0, 1, 2, 3]
+    assert [entry["pixels"] for entry in summary] == [4, 1, 4, 0]
+    assert summary[1]["share"] == round(1 / 9, 6)
+    assert abs(sum(entry["share"] for entry in summary) - 1.0) < 1e-5
+    assert all(type(entry["pixels"]) is int and type(entry["share"]) is float for entry in summary)
+    json.dumps(summary)
+
+
+def test_summarize_without_background_keeps_names() -> None:
+    summary = summarize(np.array([[0, 1], [1, 1]]), ["sky", "tree"], background_index=None)
+    assert [(entry["name"], entry["share"]) for entry in summary] == [("sky", 0.25), ("tree", 0.75)]
+
+
+def test_summarize_rejects_out_of_range_labels() -> None:
+    with pytest.raises(InvalidInputError, match=r"\[0, 2\)"):
+        summarize(np.array([[0, 2]]), ["a", "b"], background_index=None)
+    with pytest.raises(InvalidInputError, match="background_index"):
+        summarize(np.array([[0, 1]]), ["a", "b"], background_index=2)
+
+
+def test_save_json_utf8_indent_and_numpy(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    obj = {"name": "café", "count": np.int64(3), "share": np.float32(0.5), "list": np.arange(2), "path": Path("a")}
+    save_json(path, obj)
+    text = path.read_bytes().decode("utf-8")
+    assert "café" in text
+    assert text.startswith('{\n  "name"')
+    assert text.endswith("\n")
+    assert json.loads(text) == {"name": "café", "count": 3, "share": 0.5, "list": [0, 1], "path": "a"}
+    assert _leftovers(tmp_path, {"summary.json"}) == []
+
+
+def test_save_json_failure_keeps_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        save_json(path, {"bad": object()})
+    assert path.read_text() == "old"
+    assert _leftovers(tmp_path, {"summary.json"}) == []
