@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -34,37 +31,11 @@ def parity_weights() -> Path:
     return cache
 
 
-def _byte_symbols() -> list[str]:
-    # CLIP's reversible byte -> printable-unicode table, in vocabulary order: printable bytes as
-    # themselves, then the remaining bytes mapped to chr(256 + i).
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    rest = [b for b in range(256) if b not in keep]
-    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
-
-
-@lru_cache(maxsize=1)
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """The real CLIP vocabulary (49,408 entries) built from the shared BPE merge list."""
-    lines = gzip.open(BPE).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    base = _byte_symbols()
-    vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab)}, merges
-
-
 def write_clip_tokenizer(folder: Path) -> None:
     """Write a real CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`."""
-    vocab, merges = clip_vocab_and_merges()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-        special, tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True,
-        clean_up_tokenization_spaces=False)), encoding="utf-8")
+    from talk2dino.models.tokenizer import write_clip_tokenizer as write
+
+    write(BPE, folder)
 
 
 def save_tiny_dinov2(folder: Path, *, registers: int = 4, hidden: int = 32, heads: int = 4, layers: int = 2,

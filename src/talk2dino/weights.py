@@ -5,7 +5,8 @@ Accepted source strings (house-style §4):
 - ``hf-hub:ORG/REPO`` or ``hf-hub:ORG/REPO@REVISION``: a Hugging Face hub repository, downloaded
   once into the cache through ``huggingface_hub`` (honours ``HF_HUB_OFFLINE``).
 - ``local-dir:PATH``: a folder on disk, used as is.
-- ``https://...``: a single file (the authors' psi checkpoints), downloaded once and pinned by hash.
+- ``https://...`` (or ``file://`` for a local mirror): a single file (the authors' psi checkpoints),
+  downloaded once into the cache and pinned by hash.
 - an existing file path (``.pth``, ``.pt``, ``.safetensors``).
 
 Anything else is refused rather than guessed at: a bare ``org/repo`` could be a hub id or a
@@ -74,7 +75,7 @@ def parse_source(spec: str) -> Source:
         if not path:
             raise WeightsError(f"'{spec}' names no folder")
         return Source("local-dir", os.path.expanduser(path))
-    if spec.startswith(("https://", "http://")):
+    if spec.startswith(("https://", "http://", "file://")):
         return Source("url", spec)
     if spec.startswith("file:"):
         spec = spec[len("file:"):]

@@ -32,6 +32,8 @@ class ClipTextEncoder(nn.Module):
         if eot is None:
             raise ValueError("the CLIP tokenizer defines no end-of-text token")
         self.eot_id: int = int(eot)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id: int = self.eot_id if pad is None else int(pad)
         self.embed_dim: int = int(model.config.projection_dim)
 
     def tokenize(self, prompts: Sequence[str], *, pad_to_context: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,21 +49,20 @@ class ClipTextEncoder(nn.Module):
         Returns:
             ``(input_ids [N, L] int64, attention_mask [N, L] int64)``.
         """
-        enc = self.tokenizer(
-            list(prompts),
-            padding="max_length" if pad_to_context else "longest",
-            truncation=True,
-            max_length=self.context_length,
-            return_tensors="pt",
-        )
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        has_eot = (ids == self.eot_id).any(dim=1)
-        if not bool(has_eot.all()):
-            # The tokenizer cut the end-of-text token away; CLIP expects it last, as in the reference's
-            # tokenize(truncate=True).
-            for i in torch.nonzero(~has_eot).flatten().tolist():
-                logger.warning("prompt truncated to %d tokens: %.60r", self.context_length, prompts[i])
-                ids[i, -1] = self.eot_id
+        rows = self.tokenizer(list(prompts))["input_ids"]
+        for i, row in enumerate(rows):
+            if len(row) > self.context_length:
+                # Keep the first tokens and end with the end-of-text token, as the reference's
+                # clip.tokenize(truncate=True) does.
+                logger.warning("prompt truncated from %d to %d tokens: %.60r", len(row), self.context_length,
+                               prompts[i])
+                rows[i] = [*row[:self.context_length - 1], self.eot_id]
+        width = self.context_length if pad_to_context else max((len(r) for r in rows), default=1)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
         return ids, mask
 
     @torch.inference_mode()

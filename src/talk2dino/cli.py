@@ -1,0 +1,289 @@
+"""The ``talk2dino`` command (house-style §6). ``main(argv)`` is callable in-process; tests do that.
+
+Exit codes: 0 every image succeeded; 1 some images failed (the others are written); 2 the command
+could not start (bad arguments, labels, model or weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("talk2dino.cli")
+
+DEFAULT_MODEL = "talk2dino-vitb14-reg"
+
+
+def parse_label_list(text: str) -> list[str]:
+    """Split a comma-separated label string, trimming spaces around each label.
+
+    Raises:
+        InvalidInputError: when an entry is empty (``"cat,,dog"``) or nothing is given.
+    """
+    from talk2dino.errors import InvalidInputError
+
+    parts = [p.strip() for p in text.split(",")]
+    for i, part in enumerate(parts, 1):
+        if not part:
+            raise InvalidInputError(f"--labels entry {i} of {len(parts)} is empty in {text!r}")
+    return parts
+
+
+def read_label_file(path: str) -> list[str]:
+    """One label per line; blank lines skipped, surrounding whitespace trimmed.
+
+    Raises:
+        InvalidInputError: unreadable or non-UTF-8 file.
+    """
+    from talk2dino.errors import InvalidInputError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"{path}: cannot read labels file ({err})") from err
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", default=None,
+                       help=f"registry name, local-dir:PATH or hf-hub:ORG/REPO model folder (default {DEFAULT_MODEL})")
+    group.add_argument("--backbone", default=None, help="DINOv2 source overriding the model's (hf-hub: or local-dir:)")
+    group.add_argument("--text-encoder", default=None, help="CLIP text source overriding the model's")
+    group.add_argument("--projection", default=None, help="psi checkpoint (.pth/.safetensors/URL/local-dir:)")
+    group.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="backbone dtype (default float32)")
+    group.add_argument("--cache-dir", default=None,
+                       help="download cache (default $TALK2DINO_CACHE or ~/.cache/talk2dino)")
+    group.add_argument("--offline", action="store_true", default=None, help="never touch the network")
+
+
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Inference (defaults: the model's benchmark protocol, method.md §4)")
+    group.add_argument("--background", action=argparse.BooleanOptionalAction, default=None,
+                       help="add a background class: pixels whose every label scores below the threshold")
+    group.add_argument("--bg-threshold", type=float, default=None, help="background threshold (0.55 ViT-B, 0.54 ViT-L)")
+    group.add_argument("--bg-clean", action=argparse.BooleanOptionalAction, default=None,
+                       help="background cleaning with the CLS attention heads (default: on with --background)")
+    group.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
+                       help="PAMR mask refinement (default on)")
+    group.add_argument("--window-batch-size", type=int, default=None, help="windows per backbone forward")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser behind ``talk2dino`` (its help is the documentation the README quotes)."""
+    parser = argparse.ArgumentParser(prog="talk2dino",
+                                     description="Open-vocabulary semantic segmentation with Talk2DINO.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
+    sub = parser.add_subparsers(dest="command")
+
+    seg = sub.add_parser("segment", help="segment images with free-form labels",
+                         description="Segment images, folders or list files (@list.txt) with free-form labels. "
+                                     "Writes per image a palette PNG label map, a colour overlay PNG and a JSON "
+                                     "summary.")
+    seg.add_argument("inputs", nargs="+", help="image files, folders, or list files (@list.txt, one path per line)")
+    labels = seg.add_argument_group("Labels").add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", default=None, help='comma-separated labels, e.g. "cat, sofa, window"')
+    labels.add_argument("--labels-file", default=None, help="a text file with one label per line")
+    seg.add_argument("--underscores-to-spaces", action="store_true", default=None,
+                     help="read '_' in labels as spaces (as the reference demo does)")
+    _add_model_args(seg)
+    _add_inference_args(seg)
+    out = seg.add_argument_group("Output")
+    out.add_argument("--out", default=None, help="output folder (default ./talk2dino-out)")
+    out.add_argument("--save-scores", action="store_true", default=None,
+                     help="also write <stem>_scores.npz: per-label score maps before argmax, image size, float16")
+    out.add_argument("--no-overlay", action="store_true", default=None, help="skip the overlay PNG")
+    out.add_argument("--overlay-alpha", type=float, default=None, help="overlay opacity in [0, 1] (default 0.5)")
+    out.add_argument("--batch-size", type=int, default=None, help="images embedded together (default 4)")
+    out.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+
+    sub.add_parser("models", help="list the registered models")
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if not verbose:
+        # Third-party INFO chatter (hub downloads, weight loading) is noise for a CLI user.
+        for name in ("transformers", "huggingface_hub", "urllib3", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:  # transformers missing is reported later, by create_model
+            pass
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 1
+    while stem in used:
+        stem = f"{path.stem}_{n}"
+        n += 1
+    used.add(stem)
+    return stem
+
+
+def _write_outputs(out_dir: Path, stem: str, image_path: Path, rgb: Any, result: Any, summary: dict[str, Any],
+                   *, save_scores: bool, overlay: bool, alpha: float) -> None:
+    from talk2dino.outputs import save_json, save_label_png, save_overlay_png, save_scores_npz
+
+    labels = result.labels.numpy()
+    num = len(result.class_names)
+    save_label_png(out_dir / f"{stem}_labels.png", labels, num)
+    files = {"labels": f"{stem}_labels.png"}
+    if overlay:
+        save_overlay_png(out_dir / f"{stem}_overlay.png", rgb, labels, num, alpha=alpha,
+                         background_index=result.background_index)
+        files["overlay"] = f"{stem}_overlay.png"
+    if save_scores:
+        save_scores_npz(out_dir / f"{stem}_scores.npz", result.scores, result.class_names)
+        files["scores"] = f"{stem}_scores.npz"
+    save_json(out_dir / f"{stem}.json", {"image": str(image_path), "files": files, **summary})
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """The ``segment`` subcommand; returns the exit code."""
+    from tqdm import tqdm
+
+    from talk2dino.data.images import list_images, load_image
+    from talk2dino.errors import InvalidInputError
+    from talk2dino.predictor import Segmenter
+    from talk2dino.registry import create_model
+
+    names = parse_label_list(args.labels) if args.labels is not None else read_label_file(args.labels_file)
+    if args.underscores_to_spaces:
+        names = [n.replace("_", " ") for n in names]
+    paths = list_images(args.inputs)
+    if not paths:
+        raise InvalidInputError(f"no images found in {args.inputs}")
+    batch_size = args.batch_size if args.batch_size is not None else 4
+    alpha = args.overlay_alpha if args.overlay_alpha is not None else 0.5
+    if batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InvalidInputError(f"--overlay-alpha must be in [0, 1], got {alpha}")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TALK2DINO_OFFLINE"] = "1"
+
+    model = create_model(
+        args.model or (None if args.backbone and args.text_encoder and args.projection else DEFAULT_MODEL),
+        device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+        backbone=args.backbone, text_encoder=args.text_encoder, projection=args.projection,
+    )
+    overrides = {
+        "background": args.background, "bg_threshold": args.bg_threshold, "bg_clean": args.bg_clean,
+        "pamr": args.pamr, "window_batch_size": args.window_batch_size,
+    }
+    config = dataclasses.replace(model.config.inference, **{k: v for k, v in overrides.items() if v is not None})
+    segmenter = Segmenter(model, config)
+    segmenter.set_classes(names)
+
+    out_dir = Path(args.out or "talk2dino-out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    failed: list[str] = []
+    progress = tqdm(total=len(paths), unit="img", disable=bool(args.quiet or args.no_progress), file=sys.stderr)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        loaded: list[tuple[Path, Any]] = []
+        for path in chunk:
+            try:
+                loaded.append((path, load_image(path)))
+            except InvalidInputError as err:
+                logger.error("%s", err)
+                failed.append(str(path))
+                progress.update(1)
+        if not loaded:
+            continue
+        t0 = time.perf_counter()
+        try:
+            features = segmenter.embed_images([rgb for _, rgb in loaded])
+        except Exception as err:  # noqa: BLE001 - isolate a batch failure, then retry one by one
+            logger.debug("batch failed (%s); retrying images one by one", err)
+            features = []
+            for path, rgb in loaded:
+                try:
+                    features.append(segmenter.embed_images([rgb])[0])
+                except Exception as one:  # noqa: BLE001 - report per file, keep the others
+                    logger.error("%s: %s", path, one)
+                    features.append(None)
+        embed_time = (time.perf_counter() - t0) / len(loaded)
+        for (path, rgb), feats in zip(loaded, features, strict=True):
+            try:
+                if feats is None:
+                    failed.append(str(path))
+                    continue
+                result = segmenter.predict_features(feats)
+                summary = segmenter.summary(result)
+                summary["timings"]["embed_image"] = round(embed_time, 6)
+                _write_outputs(out_dir, _unique_stem(path, used), path, rgb, result, summary,
+                               save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha)
+            except Exception as err:  # noqa: BLE001 - one bad image must not lose the others' results
+                logger.error("%s: %s", path, err)
+                failed.append(str(path))
+            finally:
+                progress.update(1)
+    progress.close()
+    done = len(paths) - len(failed)
+    logger.info("wrote %d of %d images to %s", done, len(paths), out_dir)
+    if failed:
+        shown = ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else "")
+        logger.error("%d image(s) failed: %s", len(failed), shown)
+        return 1
+    return 0
+
+
+def run_models() -> int:
+    """The ``models`` subcommand: print registered names and descriptions to stdout."""
+    from talk2dino.registry import describe_models
+
+    for name, description in describe_models().items():
+        sys.stdout.write(f"{name}\t{description}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code instead of exiting (so tests can call it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from talk2dino import __version__
+
+        sys.stdout.write(f"talk2dino {__version__}\n")
+        return 0
+    _configure_logging(args.verbose, args.quiet)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from talk2dino.errors import Talk2DinoError
+
+    try:
+        if args.command == "segment":
+            return run_segment(args)
+        return run_models()
+    except (Talk2DinoError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

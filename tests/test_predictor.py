@@ -1,0 +1,182 @@
+"""Segmenter behaviour on a tiny random model: caching, batching, input forms, options, bad labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGES
+from PIL import Image
+
+from talk2dino import InferenceConfig, Segmenter
+from talk2dino.errors import InvalidInputError
+
+
+def _image(h: int = 60, w: int = 90, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture()
+def segmenter(tiny_model) -> Segmenter:
+    # Small geometry keeps the tiny model fast while still producing several windows.
+    return Segmenter(tiny_model, InferenceConfig(short_side=56, max_long_side=400, window=28, stride=14,
+                                                 pamr_iterations=3))
+
+
+def test_result_shapes_and_label_ranges(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["cat", "sofa", "window"], background=True)
+    image = _image(60, 90)
+    features = segmenter.set_image(image)
+    assert features.resized_size == (56, 84)
+    assert len(features.boxes) == 3 * 5
+    result = segmenter.predict()
+    assert result.labels.shape == (60, 90) and result.labels.dtype == torch.int64
+    assert result.scores.shape == (4, 60, 90)
+    assert result.class_names == ["background", "cat", "sofa", "window"]
+    assert result.background_index == 0
+    assert 0 <= int(result.labels.min()) and int(result.labels.max()) < 4
+    assert torch.all(result.scores[0] == segmenter.config.bg_threshold)
+    assert abs(sum(s["share"] for s in result.shares()) - 1.0) < 1e-5
+    assert result.labels.equal(result.scores.softmax(0).argmax(0))
+
+
+def test_background_threshold_extremes(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["cat", "dog"], background=True)
+    segmenter.set_image(_image())
+    # Scores are sigmoids of cosines, inside (0.2689, 0.7311): a threshold above makes all background.
+    assert int(segmenter.predict(threshold=0.99).labels.max()) == 0
+    assert int(segmenter.predict(threshold=0.01).labels.min()) >= 1
+
+
+def test_image_is_embedded_once_for_many_vocabularies(segmenter: Segmenter, monkeypatch) -> None:
+    calls = {"n": 0}
+    original = segmenter.model.encode_image
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter.model, "encode_image", counting)
+    segmenter.set_image(_image())
+    after_embedding = calls["n"]
+    assert after_embedding == 2  # 15 windows in chunks of window_batch_size=8
+    for names in (["cat"], ["cat", "dog"], ["sky", "road", "tree"]):
+        segmenter.set_classes(names)
+        segmenter.predict(pamr=False)
+        segmenter.predict(pamr=True, clean=True)
+    assert calls["n"] == after_embedding
+
+
+def test_vocabulary_cache_skips_text_encoder(segmenter: Segmenter, monkeypatch) -> None:
+    first = segmenter.class_embeddings(["cat", "dog"])
+    monkeypatch.setattr(segmenter.model, "encode_text", lambda *a, **k: pytest.fail("text re-encoded"))
+    assert segmenter.class_embeddings(["cat", "dog"]) is first
+
+
+def test_predict_batch_equals_single_image_predictions(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["cat", "dog", "sky"], background=True)
+    images = [_image(60, 90, 0), _image(60, 90, 1), _image(40, 40, 2)]
+    batch = segmenter.predict_batch(images)
+    for image, got in zip(images, batch, strict=True):
+        segmenter.set_image(image)
+        single = segmenter.predict()
+        torch.testing.assert_close(got.scores, single.scores, atol=1e-6, rtol=0)
+        assert torch.equal(got.labels, single.labels)
+
+
+def test_input_forms_agree(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["cat", "dog"])
+    array = _image()
+    results = []
+    for form in (array, Image.fromarray(array), torch.from_numpy(array).permute(2, 0, 1).contiguous()):
+        segmenter.set_image(form)
+        results.append(segmenter.predict())
+    for other in results[1:]:
+        assert torch.equal(results[0].labels, other.labels)
+
+
+def test_preprocessing_keeps_rgb_order(segmenter: Segmenter) -> None:
+    """A pure red image reaches the backbone as red (pitfall P1)."""
+    red = np.zeros((28, 28, 3), np.uint8)
+    red[..., 0] = 255
+    _, _, _, guides = segmenter._prepare(red)
+    x = segmenter._backbone_inputs(guides)
+    expected = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225]
+    for c in range(3):
+        torch.testing.assert_close(x[0, c], torch.full((28, 28), expected[c]), atol=1e-5, rtol=0)
+    assert torch.equal(guides[0, 0], torch.full((28, 28), 255.0))
+
+
+def test_reference_path_equals_fast_path(tiny_model) -> None:
+    config = InferenceConfig(short_side=56, max_long_side=400, window=28, stride=14, background=True,
+                             pamr_iterations=3)
+    results = []
+    for reference in (False, True):
+        seg = Segmenter(tiny_model, config, reference=reference)
+        seg.set_classes(["cat", "dog", "sky"])
+        seg.set_image(_image())
+        results.append(seg.predict())
+    torch.testing.assert_close(results[0].scores, results[1].scores, atol=1e-5, rtol=0)
+    assert (results[0].labels != results[1].labels).float().mean() < 1e-3
+
+
+def test_small_and_extreme_images_work(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["cat", "dog"])
+    for h, w in ((2, 2), (5, 300), (300, 5)):
+        segmenter.set_image(_image(h, w))
+        assert segmenter.predict().labels.shape == (h, w)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([], "no labels"),
+    (["cat", ""], "empty or only whitespace"),
+    (["cat", "   "], "empty or only whitespace"),
+    (["cat", "cat"], "duplicate label 'cat'"),
+    ("cat, dog", "not one string"),
+    (["cat", 3], "not a string"),
+])
+def test_bad_labels_are_rejected(segmenter: Segmenter, labels, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        segmenter.set_classes(labels)
+
+
+def test_background_label_clashes_with_background_channel(segmenter: Segmenter) -> None:
+    with pytest.raises(InvalidInputError, match="clashes with the background channel"):
+        segmenter.set_classes(["background", "cat"], background=True)
+    segmenter.set_classes(["background", "cat"], background=False)  # allowed as a plain label
+
+
+def test_predict_without_image_or_labels_says_what_is_missing(segmenter: Segmenter) -> None:
+    with pytest.raises(InvalidInputError, match="no image set"):
+        segmenter.set_classes(["cat"])
+        segmenter.predict()
+    fresh = Segmenter(segmenter.model, segmenter.config)
+    fresh.set_image(_image())
+    with pytest.raises(InvalidInputError, match="no labels set"):
+        fresh.predict()
+
+
+def test_invalid_options_are_rejected(segmenter: Segmenter) -> None:
+    with pytest.raises(ValueError, match="bg_threshold"):
+        segmenter.set_classes(["cat"], threshold=1.5)
+    with pytest.raises(ValueError, match="multiple of the backbone patch size"):
+        Segmenter(segmenter.model, InferenceConfig(window=30, stride=15))
+    with pytest.raises(InvalidInputError, match="exactly one"):
+        segmenter.class_embeddings(["cat"], templates=["no placeholder"])
+
+
+@pytest.mark.reference
+def test_real_photo_end_to_end(segmenter: Segmenter) -> None:
+    path = IMAGES / "rocket.jpg"
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    segmenter.set_classes(["rocket", "sky", "smoke"], background=True)
+    segmenter.set_image(Image.open(path))
+    result = segmenter.predict()
+    assert result.labels.shape == (427, 640)
+    summary = segmenter.summary(result)
+    assert summary["settings"]["bg_clean"] is True  # cleaning follows background by default
+    assert summary["model"]["weights"]["projection"]["sha256"]
