@@ -7,14 +7,12 @@ real-size weights and the authors' psi, and checks every tolerance of ``../share
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REFERENCE_WEIGHTS, SHARED, parity_weights
+from PIL import Image
 
 from talk2dino import InferenceConfig, Segmenter, create_model
 from talk2dino.ops.cleaning import clean_background

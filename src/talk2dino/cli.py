@@ -162,7 +162,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from talk2dino.data.images import list_images, load_image
     from talk2dino.errors import InvalidInputError
-    from talk2dino.predictor import Segmenter
+    from talk2dino.predictor import ImageFeatures, Segmenter
     from talk2dino.registry import create_model
 
     names = parse_label_list(args.labels) if args.labels is not None else read_label_file(args.labels_file)
@@ -212,8 +212,9 @@ def run_segment(args: argparse.Namespace) -> int:
         if not loaded:
             continue
         t0 = time.perf_counter()
+        features: list[ImageFeatures | None]
         try:
-            features = segmenter.embed_images([rgb for _, rgb in loaded])
+            features = list(segmenter.embed_images([rgb for _, rgb in loaded]))
         except Exception as err:  # noqa: BLE001 - isolate a batch failure, then retry one by one
             logger.debug("batch failed (%s); retrying images one by one", err)
             features = []

@@ -260,7 +260,7 @@ class Segmenter:
         # Windows of different images can be batched only when they have the same size.
         by_size: dict[tuple[int, int], list[int]] = {}
         for idx, (_, _, _, guides) in enumerate(prepared):
-            by_size.setdefault(tuple(guides.shape[-2:]), []).append(idx)
+            by_size.setdefault((int(guides.shape[-2]), int(guides.shape[-1])), []).append(idx)
         outputs: dict[int, BackboneOutput] = {}
         for indices in by_size.values():
             stacked = torch.cat([prepared[i][3] for i in indices])

@@ -188,8 +188,9 @@ def _load_text(source: str, *, context_length: int, cache_dir: str | os.PathLike
 
     folder = resolve_model_dir(source, what="text encoder", cache_dir=cache_dir)
     try:
-        model, info = CLIPTextModelWithProjection.from_pretrained(folder, dtype=torch.float32,
+        loaded: Any = CLIPTextModelWithProjection.from_pretrained(folder, dtype=torch.float32,
                                                                   output_loading_info=True)
+        model, info = loaded
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # transformers raises several types for a wrong folder
         raise WeightsError(f"text encoder: cannot load a CLIP text model and tokenizer from {folder} ({err})") from err

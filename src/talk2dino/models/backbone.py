@@ -8,6 +8,7 @@ whose sides are multiples of the patch size (position embeddings are interpolate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,9 @@ class DinoV2Backbone(nn.Module):
     attention outputs and hidden states, logits recomputed from the last block's input.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    model: Any  # a transformers DINOv2 module; its submodules are read by name, so typed loosely
+
+    def __init__(self, model: Any) -> None:
         """Args:
             model: a transformers ``Dinov2Model`` or ``Dinov2WithRegistersModel``.
         """

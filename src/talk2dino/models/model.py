@@ -19,6 +19,9 @@ _NORM_EPS = 1e-6  # floor of ||psi(t)|| before normalising, method.md §4.1 step
 class Talk2DINO(nn.Module):
     """The composed model. Built by `talk2dino.create_model`; holds no inference options."""
 
+    pixel_mean: torch.Tensor  # [1, 3, 1, 1] ImageNet mean, buffer
+    pixel_std: torch.Tensor  # [1, 3, 1, 1] ImageNet std, buffer
+
     def __init__(
         self,
         backbone: DinoV2Backbone,

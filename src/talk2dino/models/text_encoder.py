@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,10 @@ class ClipTextEncoder(nn.Module):
     position, times the text projection; it is not normalised (method.md §2.1).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: object, *, context_length: int) -> None:
+    model: Any  # a transformers CLIPTextModelWithProjection; submodules are read by name
+    tokenizer: Any  # a transformers CLIP tokenizer
+
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int) -> None:
         """Args:
             model: a transformers ``CLIPTextModelWithProjection``.
             tokenizer: its CLIP tokenizer (called with a list of strings).
