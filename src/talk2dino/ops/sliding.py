@@ -29,12 +29,17 @@ def resized_size(height: int, width: int, *, short_side: int, max_long_side: int
     Raises:
         ValueError: if any size is not positive.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive; got height={height}, width={width}")
-    if short_side <= 0 or max_long_side <= 0:
-        raise ValueError(f"resize targets must be positive; got short_side={short_side}, max_long_side={max_long_side}")
+    _check_positive("image size", height=height, width=width)
+    _check_positive("resize targets", short_side=short_side, max_long_side=max_long_side)
     scale = min(max_long_side / max(height, width), short_side / min(height, width))
     return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _check_positive(what: str, **values: int) -> None:
+    """Raise ValueError naming every value when one is not positive."""
+    if any(v <= 0 for v in values.values()):
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        raise ValueError(f"{what} must be positive; got {shown}")
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[tuple[int, int]]:
@@ -68,10 +73,8 @@ def window_grid(height: int, width: int, *, window: int, stride: int) -> list[tu
     Raises:
         ValueError: if any size is not positive.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive; got height={height}, width={width}")
-    if window <= 0 or stride <= 0:
-        raise ValueError(f"window and stride must be positive; got window={window}, stride={stride}")
+    _check_positive("image size", height=height, width=width)
+    _check_positive("window and stride", window=window, stride=stride)
     rows = _window_starts(height, window, stride)
     cols = _window_starts(width, window, stride)
     return [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in cols]
