@@ -275,6 +275,7 @@ def run_child(spec: Spec) -> dict[str, Any]:
         sync()
         return out, time.perf_counter() - start
 
+    load_before = os.getloadavg()[0]
     probe = MemoryProbe(device)
     probe.start()
     with autocast:
@@ -283,9 +284,15 @@ def run_child(spec: Spec) -> dict[str, Any]:
         segmenter.set_image(image)
         segmenter.predict()
         # First call with the measured vocabulary: its text encoding is included.
+        # Only sizes are kept from the outputs, so that the peak is that of one call (plus the segmenter's
+        # own cache of the previous image while the next is embedded), not of results piling up here.
         _, text_first = timed(lambda: segmenter.set_classes(list(VOC_CLASSES)))
         features, embed_first = timed(lambda: segmenter.set_image(image))
+        windows, resized = len(features.boxes), list(features.resized_size)
+        del features
         result, predict_first = timed(segmenter.predict)
+        num_channels = len(result.class_names)
+        del result
         steady: list[dict[str, float]] = []
         for _ in range(spec.repeats):
             _, embed_s = timed(lambda: segmenter.set_image(image))
@@ -293,27 +300,28 @@ def run_child(spec: Spec) -> dict[str, Any]:
             result, predict_s = timed(segmenter.predict)
             steady.append({"total": embed_s + classes_s + predict_s, "backbone": embed_s, "set_classes": classes_s,
                            "predict": predict_s, **result.timings})
+            del result
     peak_mb = probe.peak_mb()
-
-    def median(key: str) -> float:
-        return float(statistics.median(s.get(key, 0.0) for s in steady))
-
-    windows = len(features.boxes)
-    seconds = median("total")
+    # Best of the steady runs (timeit's convention): other processes only ever add time. The stages are
+    # those of that same run, so they add up to its total.
+    best = min(steady, key=lambda run: run["total"])
+    seconds = best["total"]
     return {
         **asdict(spec),
         "threads_used": torch.get_num_threads(),
         "windows": windows,
-        "resized": list(features.resized_size),
-        "classes": len(result.class_names),
+        "resized": resized,
+        "channels": num_channels,
         "sdpa_calls_per_pass": sdpa_calls,
         "build_s": build_s,
         "first_call_s": text_first + embed_first + predict_first,
         "text_first_s": text_first,
         "seconds_per_image": seconds,
         "windows_per_second": windows / seconds,
-        "stages": {key: median(key) for key in ("backbone", "set_classes", "predict", *STAGES[1:])},
+        "median_seconds_per_image": float(statistics.median(run["total"] for run in steady)),
+        "stages": {key: best.get(key, 0.0) for key in ("backbone", "set_classes", "predict", *STAGES[1:])},
         "steady_runs": steady,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "peak_mb": peak_mb,
         "baseline_mb": probe.model_mb,
         "memory_method": probe.method,
@@ -425,7 +433,7 @@ def format_tables(records: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Per-stage seconds (median of the steady runs; backbone = `set_image`, the other stages from "
+        "Per-stage seconds (the best steady run; backbone = `set_image`, the other stages from "
         "`result.timings`; first call = text encoding + `set_image` + `predict` with a new vocabulary):",
         "",
         "| config | image | path | backbone | scores | upsample | pamr | stitch | resize_argmax "
@@ -434,9 +442,10 @@ def format_tables(records: list[dict[str, Any]]) -> str:
     ]
     for pair in pairs.values():
         for path in ("fast", "reference"):
-            rec = pair.get(path)
-            if rec is None:
+            found = pair.get(path)
+            if found is None:
                 continue
+            rec = found
             st = rec["stages"]
             cells = [f"{st.get(s, 0.0):.3f}" if (s != "pamr" or SETTINGS[rec["setting"]][1]) else "–"
                      for s in STAGES]
@@ -453,6 +462,7 @@ def format_machine(info: dict[str, Any], records: list[dict[str, Any]]) -> str:
     methods = sorted({r["memory_method"] for r in records})
     baseline = {r["device"]: r["baseline_mb"] for r in records if r["path"] == "fast"}
     sdpa = sorted({(r["path"], r["sdpa_calls_per_pass"]) for r in records})
+    load = max((max(r["load_average_1min"]) for r in records), default=0.0)
     return (
         f"Machine: {info['cpu']} ({info['cpu_count']} logical CPUs, {info['memory_gib']} GiB RAM), "
         f"GPU: {info['gpu'] or 'none'}; Python {info['python']}, torch {info['torch']}, "
@@ -460,7 +470,9 @@ def format_machine(info: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"Peak memory: increase over the process after model construction ({', '.join(methods)}); "
         f"baseline after construction: "
         + ", ".join(f"{d} {mb:.0f} MB" for d, mb in baseline.items())
-        + ". SDPA calls per backbone pass: " + ", ".join(f"{p} {n}" for p, n in sdpa) + "."
+        + ". SDPA calls per backbone pass: " + ", ".join(f"{p} {n}" for p, n in sdpa)
+        + f". Highest 1-min load average seen: {load:.2f} (above the thread count means other processes "
+        "competed for the CPU)."
     )
 
 

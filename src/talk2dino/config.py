@@ -147,3 +147,49 @@ class ModelConfig:
             inference=build(InferenceConfig, top.get("inference", {})),
             profile=top.get("profile", "2025"),
         )
+
+
+TargetStrategy = Literal["max", "avg", "cls", "cls-weighted"]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Feature extraction from COCO Captions (method.md §3.1–3.3)."""
+
+    coco_root: str  # folder with train2014/, val2014/ and annotations/captions_<split>2014.json
+    split: Literal["train", "val"] = "train"  # COCO Captions 2014 split, §3.1
+    out: str = "features"  # output folder: shards + manifest.json
+    backbone: str = "dinov2-vitb14-reg"  # backbone name (registry.BACKBONES) or a DINOv2 source (hf-hub:/local-dir:)
+    text_encoder: str = "clip-vitb16"  # text encoder name (registry.TEXT_ENCODERS) or a CLIP source, §2.1
+    image_size: int = 448  # shorter side (bicubic) then centre crop, §3.2
+    shard_size: int = 1024  # images per shard file
+    batch_size: int = 32  # images per backbone forward
+    text_batch_size: int = 256  # captions per text forward
+    num_workers: int = 2  # image decoding workers
+    device: str | None = None  # auto: CUDA when available
+    dtype: DType = "float32"  # backbone dtype; features are stored as float16 either way
+    cache_dir: str | None = None  # weight download cache
+    limit: int | None = None  # only the first N images (quick looks, tests)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training psi with the max-head InfoNCE recipe (method.md §3.4–3.6)."""
+
+    features: str  # folder written by `talk2dino extract` (train split)
+    out: str  # run folder; becomes a loadable model folder (never a released file, pitfall P5)
+    val_features: str | None = None  # folder of the val split for recall@K logging, §3.1
+    target_strategy: TargetStrategy = "max"  # image embedding: max over heads (the method) or an ablation, §3.6
+    epochs: int = 100  # §3.5
+    batch_size: int = 128  # §3.5; the last partial batch is kept
+    lr: float = 1e-4  # Adam, constant, §3.5
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas, §3.5
+    eps: float = 1e-8  # Adam epsilon, §3.5
+    weight_decay: float = 0.0  # §3.5: none
+    temperature: float = 0.07  # fixed tau, never trained (pitfall P11), §3.4
+    loss_divide_by_batch_squared: bool = True  # the reference divides the loss by B^2 (pitfall P12), §3.4
+    seed: int = 123  # Python, NumPy and torch seeds, §3.5
+    device: str | None = None  # auto: CUDA when available
+    on_device: bool | None = None  # keep all features on the device (None: when they fit)
+    eval_every: int = 1  # epochs between validation recall@K evaluations
+    recall_ks: tuple[int, ...] = (1, 5, 10)  # text->image recall@K on the val split

@@ -36,6 +36,21 @@ _SUPERSEDED = "d35413640f70d3e2beb686b1f2b36c13b1d78335"
 _CLIP_B16 = "hf-hub:openai/clip-vit-base-patch16"  # CLIP ViT-B/16 text for every backbone, method.md §2.1
 
 
+# Named frozen parts, so that `--backbone dinov2-vitl14-reg` or `--text-encoder clip-vitb16` works
+# wherever a source string is accepted.
+BACKBONES: dict[str, str] = {
+    f"dinov2-vit{size}14{reg}": f"hf-hub:facebook/dinov2-{'with-registers-' if reg else ''}{name}"
+    for size, name in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+    for reg in ("", "-reg")
+}
+TEXT_ENCODERS: dict[str, str] = {"clip-vitb16": _CLIP_B16}
+
+
+def resolve_part(source: str, table: dict[str, str]) -> str:
+    """A part name from `table` -> its source string; anything else is returned unchanged."""
+    return table.get(source, source)
+
+
 @dataclass(frozen=True)
 class RegistryEntry:
     """A named model: configuration with pinned sources, and a one-line description."""
@@ -284,16 +299,18 @@ def create_model(
             raise WeightsError("without a model name, give all three of backbone, text_encoder and projection")
         config = ModelConfig(
             name="composed",
-            backbone=BackboneConfig(source=backbone),
-            text=TextConfig(source=text_encoder),
+            backbone=BackboneConfig(source=resolve_part(backbone, BACKBONES)),
+            text=TextConfig(source=resolve_part(text_encoder, TEXT_ENCODERS)),
             projection=ProjectionConfig(source=projection),
         )
     else:
         config = get_model_config(name, cache_dir=cache_dir)
         if backbone:
-            config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, source=backbone))
+            config = dataclasses.replace(config, backbone=dataclasses.replace(
+                config.backbone, source=resolve_part(backbone, BACKBONES)))
         if text_encoder:
-            config = dataclasses.replace(config, text=dataclasses.replace(config.text, source=text_encoder))
+            config = dataclasses.replace(config, text=dataclasses.replace(
+                config.text, source=resolve_part(text_encoder, TEXT_ENCODERS)))
         if projection:
             # A user-supplied psi has no pin of ours; its sha256 is still computed and recorded.
             config = dataclasses.replace(config, projection=ProjectionConfig(source=projection,

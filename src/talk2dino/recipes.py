@@ -1,0 +1,125 @@
+"""Dataclass configs <-> command-line flags and YAML recipes (house-style §3, §6).
+
+Every field of a config dataclass becomes a flag (``lr`` -> ``--lr``) whose default is None, so the
+dataclass stays the single source of defaults; a YAML recipe (``--recipe file.yaml``) sets fields
+first, flags override it, and unknown keys are errors, not warnings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _parser_for(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """(argparse type callable, extra add_argument kwargs) for a field type."""
+    tp = _unwrap_optional(tp)
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = list(get_args(tp))
+        return type(choices[0]), {"choices": choices}
+    if origin is tuple:
+        inner = get_args(tp)[0]
+        return (lambda text: tuple(inner(v.strip()) for v in text.split(",") if v.strip())), {"metavar": "A,B,..."}
+    if tp is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if tp in (int, float, str):
+        return tp, {}
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: tuple[str, ...] = (),
+                            help_from_comments: bool = True) -> None:
+    """Add one ``--field-name`` flag per dataclass field (default None)."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls) if help_from_comments else {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        conv, extra = _parser_for(hints[f.name])
+        default = "" if f.default is dataclasses.MISSING else f" (default {f.default!r})"
+        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": comments.get(f.name, "") + default}
+        if conv is not None:
+            kwargs["type"] = conv
+        kwargs.update(extra)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comment`` of each field line in the class source: the flag's help text."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    for line in source.splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
+            name = stripped.split(":", 1)[0].strip()
+            if name.isidentifier():
+                out[name] = stripped.split("#", 1)[1].strip()
+    return out
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) recipe into a flat dict.
+
+    Raises:
+        ValueError: unreadable file or not a mapping.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read recipe ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of field: value")
+    return data
+
+
+def build_config(cls: type[T], args: argparse.Namespace | None = None, *, recipe: dict[str, Any] | None = None,
+                 **fixed: Any) -> T:
+    """Recipe values, then `fixed`, then non-None flags -> a validated dataclass instance.
+
+    Raises:
+        ValueError: unknown keys in the recipe or a missing required field.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if recipe:
+        unknown = sorted(set(recipe) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys in recipe: {unknown}")
+        hints = typing.get_type_hints(cls)
+        for key, value in recipe.items():
+            if isinstance(value, list) and get_origin(_unwrap_optional(hints[key])) is tuple:
+                value = tuple(value)
+            values[key] = value
+    values.update({k: v for k, v in fixed.items() if v is not None})
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in values]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return cls(**values)
