@@ -253,6 +253,7 @@ def run_child(spec: Spec) -> dict[str, Any]:
     reference = spec.path == "reference"
 
     def sync() -> None:
+        """Wait for queued CUDA work so that timers see it."""
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -269,6 +270,7 @@ def run_child(spec: Spec) -> dict[str, Any]:
     )
 
     def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run `fn`; return its output and its wall time in seconds."""
         sync()
         start = time.perf_counter()
         out = fn()
@@ -396,11 +398,13 @@ def plan(args: argparse.Namespace) -> Iterator[Spec]:
 
 
 def _config_name(rec: dict[str, Any]) -> str:
+    """Table label of a record's device, dtype and setting."""
     extra = "+autocast" if rec["autocast"] and rec["device"].startswith("cuda") else ""
     return f"{rec['device']} {DTYPE_SHORT[rec['dtype']]}{extra}, {SETTING_LABELS[rec['setting']]}"
 
 
 def _image_name(rec: dict[str, Any]) -> str:
+    """Table label of a record's image size (width × height)."""
     return f"{rec['width']}×{rec['height']}"
 
 
@@ -478,22 +482,25 @@ def format_machine(info: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command line of the benchmark."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
-                   default=[(500, 375), (2048, 1024)], help="comma-separated WIDTHxHEIGHT list")
+                   default=[(500, 375), (2048, 1024)],
+                   help="comma-separated WIDTHxHEIGHT list (default: 500x375,2048x1024)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=["voc21"],
-                   help=f"comma-separated from {sorted(SETTINGS)}")
-    p.add_argument("--repeats", type=int, default=2, help="timed steady-state runs of the fast path")
-    p.add_argument("--ref-repeats", type=int, default=1, help="timed steady-state runs of the reference path")
-    p.add_argument("--device", default="cpu", help="first device; CUDA is added when present unless --no-gpu")
+                   help=f"comma-separated from {sorted(SETTINGS)} (default: voc21)")
+    p.add_argument("--repeats", type=int, default=2, help="timed steady-state runs of the fast path (default: 2)")
+    p.add_argument("--ref-repeats", type=int, default=1,
+                   help="timed steady-state runs of the reference path (default: 1)")
+    p.add_argument("--device", default="cpu",
+                   help="first device (default: cpu); CUDA is added when present unless --no-gpu")
     p.add_argument("--no-gpu", action="store_true", help="do not add a CUDA run")
     p.add_argument("--dtype", type=lambda s: s.split(","), default=None,
                    help="backbone dtypes for every device (default: float32 on CPU, bfloat16,float16 on CUDA)")
     p.add_argument("--autocast", action="store_true",
                    help="on CUDA also wrap every call in torch.autocast(dtype) (the package itself casts weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
-    p.add_argument("--bpe", type=Path, default=DEFAULT_BPE, help="CLIP BPE merge list for the tokenizer")
+    p.add_argument("--bpe", type=Path, default=DEFAULT_BPE,
+                   help="CLIP BPE merge list for the tokenizer (default: ../shared/reference/clip-bpe/...)")
     p.add_argument("--json", type=Path, default=None, help="also write every record and the machine here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -504,6 +511,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown setting or dtype {unknown}; settings {sorted(SETTINGS)}, dtypes {sorted(DTYPES)}")
         if args.repeats < 1 or args.ref_repeats < 1:
             p.error("--repeats and --ref-repeats must be >= 1")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: CUDA is not available")
         if not args.bpe.is_file():
             p.error(f"CLIP BPE file not found: {args.bpe} (pass --bpe or set TALK2DINO_SHARED)")
     return args
