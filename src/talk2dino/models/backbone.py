@@ -7,6 +7,7 @@ whose sides are multiples of the patch size (position embeddings are interpolate
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ class DinoV2Backbone(nn.Module):
         self.num_global: int = 1 + self.num_registers
         patch = config.patch_size
         self.patch_size: int = int(patch if isinstance(patch, int) else patch[0])
+        self._reference_lock = threading.Lock()
 
     def _check_input(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
@@ -87,9 +89,35 @@ class DinoV2Backbone(nn.Module):
             grid=grid,
         )
 
+    def _block(self, layer: Any, hidden: torch.Tensor, *, cls_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One transformer block with fused SDPA attention, independent of the model's attention setting.
+
+        Returns:
+            ``(hidden [B, T, D], CLS->patch logits [B, M, P] float32 or None)``.
+        """
+        attn = layer.attention
+        b, t, _ = hidden.shape
+        normed = layer.norm1(hidden)
+        q = attn.q_proj(normed).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        scale = self.head_dim**-0.5
+        context = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        logits = None
+        if cls_logits:
+            # Only the CLS query row against the patch keys: [B, M, 1, dh] x [B, M, dh, P].
+            logits = (q[:, :, :1].float() @ k[:, :, self.num_global:].float().transpose(-1, -2)).squeeze(2) * scale
+        context = context.transpose(1, 2).reshape(b, t, self.embed_dim)
+        hidden = layer.drop_path(layer.layer_scale1(attn.o_proj(context))) + hidden
+        hidden = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden
+        return hidden, logits
+
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> BackboneOutput:
-        """Fast path.
+        """Fast path: every block with fused SDPA; only the last block's CLS row of q·kᵀ is formed.
+
+        It never reads or changes the model's attention setting, so it is safe to call while another
+        thread runs `forward_reference` on the same model.
 
         Args:
             pixel_values: ``[B, 3, H, W]`` RGB, ImageNet-normalised, H and W multiples of the patch size.
@@ -102,21 +130,9 @@ class DinoV2Backbone(nn.Module):
         hidden = self.model.embeddings(pixel_values.to(device=param.device, dtype=param.dtype))
         layers = self.model.encoder.layer
         for layer in layers[:-1]:
-            hidden = layer(hidden)
-        last = layers[-1]
-        attn = last.attention
-        b, t, _ = hidden.shape
-        normed = last.norm1(hidden)
-        q = attn.q_proj(normed).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(normed).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(normed).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        scale = self.head_dim**-0.5
-        context = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        # Only the CLS query row against the patch keys is needed: [B, M, 1, dh] x [B, M, dh, P].
-        logits = (q[:, :, :1].float() @ k[:, :, self.num_global:].float().transpose(-1, -2)).squeeze(2) * scale
-        context = context.transpose(1, 2).reshape(b, t, self.embed_dim)
-        hidden = last.drop_path(last.layer_scale1(attn.o_proj(context))) + hidden
-        hidden = last.drop_path(last.layer_scale2(last.mlp(last.norm2(hidden)))) + hidden
+            hidden, _ = self._block(layer, hidden, cls_logits=False)
+        hidden, logits = self._block(layers[-1], hidden, cls_logits=True)
+        assert logits is not None
         return self._split(self.model.layernorm(hidden), logits, grid)
 
     @torch.inference_mode()
@@ -131,15 +147,18 @@ class DinoV2Backbone(nn.Module):
         """
         grid = self._check_input(pixel_values)
         param = next(self.model.parameters())
-        previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation("eager")
-        try:
-            out = self.model(
-                pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True,
-                output_attentions=True,
-            )
-        finally:
-            self.model.set_attn_implementation(previous)
+        # The model's attention setting is shared state; the lock keeps two reference calls from
+        # interleaving their switch and restore (the fast path does not read the setting at all).
+        with self._reference_lock:
+            previous = self.model.config._attn_implementation
+            self.model.set_attn_implementation("eager")
+            try:
+                out = self.model(
+                    pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True,
+                    output_attentions=True,
+                )
+            finally:
+                self.model.set_attn_implementation(previous)
         last = self.model.encoder.layer[-1]
         normed = last.norm1(out.hidden_states[-2])
         b, t, _ = normed.shape
