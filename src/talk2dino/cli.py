@@ -109,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--batch-size", type=int, default=None, help="images embedded together (default 4)")
     out.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
+    from talk2dino.config import ExtractConfig, TrainConfig
+    from talk2dino.recipes import add_dataclass_arguments
+
+    ext = sub.add_parser("extract", help="extract training features from COCO Captions",
+                         description="Per image the per-head attention-weighted patch embeddings, the head-averaged "
+                                     "embedding and the CLS token; per caption the raw CLIP embedding. Resumable; "
+                                     "run under torchrun for several GPUs.")
+    ext.add_argument("--recipe", default=None, help="YAML file of settings (flags override it)")
+    add_dataclass_arguments(ext.add_argument_group("Extraction"), ExtractConfig)
+    ext.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+
+    train = sub.add_parser("train", help="train psi on extracted features",
+                           description="Max-head InfoNCE training of psi (method.md §3). The run folder loads as a "
+                                       "model: talk2dino segment ... --model local-dir:RUN")
+    train.add_argument("--recipe", default=None, help="YAML file of settings (flags override it)")
+    add_dataclass_arguments(train.add_argument_group("Training"), TrainConfig)
+    train.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    train.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+
     sub.add_parser("models", help="list the registered models")
     return parser
 
@@ -250,6 +269,30 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_extract_command(args: argparse.Namespace) -> int:
+    """The ``extract`` subcommand."""
+    from talk2dino.config import ExtractConfig
+    from talk2dino.extract.run import run_extract
+    from talk2dino.recipes import build_config, load_recipe
+
+    config = build_config(ExtractConfig, args, recipe=load_recipe(args.recipe) if args.recipe else None)
+    out = run_extract(config, progress=not (args.quiet or args.no_progress))
+    logger.info("features written to %s", out)
+    return 0
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """The ``train`` subcommand."""
+    from talk2dino.config import TrainConfig
+    from talk2dino.recipes import build_config, load_recipe
+    from talk2dino.training.trainer import run_train
+
+    config = build_config(TrainConfig, args, recipe=load_recipe(args.recipe) if args.recipe else None)
+    out = run_train(config, progress=not (args.quiet or args.no_progress), resume=bool(args.resume))
+    logger.info("model folder written to %s (use --model local-dir:%s)", out, out)
+    return 0
+
+
 def run_models() -> int:
     """The ``models`` subcommand: print registered names and descriptions to stdout."""
     from talk2dino.registry import describe_models
@@ -277,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "segment":
             return run_segment(args)
+        if args.command == "extract":
+            return run_extract_command(args)
+        if args.command == "train":
+            return run_train_command(args)
         return run_models()
     except (Talk2DinoError, ValueError) as err:
         logger.error("%s", err)
