@@ -240,3 +240,27 @@ def test_backbone_source_of_wrong_model_type_is_rejected(tiny_sources) -> None:
     with pytest.raises(WeightsError, match="not DINOv2"):
         create_model(None, device="cpu", backbone=tiny_sources["text_encoder"],
                      text_encoder=tiny_sources["text_encoder"], projection=tiny_sources["projection"])
+
+
+def _populate_hub_cache(cache: Path, repo: str, source_dir: Path, commit: str = "0123456789abcdef") -> None:
+    """Lay out `source_dir` as huggingface_hub's cache would after a download of `repo`."""
+    import shutil
+
+    base = cache / "hf" / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(source_dir, base / "snapshots" / commit)
+
+
+def test_registry_model_loads_offline_from_a_populated_cache(tiny_sources, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The named model's hub sources resolve through the product's own cache layout with no network."""
+    monkeypatch.setenv("TALK2DINO_OFFLINE", "1")
+    cache = tmp_path / "cache"
+    _populate_hub_cache(cache, "facebook/dinov2-with-registers-base", Path(tiny_sources["backbone"][10:]))
+    _populate_hub_cache(cache, "openai/clip-vit-base-patch16", Path(tiny_sources["text_encoder"][10:]))
+    model = create_model("talk2dino-vitb14-reg", cache_dir=cache, device="cpu",
+                         projection=tiny_sources["projection"])
+    assert model.weights_info["backbone"]["revision"] == "0123456789abcdef"
+    assert model.weights_info["text"]["source"] == "hf-hub:openai/clip-vit-base-patch16"
+    assert model.embed_classes(["cat"]).shape == (1, 32)
