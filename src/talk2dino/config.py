@@ -193,3 +193,4 @@ class TrainConfig:
     on_device: bool | None = None  # keep all features on the device (None: when they fit)
     eval_every: int = 1  # epochs between validation recall@K evaluations
     recall_ks: tuple[int, ...] = (1, 5, 10)  # text->image recall@K on the val split
+    val_max_images: int | None = 5000  # val loss + recall@K over the first N val images (COCO 5k size); None = all
