@@ -20,6 +20,7 @@ import torch
 
 from talk2dino.config import BackboneConfig, InferenceConfig, ModelConfig, ProjectionConfig, TextConfig
 from talk2dino.errors import WeightsError
+from talk2dino.fileio import atomic_write_bytes
 from talk2dino.models import ClipTextEncoder, DinoV2Backbone, Projection, Talk2DINO
 from talk2dino.models.projection import PROJECTION_FILE, projection_dims
 from talk2dino.weights import load_state_dict, parse_source, resolve_file, resolve_model_dir
@@ -166,9 +167,9 @@ def save_model_folder(folder: str | os.PathLike[str], config: ModelConfig, proje
 
     folder = Path(folder)
     save_projection(folder, projection, metadata or {})
-    tmp = folder / (MODEL_CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MODEL_CONFIG_FILE)
+    atomic_write_bytes(folder / MODEL_CONFIG_FILE,
+                       (json.dumps(config.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
+                       durable=True)
     return folder
 
 

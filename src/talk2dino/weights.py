@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Literal
 import torch
 
 from talk2dino.errors import WeightsError
+from talk2dino.fileio import atomic_path, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +105,6 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path.home() / ".cache" / "talk2dino"
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_git_blob_sha1(path: str | os.PathLike[str]) -> str:
     """Git blob SHA-1: sha1(b"blob <size>\\0" + bytes) (method.md §7), used to pin files without a sha256."""
     h = hashlib.sha1()
@@ -141,16 +132,11 @@ def verify_file(path: Path, *, sha256: str | None, git_blob_sha1: str | None, wh
 
 
 def _download(url: str, dest: Path, *, timeout: float = 60.0) -> None:
-    """Stream `url` into `dest` atomically (temp file in the same folder, then rename)."""
+    """Stream `url` into `dest` atomically (a partial download never takes the final name)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-", suffix=dest.suffix)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            shutil.copyfileobj(response, out, length=1 << 20)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(dest, durable=True) as tmp, open(tmp, "wb") as out, \
+            urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+        shutil.copyfileobj(response, out, length=1 << 20)
 
 
 def resolve_file(

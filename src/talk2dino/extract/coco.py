@@ -17,7 +17,6 @@ Rules (method.md §3.1):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from talk2dino.errors import InvalidInputError
+from talk2dino.fileio import file_sha256
 
 __all__ = ["CocoCaption", "CocoCaptions", "CocoImage", "annotation_path", "image_folder", "read_coco_captions"]
 
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 YEAR = "2014"  # COCO Captions 2014, method.md §3.1
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -101,13 +100,6 @@ def image_folder(coco_root: str | os.PathLike[str], split: str) -> Path:
     """``coco_root/{split}2014``."""
     return Path(coco_root) / f"{split}{YEAR}"
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _field(entry: Any, key: str, kind: type | tuple[type, ...], *, where: str) -> Any:
@@ -210,7 +202,7 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     if orphans:
         logger.warning("%s: skipping %d caption(s) whose image_id is not listed in 'images'", path, orphans)
     result = CocoCaptions(
-        split=split, annotation_file=path, sha256=_sha256(path), images=ordered, captions=per_image,
+        split=split, annotation_file=path, sha256=file_sha256(path), images=ordered, captions=per_image,
         empty_captions=empty, total_images=len(images), total_captions=len(data["annotations"]),
         orphan_captions=orphans,
     )

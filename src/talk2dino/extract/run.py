@@ -39,7 +39,6 @@ import re
 import struct
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,6 +54,7 @@ from talk2dino.errors import InvalidInputError, Talk2DinoError
 from talk2dino.extract.coco import CocoCaptions, CocoImage, read_coco_captions
 from talk2dino.extract.format import FEATURE_FORMAT, MANIFEST_FILE, FeatureFormatError, read_manifest
 from talk2dino.extract.targets import head_targets, mean_head_target
+from talk2dino.fileio import atomic_write_bytes, file_sha256
 
 __all__ = [
     "ExtractionError",
@@ -77,7 +77,6 @@ _DEFAULT_TEXT_MODEL = "talk2dino-vitb14-reg"  # every registered model uses CLIP
 _BARRIER_TIMEOUT = timedelta(hours=12)  # ranks may finish hours apart when one of them resumed more work
 _SHARD_NAME = re.compile(r"^(images|captions)-(\d{3})-(\d{5})\.safetensors$")
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")
-_HASH_CHUNK = 1 << 20
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError,
 )
@@ -216,44 +215,9 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a hidden temp file next to `path`, fsync it, rename it over `path`.
-
-    The temp file is removed on any failure (including KeyboardInterrupt), so `path` is either absent,
-    its old content, or the complete new content.
-    """
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Durable atomic write: `path` is either absent, its old content, or the complete new content."""
+    atomic_write_bytes(path, data, durable=True)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -459,7 +423,7 @@ def _verified_shards(folder: Path, previous: dict[str, Any] | None, rank: int,
                 path = folder / item["file"]
                 if not path.is_file():
                     problem = f"{path.name} is missing"
-                elif path.stat().st_size != item.get("bytes") or _file_sha256(path) != item.get("sha256"):
+                elif path.stat().st_size != item.get("bytes") or file_sha256(path) != item.get("sha256"):
                     problem = f"{path.name} is truncated or corrupt (size or sha256 differs from the manifest)"
                 if problem:
                     break

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from talk2dino.errors import WeightsError
+from talk2dino.fileio import atomic_path, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +97,10 @@ def save_projection(folder: str | os.PathLike[str], projection: Projection, meta
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PROJECTION_FILE
-    tmp = folder / (PROJECTION_FILE + ".tmp")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projection.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path, durable=True) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     info = {"in_dim": projection.in_dim, "out_dim": projection.out_dim, **metadata}
-    tmp_json = folder / (PROJECTION_CONFIG_FILE + ".tmp")
-    tmp_json.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp_json, folder / PROJECTION_CONFIG_FILE)
+    atomic_write_bytes(folder / PROJECTION_CONFIG_FILE,
+                       (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), durable=True)
     return path

@@ -45,6 +45,7 @@ from torch import nn
 from talk2dino.config import BackboneConfig, ModelConfig, ProjectionConfig, TargetStrategy, TextConfig, TrainConfig
 from talk2dino.errors import Talk2DinoError, WeightsError
 from talk2dino.extract.format import FeatureFormatError, FeatureSet, load_features
+from talk2dino.fileio import atomic_path
 from talk2dino.models.projection import PROJECTION_CONFIG_FILE, PROJECTION_FILE, Projection
 from talk2dino.registry import MODEL_CONFIG_FILE, get_model_config, list_models, resolve_device, save_model_folder
 from talk2dino.training.loss import infonce_loss
@@ -430,33 +431,19 @@ def _validate(config: TrainConfig) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write `path` through a temp file in the same folder, fsync, rename; on failure remove the temp.
+    """Durable atomic write of `path` through `write(handle)` (see `talk2dino.fileio.atomic_path`).
 
     Raises:
         TrainingError: naming `path`, when anything fails (disk full, permissions); the old file is intact.
     """
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as handle:
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except Exception as err:  # OSError, or torch's RuntimeError wrapping one
         raise TrainingError(
             f"{path}: could not write ({type(err).__name__}: {err}); the previous {path.name} is intact. "
             "Free disk space (or fix permissions), then rerun with --resume"
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure or an interrupt; a no-op after the rename
-    try:  # make the rename itself durable (best effort: not every file system allows it)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
 
 
 def _write_json(path: Path, value: Any) -> None:
