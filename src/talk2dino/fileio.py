@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -71,3 +72,27 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
     """Write `data` to `path` atomically (see `atomic_path`)."""
     with atomic_path(path, durable=durable) as temporary:
         temporary.write_bytes(data)
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.*)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)$")
+
+
+def temp_target(name: str) -> str | None:
+    """The final file name that an `atomic_path` temp file named `name` stands for, else None.
+
+    A run killed hard (SIGKILL, power loss) can leave such a file; resuming code uses this to tell its
+    own leftovers from foreign files.
+    """
+    match = _TEMP_NAME.match(name)
+    return match.group("stem") + match.group("suffix") if match else None
+
+
+def remove_temps(folder: str | os.PathLike[str], targets: Iterable[str]) -> list[str]:
+    """Delete leftover temp files in `folder` whose final names are in `targets`; returns their names."""
+    wanted = set(targets)
+    removed = []
+    for path in Path(folder).iterdir():
+        if temp_target(path.name) in wanted:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed

@@ -54,7 +54,7 @@ from talk2dino.errors import InvalidInputError, Talk2DinoError
 from talk2dino.extract.coco import CocoCaptions, CocoImage, read_coco_captions
 from talk2dino.extract.format import FEATURE_FORMAT, MANIFEST_FILE, FeatureFormatError, read_manifest
 from talk2dino.extract.targets import head_targets, mean_head_target
-from talk2dino.fileio import atomic_write_bytes, file_sha256
+from talk2dino.fileio import atomic_write_bytes, file_sha256, temp_target
 
 __all__ = [
     "ExtractionError",
@@ -76,7 +76,6 @@ STORED_DTYPE = torch.float16  # every stored feature, whatever the compute dtype
 _DEFAULT_TEXT_MODEL = "talk2dino-vitb14-reg"  # every registered model uses CLIP ViT-B/16 text, method.md §2.1
 _BARRIER_TIMEOUT = timedelta(hours=12)  # ranks may finish hours apart when one of them resumed more work
 _SHARD_NAME = re.compile(r"^(images|captions)-(\d{3})-(\d{5})\.safetensors$")
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError,
 )
@@ -445,10 +444,10 @@ def _remove_leftovers(folder: Path, rank: int, keep: set[str], manifest_name: st
                         folder, name)
             path.unlink(missing_ok=True)
             continue
-        temp = _TEMP_NAME.match(name)
-        if temp:
-            inner = _SHARD_NAME.match(temp.group("name"))
-            if (inner and int(inner.group(2)) == rank) or temp.group("name") == manifest_name:
+        target = temp_target(name)
+        if target is not None:
+            inner = _SHARD_NAME.match(target)
+            if (inner and int(inner.group(2)) == rank) or target == manifest_name:
                 logger.info("%s: deleting temp file %s of an interrupted run", folder, name)
                 path.unlink(missing_ok=True)
 

@@ -45,7 +45,7 @@ from torch import nn
 from talk2dino.config import BackboneConfig, ModelConfig, ProjectionConfig, TargetStrategy, TextConfig, TrainConfig
 from talk2dino.errors import Talk2DinoError, WeightsError
 from talk2dino.extract.format import FeatureFormatError, FeatureSet, load_features
-from talk2dino.fileio import atomic_path
+from talk2dino.fileio import atomic_path, remove_temps
 from talk2dino.models.projection import PROJECTION_CONFIG_FILE, PROJECTION_FILE, Projection
 from talk2dino.registry import MODEL_CONFIG_FILE, get_model_config, list_models, resolve_device, save_model_folder
 from talk2dino.training.loss import infonce_loss
@@ -482,8 +482,9 @@ def _inspect_out(out: Path, *, resume: bool) -> tuple[bool, dict[str, Any] | Non
         raise TrainingError(f"--out {out} is a file; give a folder for the run")
     if not out.is_dir():
         return False, None
-    ours = set(RUN_FILES) | {name + ".tmp" for name in RUN_FILES}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    for name in remove_temps(out, RUN_FILES):
+        logger.info("%s: deleted %s, a temp file left by an interrupted run", out, name)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
     if foreign:
         raise TrainingError(
             f"--out {out} holds files not written by `talk2dino train` ({', '.join(foreign[:5])}); "
@@ -491,7 +492,7 @@ def _inspect_out(out: Path, *, resume: bool) -> tuple[bool, dict[str, Any] | Non
         )
     holds_run = (out / TRAIN_CONFIG_FILE).is_file()
     if not holds_run:
-        leftovers = sorted(p.name for p in out.iterdir() if not p.name.endswith(".tmp"))
+        leftovers = sorted(p.name for p in out.iterdir())
         if leftovers:
             raise TrainingError(
                 f"--out {out} holds a model folder ({', '.join(leftovers)}) but no {TRAIN_CONFIG_FILE}: it was not "
@@ -715,9 +716,7 @@ def write_derived_files(out: Path, model_config: ModelConfig, psi: Projection, h
     """
     try:
         save_model_folder(out, model_config, psi, metadata)
-    except Exception as err:  # safetensors and OSError; leave no temp files behind
-        for name in (PROJECTION_FILE, PROJECTION_CONFIG_FILE, MODEL_CONFIG_FILE):
-            (out / (name + ".tmp")).unlink(missing_ok=True)
+    except Exception as err:  # safetensors and OSError; atomic_path already removed its temp files
         raise TrainingError(
             f"{out}: could not write the model files ({type(err).__name__}: {err}); {CHECKPOINT_FILE} is intact. "
             "Free disk space, then rerun with --resume"
