@@ -194,3 +194,33 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation recall@K evaluations
     recall_ks: tuple[int, ...] = (1, 5, 10)  # text->image recall@K on the val split
     val_max_images: int | None = 5000  # val loss + recall@K over the first N val images (COCO 5k size); None = all
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Benchmark evaluation (method.md §5). Model defaults (θ, dtype) come from the registry entry."""
+
+    dataset: str | None = None  # one benchmark (voc20, voc21, context59, ..., ade20k) or `folder`, §5.1
+    root: str | None = None  # that dataset's folder (e.g. /data/VOCdevkit/VOC2012); default: data_root/<standard place>
+    data_root: str | None = None  # folder holding every dataset in the mmsegmentation layout, §5.2
+    suite: Literal["all", "background", "no-background"] | None = None  # several benchmarks in the paper's order
+    classes_file: str | None = None  # class names, one per line, for the `folder` dataset
+    folder_background: bool = False  # `folder` dataset: class 0 is background (threshold channel)
+    model: str = "talk2dino-vitb14-reg"  # registry name or model folder
+    backbone: str | None = None  # override of the model's backbone source
+    text_encoder: str | None = None  # override of the model's text-encoder source
+    projection: str | None = None  # override of the model's psi
+    device: str | None = None  # auto: CUDA when available
+    dtype: DType = "float32"  # backbone dtype, recorded in the results (P24)
+    cache_dir: str | None = None  # weight download cache
+    pamr: bool = False  # the "+ PAMR" rows of the paper's table, §6.1
+    bg_clean: bool | None = None  # None: the benchmark's published setting, §5.1
+    bg_threshold: tuple[float, ...] = ()  # θ values to sweep; empty: the model's θ, §4.6
+    clean_lambda: tuple[float, ...] = ()  # λ values to sweep; empty: 0.2, §4.5
+    short_side: tuple[int, ...] = ()  # resize values to sweep; empty: 448, §4.3
+    window: tuple[int, ...] = ()  # window sizes to sweep; empty: 448, §4.3
+    stride: tuple[int, ...] = ()  # strides to sweep; empty: 224, §4.3
+    limit: int | None = None  # only the first N images of each split (a quick look)
+    out: str = "results"  # results folder: JSON records, Markdown tables, resume caches
+    save_predictions: bool = False  # write palette PNG predictions next to the records
+    skip_bad: bool = False  # skip unreadable or inconsistent samples and list them, instead of failing

@@ -1,0 +1,407 @@
+"""Benchmark runner: one command from a dataset folder to the paper's table (method.md §5, §6).
+
+For each benchmark the runner builds the benchmark protocol (class names verbatim, background channel
+and cleaning as published, the model's θ), embeds every image once, and for every combination of the
+swept options (θ, λ; geometry changes re-embed) accumulates a confusion matrix. Per-image confusion
+counts are appended to a cache as they are computed, so a killed run continues where it stopped;
+under ``torchrun`` each rank takes every world-th image and the matrices are summed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from talk2dino.config import EvalConfig, InferenceConfig
+from talk2dino.data.benchmarks import (
+    BENCHMARKS,
+    BenchmarkSpec,
+    Sample,
+    dataset_root,
+    folder_benchmark,
+    get_benchmark,
+    list_samples,
+    load_sample,
+)
+from talk2dino.errors import InvalidInputError, Talk2DinoError
+from talk2dino.evaluation.metric import ConfusionMatrix
+from talk2dino.fileio import atomic_write_bytes
+from talk2dino.predictor import Segmenter
+
+logger = logging.getLogger(__name__)
+
+# The paper's order of columns (method.md §6.1).
+SUITE_ORDER = ("voc20", "context59", "coco_stuff", "cityscapes", "ade20k", "voc21", "context60", "coco_object")
+# Published mIoU, 2025 table (method.md §6.1), keyed by (backbone size, PAMR).
+PAPER_MIOU: dict[tuple[str, bool], dict[str, float]] = {
+    ("vitb", False): dict(zip(SUITE_ORDER, (87.1, 39.8, 28.1, 36.6, 21.1, 61.5, 35.1, 41.0), strict=True)),
+    ("vitl", False): dict(zip(SUITE_ORDER, (87.1, 39.1, 27.0, 35.8, 21.1, 60.1, 34.2, 37.6), strict=True)),
+    ("vitb", True): dict(zip(SUITE_ORDER, (88.5, 42.4, 30.2, 38.1, 22.5, 65.8, 37.7, 45.1), strict=True)),
+    ("vitl", True): dict(zip(SUITE_ORDER, (89.8, 42.7, 29.6, 38.4, 22.9, 66.1, 37.3, 42.3), strict=True)),
+}
+_SWEPT = ("bg_threshold", "clean_lambda", "short_side", "window", "stride")
+_GEOMETRY = ("short_side", "window", "stride")
+
+
+@dataclass
+class BenchmarkResult:
+    """One benchmark under one option combination."""
+
+    spec: BenchmarkSpec
+    options: dict[str, Any]
+    settings: dict[str, Any]
+    matrix: ConfusionMatrix
+    images: int
+    skipped: list[dict[str, str]]
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready record: mIoU ×100 to one decimal, per-class IoU, effective settings, timing."""
+        res = self.matrix.results()
+
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else round(x, 4)
+
+        return {
+            "benchmark": self.spec.name,
+            "tag": self.spec.tag,
+            "mIoU": None if math.isnan(res["mIoU"]) else round(res["mIoU"], 1),
+            "mIoU_exact": clean(res["mIoU"]),
+            "mAcc": clean(res["mAcc"]),
+            "aAcc": clean(res["aAcc"]),
+            "per_class_IoU": {n: clean(v) for n, v in zip(self.spec.class_names, res["IoU"], strict=True)},
+            "options": self.options,
+            "settings": self.settings,
+            "images": self.images,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images / self.seconds, 3) if self.seconds > 0 else None,
+        }
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return rank, world
+
+
+def benchmarks_for(config: EvalConfig) -> list[BenchmarkSpec]:
+    """The benchmarks a config asks for.
+
+    Raises:
+        InvalidInputError: neither or both of dataset and suite, or a folder dataset without classes.
+    """
+    if (config.dataset is None) == (config.suite is None):
+        raise InvalidInputError("give exactly one of --dataset NAME or --suite all|background|no-background")
+    if config.suite is not None:
+        names = [n for n in SUITE_ORDER
+                 if config.suite == "all" or (BENCHMARKS[n].background == (config.suite == "background"))]
+        return [BENCHMARKS[n] for n in names]
+    if config.dataset == "folder":
+        if not config.root or not config.classes_file:
+            raise InvalidInputError("the folder dataset needs --root and --classes-file")
+        return [folder_benchmark(config.root, config.classes_file, background=config.folder_background)]
+    return [get_benchmark(str(config.dataset))]
+
+
+def _root_of(spec: BenchmarkSpec, config: EvalConfig) -> Path:
+    if spec.name == "folder" or (config.root and config.dataset is not None):
+        return Path(str(config.root))
+    if not config.data_root:
+        raise InvalidInputError(f"{spec.name}: give --root (its folder) or --data-root (the folder of all datasets)")
+    return dataset_root(spec, config.data_root)
+
+
+def option_grid(config: EvalConfig) -> list[dict[str, Any]]:
+    """Every combination of the swept options (an empty list means the default for that option)."""
+    axes = {name: list(getattr(config, name)) for name in _SWEPT if getattr(config, name)}
+    if not axes:
+        return [{}]
+    keys = list(axes)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def inference_config(base: InferenceConfig, spec: BenchmarkSpec, config: EvalConfig,
+                     options: dict[str, Any]) -> InferenceConfig:
+    """The benchmark protocol (method.md §5.1) on top of the model's defaults, plus swept options."""
+    changes: dict[str, Any] = {
+        "background": spec.background,
+        "bg_clean": spec.bg_clean if config.bg_clean is None else config.bg_clean,
+        "pamr": config.pamr,
+    }
+    changes.update(options)
+    result = dataclasses.replace(base, **changes)
+    result.validate()
+    return result
+
+
+def _settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class _Cache:
+    """Append-only per-image confusion counts (sparse), so that a killed run resumes.
+
+    One JSON line per image: ``{"name", "counts": [[gt, pred, n], ...]}`` or ``{"name", "skipped": reason}``.
+    A torn last line (a kill mid-write) is ignored and that image recomputed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[entry["name"]] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(entry) + "\n")
+        self._handle.flush()
+        self.done[entry["name"]] = entry
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _sparse_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int) -> list[list[int]]:
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore, device=pred.device)
+    matrix.update(pred, target)
+    nz = torch.nonzero(matrix.state)
+    return [[int(g), int(p), int(matrix.state[g, p])] for g, p in nz.tolist()]
+
+
+def _apply(matrix: ConfusionMatrix, counts: list[list[int]]) -> None:
+    for g, p, n in counts:
+        matrix.state[g, p] += n
+
+
+def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalConfig, *,
+                       progress: bool = True) -> list[BenchmarkResult]:
+    """Evaluate one benchmark for every option combination; returns one result per combination."""
+    from tqdm import tqdm
+
+    rank, world = _dist()
+    root = _root_of(spec, config)
+    samples: list[Sample] = list_samples(spec, root)
+    if config.limit is not None:
+        samples = samples[:config.limit]
+    mine = samples[rank::world]
+    model = segmenter.model
+    grid = option_grid(config)
+    base = model.config.inference
+    combos = []
+    for options in grid:
+        cfg = inference_config(base, spec, config, options)
+        settings = {"inference": cfg.to_dict(), "model": model.config.name, "profile": model.config.profile,
+                    "weights": model.weights_info, "benchmark": spec.name, "limit": config.limit}
+        key = _settings_key(settings)
+        folder = Path(config.out) / f"{spec.name}-{key}"
+        cache = _Cache(folder / f"progress.rank{rank}.jsonl")
+        combos.append((options, cfg, settings, folder, cache, ConfusionMatrix(spec.num_classes,
+                                                                               ignore_index=spec.ignore_index)))
+        (folder / "settings.json").parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / "settings.json", json.dumps(settings, indent=2, default=str).encode())
+    skipped: list[list[dict[str, str]]] = [[] for _ in combos]
+    segmenter.set_classes(list(spec.vocabulary))
+    start = time.perf_counter()
+    bar = tqdm(mine, desc=spec.tag, unit="img", disable=not progress)
+    for sample in bar:
+        pending = [i for i, c in enumerate(combos) if sample.name not in c[4].done]
+        for i, c in enumerate(combos):
+            entry = c[4].done.get(sample.name)
+            if entry is not None and "counts" in entry:
+                _apply(c[5], entry["counts"])
+            elif entry is not None:
+                skipped[i].append({"name": sample.name, "reason": entry["skipped"]})
+        if not pending:
+            continue
+        try:
+            image, label = load_sample(sample, spec)
+        except InvalidInputError as err:
+            if not config.skip_bad:
+                raise
+            for i in pending:
+                combos[i][4].add({"name": sample.name, "skipped": str(err)})
+                skipped[i].append({"name": sample.name, "reason": str(err)})
+            continue
+        target = torch.from_numpy(label)
+        features_by_geometry: dict[tuple[Any, ...], Any] = {}
+        for i in pending:
+            options, cfg, _, folder, cache, matrix = combos[i]
+            geometry = tuple(getattr(cfg, g) for g in _GEOMETRY)
+            segmenter.config = cfg
+            if geometry not in features_by_geometry:
+                features_by_geometry = {geometry: segmenter.embed_images([image])[0]}
+            result = segmenter.predict_features(features_by_geometry[geometry])
+            pred = result.labels
+            counts = _sparse_counts(pred, target, spec.num_classes, spec.ignore_index)
+            _apply(matrix, counts)
+            cache.add({"name": sample.name, "counts": counts})
+            if config.save_predictions:
+                from talk2dino.outputs import save_label_png
+
+                out = folder / "predictions" / f"{sample.name}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                save_label_png(out, pred.numpy(), spec.num_classes)
+        if progress:
+            bar.set_postfix(mIoU=f"{combos[0][5].results()['mIoU']:.1f}")
+    seconds = time.perf_counter() - start
+    results = []
+    for i, (options, _cfg, settings, _folder, cache, matrix) in enumerate(combos):
+        cache.close()
+        matrix.all_reduce()
+        all_skipped = _gather(skipped[i], world)
+        results.append(BenchmarkResult(spec, options, settings, matrix, images=len(samples) - len(all_skipped),
+                                       skipped=all_skipped, seconds=seconds))
+    return results
+
+
+def _gather(items: list[dict[str, str]], world: int) -> list[dict[str, str]]:
+    """Concatenate a per-rank list over all ranks (identity in one process)."""
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(items)
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, items)
+    return sorted((x for part in parts for x in part), key=lambda x: x["name"])
+
+
+def _size_key(model_name: str, weights: dict[str, Any]) -> str | None:
+    text = (model_name + " " + str(weights.get("backbone", {}).get("source", ""))).lower()
+    if "vitl" in text or "large" in text:
+        return "vitl"
+    if "vitb" in text or "base" in text:
+        return "vitb"
+    return None
+
+
+def _varying(results: Sequence[BenchmarkResult]) -> list[str]:
+    """The swept options that take more than one value among `results` (the table's extra columns)."""
+    return [k for k in _SWEPT if len({r.options.get(k) for r in results}) > 1]
+
+
+def markdown_table(results: Sequence[BenchmarkResult], *, pamr: bool) -> str:
+    """Ours beside the paper's published numbers (method.md §6.1, marked as such)."""
+    if not results:
+        return ""
+    size = _size_key(str(results[0].settings["model"]), results[0].settings["weights"])
+    paper = PAPER_MIOU.get((size, pamr), {}) if size else {}
+    swept = _varying(results)
+    header = ["benchmark", *swept, "mIoU (ours)", "mIoU (paper, §6.1)", "images", "img/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        rec = r.record()
+        published = paper.get(r.spec.name)
+        row = [r.spec.tag, *[str(r.options.get(k, "")) for k in swept],
+               "n/a" if rec["mIoU"] is None else f"{rec['mIoU']:.1f}",
+               f"{published:.1f}" if published is not None else "—", str(rec["images"]),
+               str(rec["images_per_s"])]
+        lines.append("| " + " | ".join(row) + " |")
+    if len(results) > 1 and not swept:
+        ours = [r.record()["mIoU"] for r in results]
+        published_all = [paper.get(r.spec.name) for r in results]
+        if all(v is not None for v in ours):
+            avg = sum(float(v) for v in ours) / len(ours)
+            known = [p for p in published_all if p is not None]
+            pavg = f"{sum(known) / len(known):.1f}" if len(known) == len(published_all) else "—"
+            lines.append(f"| Avg | {avg:.1f} | {pavg} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(results: Sequence[BenchmarkResult], path: Path) -> bool:
+    """A line plot of mIoU against the one swept option (PNG, drawn with Pillow); False if not 1-D."""
+    from PIL import Image, ImageDraw
+
+    swept = _varying(results)
+    if len(swept) != 1 or len(results) < 2:
+        return False
+    key = swept[0]
+    points = sorted((float(r.options[key]), r.record()["mIoU_exact"]) for r in results)
+    points = [(x, y) for x, y in points if y is not None]
+    if len(points) < 2:
+        return False
+    w, h, m = 640, 400, 50
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (y0 - 1, y1 + 1) if y1 - y0 < 1e-9 else (y0, y1)
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([m, m, w - m, h - m], outline="black")
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m))
+
+    draw.line([at(x, y) for x, y in points], fill=(31, 119, 180), width=3)
+    for x, y in points:
+        cx, cy = at(x, y)
+        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(31, 119, 180))
+        draw.text((cx - 12, cy - 18), f"{y:.1f}", fill="black")
+        draw.text((cx - 12, h - m + 6), f"{x:g}", fill="black")
+    draw.text((m, 15), f"{results[0].spec.tag}: mIoU vs {key}", fill="black")
+    with_parent = path.parent
+    with_parent.mkdir(parents=True, exist_ok=True)
+    from talk2dino.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        img.save(tmp)
+    return True
+
+
+def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Evaluate, write ``results.json`` + ``results.md`` (+ sweep plots) under ``config.out``.
+
+    Returns:
+        ``{"records": [...], "markdown": str}``.
+
+    Raises:
+        Talk2DinoError: bad dataset folders, labels or model sources (one line, naming the file).
+    """
+    from talk2dino.registry import create_model
+
+    specs = benchmarks_for(config)
+    model = create_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir,
+                         backbone=config.backbone, text_encoder=config.text_encoder, projection=config.projection)
+    segmenter = Segmenter(model)
+    logger.info("evaluating %s on %s (pamr=%s)", model.config.name, [s.name for s in specs], config.pamr)
+    all_results: list[BenchmarkResult] = []
+    for spec in specs:
+        all_results.extend(evaluate_benchmark(segmenter, spec, config, progress=progress))
+    rank, _ = _dist()
+    markdown = markdown_table(all_results, pamr=config.pamr)
+    records = [r.record() for r in all_results]
+    if rank == 0:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"config": dataclasses.asdict(config), "records": records}
+        atomic_write_bytes(out / "results.json", json.dumps(payload, indent=2, default=str).encode("utf-8"))
+        atomic_write_bytes(out / "results.md", markdown.encode("utf-8"))
+        for spec in specs:
+            sweep_plot([r for r in all_results if r.spec.name == spec.name], out / f"sweep-{spec.name}.png")
+    return {"records": records, "markdown": markdown}
+
+
+def iter_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Records of a ``results.json`` written by `run_eval`."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "records" not in data:
+        raise Talk2DinoError(f"{path}: not a talk2dino results file")
+    yield from data["records"]
