@@ -64,8 +64,8 @@ def test_record_equals_a_direct_computation(tiny_sources, tiny_model, tmp_path: 
     assert list(record["per_class_IoU"])[0] == "background" and len(record["per_class_IoU"]) == 21
     # Independent recomputation with the public API and the metric.
     spec = get_benchmark("voc21")
-    seg = Segmenter(tiny_model, inference_config(tiny_model.config.inference, spec, _config(data, tmp_path, tiny_sources),
-                                                 option_grid(_config(data, tmp_path, tiny_sources))[0]))
+    config = _config(data, tmp_path, tiny_sources)
+    seg = Segmenter(tiny_model, inference_config(tiny_model.config.inference, spec, config, option_grid(config)[0]))
     seg.set_classes(list(spec.vocabulary))
     matrix = ConfusionMatrix(21)
     for sample in list_samples(spec, data / "VOCdevkit/VOC2012"):
