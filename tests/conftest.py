@@ -39,19 +39,66 @@ def write_clip_tokenizer(folder: Path) -> None:
 
 
 def save_tiny_dinov2(folder: Path, *, registers: int = 4, hidden: int = 32, heads: int = 4, layers: int = 2,
-                     seed: int = 0) -> Path:
-    """A tiny random DINOv2 (with or without registers), saved with save_pretrained."""
+                     seed: int = 0, swiglu: bool = False, rough: bool = False) -> Path:
+    """A tiny random DINOv2 (with or without registers), saved with save_pretrained.
+
+    `swiglu` gives the ViT-g feed-forward; `rough` replaces transformers' near-zero init by O(1) weights.
+    """
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(seed)
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=2,
-                  image_size=56, patch_size=14, layerscale_value=0.5)
+                  image_size=56, patch_size=14, layerscale_value=0.5, use_swiglu_ffn=swiglu)
     if registers:
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
     else:
         model = Dinov2Model(Dinov2Config(**common))
     with torch.no_grad():  # make the final norm non-trivial so normalisation bugs show
         model.layernorm.bias.normal_(0, 0.5)
+    if rough:
+        _roughen(model, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _roughen(model: torch.nn.Module, seed: int) -> None:
+    """Give every weight and bias O(1/sqrt(fan-in)) random values, so attention logits are O(1) and
+    bias or normalisation bugs show (transformers' default init makes them nearly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim in (2, 4):  # linear and conv weights
+                std = p[0].numel() ** -0.5
+            else:  # token / position embeddings (3-d) and vectors
+                std = 1.0 if p.ndim == 3 else 0.3
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "norm" in name and "weight" in name else 0.0))
+
+
+def save_tiny_dinov3(folder: Path, *, registers: int = 4, hidden: int = 32, heads: int = 4, layers: int = 2,
+                     patch: int = 16, gated_mlp: bool = False, seed: int = 0) -> Path:
+    """A tiny random DINOv3 ViT (registers, RoPE; gated MLP as ViT-H+), saved with save_pretrained."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(seed)
+    config = DINOv3ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                             intermediate_size=2 * hidden, patch_size=patch, image_size=4 * patch,
+                             num_register_tokens=registers, layerscale_value=0.5, use_gated_mlp=gated_mlp)
+    model = DINOv3ViTModel(config)
+    _roughen(model, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_dino_vit(folder: Path, *, hidden: int = 32, heads: int = 4, layers: int = 2, patch: int = 8,
+                       seed: int = 0) -> Path:
+    """A tiny random DINO v1-style ViT (transformers ViTModel, no pooler, no registers), saved with save_pretrained."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=2 * hidden, patch_size=patch, image_size=4 * patch, layer_norm_eps=1e-6)
+    model = ViTModel(config, add_pooling_layer=False)
+    _roughen(model, seed)
     model.save_pretrained(folder)
     return folder
 

@@ -30,11 +30,12 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """The frozen DINOv2 visual backbone (method.md §2.2)."""
+    """The frozen visual backbone: DINOv2 (method.md §2.2), DINOv3 (§2.4) or DINO v1."""
 
-    source: str  # weight source: hf-hub:ORG/REPO[@REV] or local-dir:PATH of a transformers DINOv2 model
+    source: str  # weight source: hf-hub:ORG/REPO[@REV] or local-dir:PATH of a transformers DINOv2/DINOv3/ViT model
     image_mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, §2.2
     image_std: tuple[float, float, float] = IMAGENET_STD  # input normalisation, §2.2
+    logits_rope: Literal["model", "none"] = "model"  # DINOv3 logits with RoPE ("none": reference's, P20), §2.4
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class ExtractConfig:
     out: str = "features"  # output folder: shards + manifest.json
     backbone: str = "dinov2-vitb14-reg"  # backbone name (registry.BACKBONES) or a DINOv2 source (hf-hub:/local-dir:)
     text_encoder: str = "clip-vitb16"  # text encoder name (registry.TEXT_ENCODERS) or a CLIP source, §2.1
+    logits_rope: Literal["model", "none"] | None = None  # DINOv3 logits with/without RoPE; None: the model's, §2.4
     image_size: int = 448  # shorter side (bicubic) then centre crop, §3.2
     shard_size: int = 1024  # images per shard file
     batch_size: int = 32  # images per backbone forward

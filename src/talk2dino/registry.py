@@ -21,7 +21,16 @@ import torch
 from talk2dino.config import BackboneConfig, InferenceConfig, ModelConfig, ProjectionConfig, TextConfig
 from talk2dino.errors import WeightsError
 from talk2dino.fileio import atomic_write_bytes
-from talk2dino.models import ClipTextEncoder, DinoV2Backbone, Projection, Talk2DINO
+from talk2dino.models import (
+    ClipTextEncoder,
+    DinoV1Backbone,
+    DinoV2Backbone,
+    DinoV3Backbone,
+    Projection,
+    Talk2DINO,
+    VisionBackbone,
+)
+from talk2dino.models.backbones import LogitsRope
 from talk2dino.models.projection import PROJECTION_FILE, projection_dims
 from talk2dino.weights import load_state_dict, parse_source, resolve_file, resolve_model_dir
 
@@ -40,9 +49,20 @@ _CLIP_B16 = "hf-hub:openai/clip-vit-base-patch16"  # CLIP ViT-B/16 text for ever
 # Named frozen parts, so that `--backbone dinov2-vitl14-reg` or `--text-encoder clip-vitb16` works
 # wherever a source string is accepted.
 BACKBONES: dict[str, str] = {
-    f"dinov2-vit{size}14{reg}": f"hf-hub:facebook/dinov2-{'with-registers-' if reg else ''}{name}"
-    for size, name in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
-    for reg in ("", "-reg")
+    # DINOv2 ViT-S/B/L/g at patch 14, without and with 4 registers (method.md §2.2): one command per
+    # variant answers the registers question.
+    **{
+        f"dinov2-vit{size}14{reg}": f"hf-hub:facebook/dinov2-{'with-registers-' if reg else ''}{name}"
+        for size, name in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+        for reg in ("", "-reg")
+    },
+    # DINO v1 ViT-S/B at patch 8 and 16, no registers: the paper's "DINO instead of DINOv2" ablation.
+    **{f"dino-vit{size}{patch}": f"hf-hub:facebook/dino-vit{size}{patch}" for size in ("s", "b") for patch in (8, 16)},
+    # DINOv3 ViT-S/B/L/H+ at patch 16 with 4 registers (method.md §2.4). These hub repositories are
+    # gated: accept Meta's licence on the model page and log in (`huggingface-cli login`) before the
+    # first download.
+    **{f"dinov3-{arch}": f"hf-hub:facebook/dinov3-{arch}-pretrain-lvd1689m"
+       for arch in ("vits16", "vitb16", "vitl16", "vith16plus")},
 }
 TEXT_ENCODERS: dict[str, str] = {"clip-vitb16": _CLIP_B16}
 
@@ -62,10 +82,11 @@ class RegistryEntry:
 
 
 def _entry(name: str, backbone: str, psi: ProjectionConfig, description: str, *, aliases: tuple[str, ...] = (),
-           inference: InferenceConfig | None = None, profile: str = "2025") -> RegistryEntry:
+           inference: InferenceConfig | None = None, profile: str = "2025",
+           logits_rope: LogitsRope = "model") -> RegistryEntry:
     config = ModelConfig(
         name=name,
-        backbone=BackboneConfig(source=backbone),
+        backbone=BackboneConfig(source=backbone, logits_rope=logits_rope),
         text=TextConfig(source=_CLIP_B16),
         projection=psi,
         inference=inference or InferenceConfig(),
@@ -107,6 +128,33 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         aliases=("talk2dino-vitb14reg.2024",),
         inference=InferenceConfig(clean_head_embedding="softmax"),
         profile="2024",
+    ),
+    # The authors' DINOv3 psi (method.md §2.4, §7; no published results). The reference computed the
+    # training targets' CLS->patch logits from the qkv projection, before RoPE, so these entries use
+    # logits_rope="none" to feed psi what it was trained on (pitfall P20). For a psi trained with this
+    # package on the true logits, use --backbone dinov3-vitb16 (logits_rope "model", the default) or
+    # the model folder the training writes, which records its own setting.
+    _entry(
+        "talk2dinov3-vitb16",
+        BACKBONES["dinov3-vitb16"],
+        ProjectionConfig(
+            source=_PSI_URL.format(commit=_CURRENT, file="dinov3_vitb_mlp_infonce.pth"),
+            sha256="6fc5ce7a05d8f1c829c174d87b861da05399cf0bfe50de3711ac940115d85fcc",
+        ),
+        "DINOv3 ViT-B/16 (4 registers) + CLIP B/16 text, authors' DINOv3 psi; RoPE-free logits as trained; "
+        "the DINOv3 hub repo is gated (accept its licence, log in)",
+        logits_rope="none",
+    ),
+    _entry(
+        "talk2dinov3-vitl16",
+        BACKBONES["dinov3-vitl16"],
+        ProjectionConfig(
+            source=_PSI_URL.format(commit=_CURRENT, file="dinov3_vitl_mlp_infonce.pth"),
+            git_blob_sha1="51dfe9926175877b5deecaba07c398e46e9d61fe",
+        ),
+        "DINOv3 ViT-L/16 (4 registers) + CLIP B/16 text, authors' DINOv3 psi; RoPE-free logits as trained; "
+        "the DINOv3 hub repo is gated (accept its licence, log in)",
+        logits_rope="none",
     ),
 )
 
@@ -178,24 +226,50 @@ def _snapshot_revision(path: Path) -> str | None:
     return path.name if path.parent.name == "snapshots" else None
 
 
-def _load_backbone(source: str, *, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None) -> tuple[
-        DinoV2Backbone, dict[str, Any]]:
-    from transformers import AutoConfig, AutoModel
+# transformers model_type -> backbone family (talk2dino/models/backbones/, one file each). A new family
+# is a new file there plus one line here.
+BACKBONE_FAMILIES: dict[str, type[VisionBackbone]] = {
+    "dinov2": DinoV2Backbone,
+    "dinov2_with_registers": DinoV2Backbone,
+    "dinov3_vit": DinoV3Backbone,
+    "vit": DinoV1Backbone,  # DINO v1 checkpoints are plain transformers ViTs
+}
+
+
+def _load_backbone(source: str, *, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None,
+                   logits_rope: LogitsRope = "model") -> tuple[VisionBackbone, dict[str, Any]]:
+    """Resolve `source`, read its config and load it with the family its ``model_type`` names.
+
+    Args:
+        source: ``hf-hub:`` / ``local-dir:`` source of a transformers model folder.
+        dtype: backbone weight dtype.
+        cache_dir: download cache.
+        logits_rope: DINOv3 logits convention (`BackboneConfig.logits_rope`); no effect on other families.
+
+    Raises:
+        WeightsError: unreadable folder, an unsupported model type (the message lists the supported
+            ones), or missing weights.
+    """
+    from transformers import AutoConfig
 
     folder = resolve_model_dir(source, what="backbone", cache_dir=cache_dir)
     try:
         hf_config = AutoConfig.from_pretrained(folder)
     except Exception as err:  # transformers raises OSError/ValueError/KeyError for bad folders
         raise WeightsError(f"backbone: {folder} holds no readable config.json ({err})") from err
-    if hf_config.model_type not in ("dinov2", "dinov2_with_registers"):
-        raise WeightsError(f"backbone: {folder} is a '{hf_config.model_type}' model, not DINOv2")
-    model, info = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype,
-                                            output_loading_info=True)
-    if info.get("missing_keys"):
-        raise WeightsError(f"backbone: {folder} lacks weights {sorted(info['missing_keys'])[:8]}")
+    family = BACKBONE_FAMILIES.get(hf_config.model_type)
+    if family is None:
+        raise WeightsError(
+            f"backbone: {folder} is a '{hf_config.model_type}' model, not DINOv2, DINOv3 or DINO ViT; "
+            f"supported model types: {', '.join(sorted(BACKBONE_FAMILIES))}"
+        )
+    backbone = family.from_pretrained(folder, dtype=dtype, logits_rope=logits_rope)
     meta = {"source": source, "path": str(folder), "revision": _snapshot_revision(folder),
-            "model_type": hf_config.model_type}
-    return DinoV2Backbone(model), meta
+            "model_type": hf_config.model_type, **backbone.settings()}
+    logger.info("backbone: %s (%s family, M=%d, d_h=%d, G=%d, patch %d%s)", folder, backbone.family,
+                backbone.num_heads, backbone.head_dim, backbone.num_global, backbone.patch_size,
+                "".join(f", {k}={v}" for k, v in backbone.settings().items()))
+    return backbone, meta
 
 
 def _load_text(source: str, *, context_length: int, cache_dir: str | os.PathLike[str] | None) -> tuple[
@@ -318,7 +392,8 @@ def create_model(
                                                                             in_dim=config.projection.in_dim))
     for source in (config.backbone.source, config.text.source):
         parse_source(source)  # fail fast on a malformed string, before any download
-    dino, dino_meta = _load_backbone(config.backbone.source, dtype=torch_dtype, cache_dir=cache_dir)
+    dino, dino_meta = _load_backbone(config.backbone.source, dtype=torch_dtype, cache_dir=cache_dir,
+                                     logits_rope=config.backbone.logits_rope)
     text, text_meta = _load_text(config.text.source, context_length=config.text.context_length, cache_dir=cache_dir)
     psi, psi_meta = _load_projection(config.projection, out_dim=dino.embed_dim, pretrained=pretrained,
                                      cache_dir=cache_dir)

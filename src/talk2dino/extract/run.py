@@ -376,15 +376,20 @@ def _resolve_models(config: ExtractConfig) -> tuple[str | None, BackboneConfig, 
     """(registry name or None, backbone config, text config) for the configured backbone and text sources."""
     from talk2dino.registry import get_model_config
 
-    if config.backbone.startswith(("hf-hub:", "local-dir:")):
-        name = None
-        backbone = BackboneConfig(source=config.backbone)
-        text = get_model_config(_DEFAULT_TEXT_MODEL).text
-    else:
+    from talk2dino.registry import BACKBONES, TEXT_ENCODERS, list_models, resolve_part
+
+    text = get_model_config(_DEFAULT_TEXT_MODEL).text
+    if config.backbone in list_models():
+        # A talk2dino model name: its backbone, including how its logits are taken (DINOv3, pitfall P20).
         model = get_model_config(config.backbone, cache_dir=config.cache_dir)
         name, backbone, text = model.name, model.backbone, model.text
+    else:
+        name = config.backbone if config.backbone in BACKBONES else None
+        backbone = BackboneConfig(source=resolve_part(config.backbone, BACKBONES))
+    if config.logits_rope is not None:
+        backbone = dataclasses.replace(backbone, logits_rope=config.logits_rope)
     if config.text_encoder:
-        text = dataclasses.replace(text, source=config.text_encoder)
+        text = dataclasses.replace(text, source=resolve_part(config.text_encoder, TEXT_ENCODERS))
     return name, backbone, text
 
 
@@ -608,7 +613,8 @@ def run_extract(config: ExtractConfig, *, progress: bool = True) -> Path:
         "world_size": world,
         "dtype": str(STORED_DTYPE).removeprefix("torch."),
         "compute_dtype": str(parse_dtype(config.dtype)).removeprefix("torch."),
-        "backbone": {"name": model_name, "source": backbone_config.source},
+        "backbone": {"name": model_name, "source": backbone_config.source,
+                     "logits_rope": backbone_config.logits_rope},
         "text": {"source": text_config.source, "context_length": text_config.context_length, "normalized": False},
         "preprocessing": {
             "decode": "PIL convert('RGB'), no EXIF transpose",
@@ -665,7 +671,7 @@ def run_extract(config: ExtractConfig, *, progress: bool = True) -> Path:
     if todo or previous is None:  # (no previous: also a rank whose image list is empty records its models)
         device = _device(config, world, local_rank)
         dino, dino_meta = _load_backbone(backbone_config.source, dtype=parse_dtype(config.dtype),
-                                         cache_dir=config.cache_dir)
+                                         cache_dir=config.cache_dir, logits_rope=backbone_config.logits_rope)
         text, text_meta = _load_text(text_config.source, context_length=text_config.context_length,
                                      cache_dir=config.cache_dir)
         dino = dino.to(device).eval()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from talk2dino.config import ModelConfig
-from talk2dino.models.backbone import BackboneOutput, DinoV2Backbone
+from talk2dino.models.backbones.base import BackboneOutput, VisionBackbone
 from talk2dino.models.projection import Projection
 from talk2dino.models.text_encoder import ClipTextEncoder
 
@@ -24,14 +24,14 @@ class Talk2DINO(nn.Module):
 
     def __init__(
         self,
-        backbone: DinoV2Backbone,
+        backbone: VisionBackbone,
         text_encoder: ClipTextEncoder,
         projection: Projection,
         config: ModelConfig,
         weights_info: dict[str, Any] | None = None,
     ) -> None:
         """Args:
-            backbone: the DINOv2 wrapper.
+            backbone: the vision backbone wrapper (DINOv2, DINOv3 or DINO).
             text_encoder: the CLIP text wrapper.
             projection: psi, with out_dim equal to the backbone width.
             config: the effective model configuration.

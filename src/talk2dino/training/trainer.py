@@ -525,7 +525,7 @@ def features_summary(features: FeatureSet, folder: str | os.PathLike[str]) -> di
     text = features.manifest.get("text", {})
     return {
         "backbone": {"source": backbone.get("source"), "embed_dim": backbone.get("embed_dim"),
-                     "num_heads": backbone.get("num_heads")},
+                     "num_heads": backbone.get("num_heads"), "logits_rope": backbone.get("logits_rope", "model")},
         "text": {"source": text.get("source")},
         "images": int(features.heads.shape[0]),
         "captions": int(features.text.shape[0]),
@@ -575,8 +575,10 @@ def build_model_config(summary: dict[str, Any], name: str) -> ModelConfig:
     """
     backbone = _registry_source(str(summary["backbone"]["source"]), "backbone")
     text = _registry_source(str(summary["text"]["source"]), "text")
-    config = ModelConfig(name=name, backbone=BackboneConfig(source=backbone), text=TextConfig(source=text),
-                         projection=ProjectionConfig(source=None))
+    # psi must see at inference the logits it was trained on (DINOv3 with or without RoPE, §2.4).
+    rope = summary["backbone"].get("logits_rope") or "model"
+    config = ModelConfig(name=name, backbone=BackboneConfig(source=backbone, logits_rope=rope),
+                         text=TextConfig(source=text), projection=ProjectionConfig(source=None))
     for registered in list_models():
         known = get_model_config(registered)
         if known.backbone.source == backbone:
