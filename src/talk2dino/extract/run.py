@@ -374,9 +374,9 @@ def _dist_env() -> tuple[int, int, int]:
 
 def _resolve_models(config: ExtractConfig) -> tuple[str | None, BackboneConfig, TextConfig]:
     """(registry name or None, backbone config, text config) for the configured backbone and text sources."""
-    from talk2dino.registry import get_model_config
+    from talk2dino.registry import BACKBONES, TEXT_ENCODERS, get_model_config, list_models, resolve_part
 
-    from talk2dino.registry import BACKBONES, TEXT_ENCODERS, list_models, resolve_part
+    name: str | None
 
     text = get_model_config(_DEFAULT_TEXT_MODEL).text
     if config.backbone in list_models():

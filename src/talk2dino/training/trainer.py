@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -576,7 +576,7 @@ def build_model_config(summary: dict[str, Any], name: str) -> ModelConfig:
     backbone = _registry_source(str(summary["backbone"]["source"]), "backbone")
     text = _registry_source(str(summary["text"]["source"]), "text")
     # psi must see at inference the logits it was trained on (DINOv3 with or without RoPE, §2.4).
-    rope = summary["backbone"].get("logits_rope") or "model"
+    rope: Literal["model", "none"] = "none" if summary["backbone"].get("logits_rope") == "none" else "model"
     config = ModelConfig(name=name, backbone=BackboneConfig(source=backbone, logits_rope=rope),
                          text=TextConfig(source=text), projection=ProjectionConfig(source=None))
     for registered in list_models():
