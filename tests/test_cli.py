@@ -112,3 +112,87 @@ def test_help_documents_the_flags_the_readme_uses() -> None:
                 for token in line.split():
                     if token.startswith("--"):
                         assert token in seg_help, f"README uses unknown flag {token}"
+
+
+# ---------------------------------------------------------------------------------------------- pictures, serve
+def test_segment_saves_heatmap_and_attention_grids(tiny_sources, tmp_path: Path, tiny_model) -> None:
+    img = _write_image(tmp_path / "a.png", 40, 60)
+    out = tmp_path / "out"
+    code = main(["-q", "segment", str(img), "--labels", "cat, sofa", "--background", "--no-pamr", "--save-heatmaps",
+                 "--save-attention", "--out", str(out), *_model_args(tiny_sources)])
+    assert code == 0
+    summary = json.loads((out / "a.json").read_text())
+    assert summary["files"]["heatmaps"] == "a_heatmaps.png" and summary["files"]["attention"] == "a_attention.png"
+    heat = np.asarray(Image.open(out / "a_heatmaps.png"))
+    attention = np.asarray(Image.open(out / "a_attention.png"))
+    assert heat.ndim == 3 and heat.shape[2] == 3
+    # Two label tiles side by side (background left out); four heads of the tiny model in a 2x2 grid.
+    assert heat.shape[1] > 2 * 256 and attention.shape[1] > 2 * 256 and attention.shape[0] > 2 * 150
+    assert tiny_model.backbone.model.config.num_attention_heads == 4
+
+
+def test_serve_flags_and_environment_build_the_server_config(monkeypatch) -> None:
+    from talk2dino.cli import serve_config
+
+    parser = build_parser()
+    monkeypatch.setenv("TALK2DINO_SERVE_PORT", "9001")
+    monkeypatch.setenv("TALK2DINO_SERVE_QUEUE_SIZE", "3")
+    config = serve_config(parser.parse_args(["serve", "--port", "9002", "--max-labels", "10", "--allow-image-url"]))
+    assert (config.port, config.queue_size, config.max_labels, config.allow_image_url) == (9002, 3, 10, True)
+    assert config.host == "127.0.0.1"  # loopback unless asked
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "--model", "no-such-model", "--port", "0"], "unknown model 'no-such-model'"),
+    (["serve", "--max-labels", "300"], "--max-labels must be in [1, 255]"),
+    (["serve", "--queue-size", "0"], "--queue-size must be >= 1"),
+])
+def test_serve_refuses_to_start_with_one_line(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_serve_bad_environment_exits_2(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("TALK2DINO_SERVE_MAX_BATCH", "many")
+    assert main(["serve"]) == 2
+    assert "TALK2DINO_SERVE_MAX_BATCH='many' is not a valid int" in capsys.readouterr().err
+
+
+def test_serve_command_runs_and_stops_cleanly(tiny_sources) -> None:
+    """`talk2dino serve` as a user runs it: a subprocess on loopback, /healthz answers, SIGINT stops it (exit 0)."""
+    pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra")
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "talk2dino.cli", "serve", "--port", str(port), "--no-pamr",
+                             *_model_args(tiny_sources)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        health = None
+        while health is None:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                    health = json.loads(response.read())
+            except OSError:
+                time.sleep(0.2)
+        assert health["status"] == "ok" and health["model"] == "composed"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == ""  # logs go to stderr, never stdout
+    assert f"http://127.0.0.1:{port}" in err

@@ -1,7 +1,7 @@
 """The ``talk2dino`` command (house-style §6). ``main(argv)`` is callable in-process; tests do that.
 
-Exit codes: 0 every image succeeded; 1 some images failed (the others are written); 2 the command
-could not start (bad arguments, labels, model or weights).
+Exit codes: 0 every image succeeded (``serve``: stopped cleanly); 1 some images failed (the others are
+written); 2 the command could not start (bad arguments, labels, limits, model or weights, missing extra).
 """
 
 from __future__ import annotations
@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", default=None, help="output folder (default ./talk2dino-out)")
     out.add_argument("--save-scores", action="store_true", default=None,
                      help="also write <stem>_scores.npz: per-label score maps before argmax, image size, float16")
+    out.add_argument("--save-heatmaps", action="store_true", default=None,
+                     help="also write <stem>_heatmaps.png: a grid of the per-label score maps on one colour scale")
+    out.add_argument("--save-attention", action="store_true", default=None,
+                     help="also write <stem>_attention.png: a grid of the DINOv2 per-head CLS attention maps")
     out.add_argument("--no-overlay", action="store_true", default=None, help="skip the overlay PNG")
     out.add_argument("--overlay-alpha", type=float, default=None, help="overlay opacity in [0, 1] (default 0.5)")
     out.add_argument("--batch-size", type=int, default=None, help="images embedded together (default 4)")
@@ -128,8 +132,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     train.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
+    _add_serve_parser(sub)
     sub.add_parser("models", help="list the registered models")
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    """``talk2dino serve``: flags default to None so that `ServerConfig` (and its env overrides) decide."""
+    serve = sub.add_parser(
+        "serve", help="HTTP JSON API and web page over one model (needs the 'serve' extra)",
+        description="Serve a model over HTTP: the web page at /, the JSON API at /v1 (schema at /openapi.json). "
+                    "The model loads once; requests are queued and batched onto it. Every setting is also read "
+                    "from TALK2DINO_SERVE_<NAME> (e.g. TALK2DINO_SERVE_PORT=9000); flags win.")
+    _add_model_args(serve)
+    _add_inference_args(serve)
+    from talk2dino.server.config import ServerConfig
+
+    d = ServerConfig()  # help shows the dataclass defaults; flags default to None so the dataclass decides
+    net = serve.add_argument_group("Server")
+    net.add_argument("--host", default=None, help=f"bind address (default {d.host}; 0.0.0.0 exposes it to the network)")
+    net.add_argument("--port", type=int, default=None, help=f"TCP port (default {d.port})")
+    net.add_argument("--max-connections", type=int, default=None,
+                     help=f"concurrent connections before answering 503 (default {d.max_connections})")
+    limits = serve.add_argument_group("Limits (a request over one gets a 4xx/503 answer)")
+    limits.add_argument("--max-upload-bytes", type=int, default=None,
+                        help=f"request body cap (default {d.max_upload_bytes})")
+    limits.add_argument("--max-pixels", type=int, default=None,
+                        help=f"image width x height cap (default {d.max_pixels})")
+    limits.add_argument("--max-score-values", type=int, default=None,
+                        help=f"image pixels x score channels cap, bounds memory (default {d.max_score_values})")
+    limits.add_argument("--max-labels", type=int, default=None,
+                        help=f"labels per request, at most 255 (default {d.max_labels})")
+    limits.add_argument("--max-label-length", type=int, default=None,
+                        help=f"characters per label (default {d.max_label_length})")
+    limits.add_argument("--queue-size", type=int, default=None,
+                        help=f"requests waiting for the model before answering 503 (default {d.queue_size})")
+    limits.add_argument("--request-timeout", type=float, default=None,
+                        help=f"seconds from arrival to answer, then 503 (default {d.request_timeout_s:g})")
+    limits.add_argument("--max-batch", type=int, default=None,
+                        help=f"queued requests whose images share one backbone pass (default {d.max_batch})")
+    limits.add_argument("--allow-image-url", action="store_true", default=None,
+                        help="let clients send image_url for the server to fetch (default off: it fetches nothing)")
+    limits.add_argument("--url-timeout", type=float, default=None,
+                        help=f"image_url fetch timeout in seconds (default {d.url_timeout_s:g})")
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -158,8 +203,16 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def _write_outputs(out_dir: Path, stem: str, image_path: Path, rgb: Any, result: Any, summary: dict[str, Any],
-                   *, save_scores: bool, overlay: bool, alpha: float) -> None:
-    from talk2dino.outputs import save_json, save_label_png, save_overlay_png, save_scores_npz
+                   *, save_scores: bool, overlay: bool, alpha: float, features: Any = None,
+                   save_heatmaps: bool = False, save_attention: bool = False) -> None:
+    from talk2dino.outputs import (
+        save_attention_png,
+        save_heatmaps_png,
+        save_json,
+        save_label_png,
+        save_overlay_png,
+        save_scores_npz,
+    )
 
     labels = result.labels.numpy()
     num = len(result.class_names)
@@ -172,7 +225,74 @@ def _write_outputs(out_dir: Path, stem: str, image_path: Path, rgb: Any, result:
     if save_scores:
         save_scores_npz(out_dir / f"{stem}_scores.npz", result.scores, result.class_names)
         files["scores"] = f"{stem}_scores.npz"
+    if save_heatmaps:
+        # The stitched maps at the processing size: the same values as the scores before the final resize.
+        maps = result.stitched if result.stitched is not None else result.scores
+        save_heatmaps_png(out_dir / f"{stem}_heatmaps.png", maps, result.class_names,
+                          background_index=result.background_index)
+        files["heatmaps"] = f"{stem}_heatmaps.png"
+    if save_attention and features is not None:
+        save_attention_png(out_dir / f"{stem}_attention.png", features.attention_maps())
+        files["attention"] = f"{stem}_attention.png"
     save_json(out_dir / f"{stem}.json", {"image": str(image_path), "files": files, **summary})
+
+
+def _build_segmenter(args: argparse.Namespace) -> Any:
+    """The model of the "Model" flags with the "Inference" flags over its defaults, as a `Segmenter`."""
+    from talk2dino.predictor import Segmenter
+    from talk2dino.registry import create_model
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TALK2DINO_OFFLINE"] = "1"
+    model = create_model(
+        args.model or (None if args.backbone and args.text_encoder and args.projection else DEFAULT_MODEL),
+        device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+        backbone=args.backbone, text_encoder=args.text_encoder, projection=args.projection,
+    )
+    overrides = {
+        "background": args.background, "bg_threshold": args.bg_threshold, "bg_clean": args.bg_clean,
+        "pamr": args.pamr, "window_batch_size": args.window_batch_size,
+    }
+    config = dataclasses.replace(model.config.inference, **{k: v for k, v in overrides.items() if v is not None})
+    return Segmenter(model, config)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """`ServerConfig` from the defaults, then ``TALK2DINO_SERVE_*`` variables, then the flags.
+
+    Raises:
+        InvalidInputError: an impossible value (named with its flag).
+    """
+    from talk2dino.server.config import ServerConfig
+
+    return ServerConfig.from_env().replace(
+        host=args.host, port=args.port, max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
+        max_score_values=args.max_score_values, max_labels=args.max_labels, max_label_length=args.max_label_length,
+        queue_size=args.queue_size, request_timeout_s=args.request_timeout, max_batch=args.max_batch,
+        max_connections=args.max_connections, allow_image_url=args.allow_image_url, url_timeout_s=args.url_timeout,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """The ``serve`` subcommand: check the settings, load the model once, then serve until interrupted."""
+    from talk2dino.errors import Talk2DinoError
+
+    config = serve_config(args)
+    try:
+        import uvicorn
+
+        from talk2dino.server.app import create_app
+    except ImportError as err:
+        raise Talk2DinoError(
+            f"talk2dino serve needs the 'serve' extra: pip install 'talk2dino[serve]' ({err})") from err
+    segmenter = _build_segmenter(args)  # an unknown model or bad weights fail here, before the port opens
+    app = create_app(segmenter, config)
+    logger.info("serving %s on http://%s:%d (web page at /, API schema at /openapi.json)",
+                segmenter.model.config.name, config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, workers=1, limit_concurrency=config.max_connections,
+                log_level="warning" if args.quiet else "info", log_config=None)
+    return 0
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -181,8 +301,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from talk2dino.data.images import list_images, load_image
     from talk2dino.errors import InvalidInputError
-    from talk2dino.predictor import ImageFeatures, Segmenter
-    from talk2dino.registry import create_model
+    from talk2dino.predictor import ImageFeatures
 
     names = parse_label_list(args.labels) if args.labels is not None else read_label_file(args.labels_file)
     if args.underscores_to_spaces:
@@ -196,21 +315,7 @@ def run_segment(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--batch-size must be >= 1, got {batch_size}")
     if not 0.0 <= alpha <= 1.0:
         raise InvalidInputError(f"--overlay-alpha must be in [0, 1], got {alpha}")
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TALK2DINO_OFFLINE"] = "1"
-
-    model = create_model(
-        args.model or (None if args.backbone and args.text_encoder and args.projection else DEFAULT_MODEL),
-        device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-        backbone=args.backbone, text_encoder=args.text_encoder, projection=args.projection,
-    )
-    overrides = {
-        "background": args.background, "bg_threshold": args.bg_threshold, "bg_clean": args.bg_clean,
-        "pamr": args.pamr, "window_batch_size": args.window_batch_size,
-    }
-    config = dataclasses.replace(model.config.inference, **{k: v for k, v in overrides.items() if v is not None})
-    segmenter = Segmenter(model, config)
+    segmenter = _build_segmenter(args)
     segmenter.set_classes(names)
 
     out_dir = Path(args.out or "talk2dino-out")
@@ -253,7 +358,9 @@ def run_segment(args: argparse.Namespace) -> int:
                 summary = segmenter.summary(result)
                 summary["timings"]["embed_image"] = round(embed_time, 6)
                 _write_outputs(out_dir, _unique_stem(path, used), path, rgb, result, summary,
-                               save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha)
+                               save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha,
+                               features=feats, save_heatmaps=bool(args.save_heatmaps),
+                               save_attention=bool(args.save_attention))
             except Exception as err:  # noqa: BLE001 - one bad image must not lose the others' results
                 logger.error("%s: %s", path, err)
                 failed.append(str(path))
@@ -324,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_extract_command(args)
         if args.command == "train":
             return run_train_command(args)
+        if args.command == "serve":
+            return run_serve(args)
         return run_models()
     except (Talk2DinoError, ValueError) as err:
         logger.error("%s", err)

@@ -1,4 +1,9 @@
-"""Writers for segmentation outputs, shared by the CLI and the HTTP server.
+"""Writers for segmentation outputs, shared by the CLI, the HTTP server and its web page.
+
+This module is the one implementation of the label colours (:func:`palette`), the overlay (:func:`overlay`), the
+palette PNG label map, the score and attention colour map (:func:`colormap`), the picture grids and COCO RLE. The
+server encodes the same images to bytes (:func:`png_bytes`, :func:`label_png_bytes`) instead of files, and its web
+page only displays what the server drew, so the three can never disagree.
 
 Every file is written atomically: to a temporary file in the destination folder, then renamed over the
 destination with :func:`os.replace`. A reader therefore sees either the old file or the complete new one, and
@@ -10,6 +15,7 @@ Label colours follow the PASCAL VOC colour map, so index 0 is black and class ``
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -19,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from talk2dino.errors import InvalidInputError
 
@@ -27,11 +33,26 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DEFAULT_TILE_SIZE",
     "MAX_PALETTE_COLORS",
     "atomic_path",
     "atomic_write_bytes",
+    "attention_grid",
+    "attention_tiles",
+    "colormap",
+    "heatmap_grid",
+    "heatmap_tiles",
+    "image_grid",
+    "label_image",
+    "label_png_bytes",
+    "label_rles",
     "overlay",
     "palette",
+    "png_bytes",
+    "rle_decode",
+    "rle_encode",
+    "save_attention_png",
+    "save_heatmaps_png",
     "save_json",
     "save_label_png",
     "save_overlay_png",
@@ -46,6 +67,24 @@ MAX_PALETTE_COLORS: int = 256
 
 DEFAULT_OVERLAY_ALPHA: float = 0.5
 """Weight of the class colour in :func:`overlay`; the image gets ``1 - alpha``."""
+
+DEFAULT_TILE_SIZE: int = 256
+"""Longer side, in pixels, of each map in the heat-map and attention grids."""
+
+# Eleven evenly spaced colours of matplotlib's "viridis" (perceptually uniform, readable in greyscale and by
+# colour-blind viewers); :func:`colormap` interpolates linearly between them, so no plotting library is needed.
+_VIRIDIS_ANCHORS = np.array(
+    [
+        (68, 1, 84), (72, 37, 118), (65, 68, 135), (53, 96, 141), (42, 120, 142), (33, 144, 140),
+        (34, 168, 132), (67, 191, 113), (122, 209, 81), (187, 223, 39), (253, 231, 37),
+    ],
+    dtype=np.float64,
+)
+_CAPTION_HEIGHT = 16  # pixels of the text strip above each grid tile (the default font is about 10 px tall)
+_GRID_GAP = 4  # pixels between grid tiles
+_GRID_BACKGROUND = (255, 255, 255)
+_GRID_TEXT = (0, 0, 0)
+_COLORBAR_HEIGHT = 12
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _SHARE_DECIMALS = 6
@@ -140,11 +179,57 @@ def save_label_png(path: str | os.PathLike[str], labels: np.ndarray, num_classes
         InvalidInputError: ``labels`` is not a 2-D integer array, holds values outside [0, num_classes), or
             ``num_classes`` is outside [1, 256].
     """
+    image = label_image(labels, num_classes)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
+
+
+def label_image(labels: np.ndarray, num_classes: int) -> Image.Image:
+    """The palette ("P" mode) image behind :func:`save_label_png`: pixel values are class indices.
+
+    Args:
+        labels: ``[H, W]`` integer class indices in [0, num_classes).
+        num_classes: Number of classes C (background included), in [1, 256].
+
+    Returns:
+        A "P" mode PIL image whose palette is :func:`palette` ``(num_classes)``.
+
+    Raises:
+        InvalidInputError: As :func:`save_label_png`.
+    """
     indices = _validated_labels(labels, num_classes)
     image = Image.fromarray(indices)  # mode "L"; putpalette turns it into "P"
     image.putpalette(palette(num_classes).tobytes())
-    with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG")
+    return image
+
+
+def label_png_bytes(labels: np.ndarray, num_classes: int) -> bytes:
+    """:func:`save_label_png` to bytes instead of a file (the server's ``label_png``).
+
+    Args:
+        labels: ``[H, W]`` integer class indices in [0, num_classes).
+        num_classes: Number of classes C (background included), in [1, 256].
+
+    Returns:
+        The PNG file content.
+    """
+    return png_bytes(label_image(labels, num_classes))
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """Encode an image as PNG bytes.
+
+    Args:
+        image: A PIL image, or a ``[H, W, 3]`` uint8 RGB / ``[H, W]`` uint8 grey array.
+
+    Returns:
+        The PNG file content.
+    """
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
+    buffer = io.BytesIO()
+    # compress_level 1: these PNGs are made per request; level 6 costs several times the time for ~10% bytes.
+    picture.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def overlay(
@@ -308,6 +393,324 @@ def save_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Pictures: colour map, grids of score maps and attention heads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def colormap(values: np.ndarray | torch.Tensor, *, vmin: float, vmax: float) -> np.ndarray:
+    """Colour scalar values with a viridis-like map (dark purple = ``vmin``, yellow = ``vmax``).
+
+    Values are clipped to [vmin, vmax] and mapped linearly; NaN becomes the ``vmin`` colour. When
+    ``vmax <= vmin`` every value gets the ``vmin`` colour (a constant map carries no information).
+
+    Args:
+        values: ``[...]`` real values, any shape (e.g. ``[H, W]`` scores).
+        vmin: Value shown with the first colour.
+        vmax: Value shown with the last colour.
+
+    Returns:
+        ``[..., 3]`` uint8, RGB.
+    """
+    array = _to_numpy(values).astype(np.float64)
+    span = vmax - vmin
+    if not np.isfinite(span) or span <= 0:
+        position = np.zeros_like(array)
+    else:
+        position = np.clip((np.nan_to_num(array, nan=vmin) - vmin) / span, 0.0, 1.0)
+    scaled = position * (len(_VIRIDIS_ANCHORS) - 1)
+    low = np.minimum(np.floor(scaled).astype(np.int64), len(_VIRIDIS_ANCHORS) - 2)
+    frac = (scaled - low)[..., None]
+    colors = _VIRIDIS_ANCHORS[low] * (1.0 - frac) + _VIRIDIS_ANCHORS[low + 1] * frac
+    return np.clip(np.floor(colors + 0.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(tiles: Sequence[np.ndarray], captions: Sequence[str], *, columns: int | None = None) -> np.ndarray:
+    """Lay out RGB tiles in rows, each under a one-line caption, on a white canvas.
+
+    Captions are drawn with Pillow's default font and cut (with "...") to the tile width.
+
+    Args:
+        tiles: ``[h_i, w_i, 3]`` uint8 RGB images, any sizes; each cell is as large as the largest tile.
+        captions: One caption per tile.
+        columns: Tiles per row; None picks ``ceil(sqrt(n))``.
+
+    Returns:
+        ``[H, W, 3]`` uint8 RGB grid.
+
+    Raises:
+        InvalidInputError: No tiles, a caption count that differs from the tile count, or a non-RGB tile.
+    """
+    if not tiles:
+        raise InvalidInputError("image_grid needs at least one tile")
+    if len(captions) != len(tiles):
+        raise InvalidInputError(f"got {len(tiles)} tiles but {len(captions)} captions")
+    for tile in tiles:
+        if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
+            raise InvalidInputError(f"grid tiles must be uint8 HxWx3 RGB; got shape {tile.shape}, dtype {tile.dtype}")
+    count = len(tiles)
+    cols = columns if columns is not None else int(np.ceil(np.sqrt(count)))
+    cols = max(1, min(cols, count))
+    rows = int(np.ceil(count / cols))
+    cell_h = max(t.shape[0] for t in tiles) + _CAPTION_HEIGHT
+    cell_w = max(t.shape[1] for t in tiles)
+    height = rows * cell_h + (rows + 1) * _GRID_GAP
+    width = cols * cell_w + (cols + 1) * _GRID_GAP
+    canvas = Image.new("RGB", (width, height), _GRID_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for index, (tile, caption) in enumerate(zip(tiles, captions, strict=True)):
+        row, col = divmod(index, cols)
+        left = _GRID_GAP + col * (cell_w + _GRID_GAP)
+        top = _GRID_GAP + row * (cell_h + _GRID_GAP)
+        draw.text((left, top + 2), _fit_text(draw, caption, font, cell_w), fill=_GRID_TEXT, font=font)
+        canvas.paste(Image.fromarray(tile), (left, top + _CAPTION_HEIGHT))
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def heatmap_tiles(
+    scores: np.ndarray | torch.Tensor,
+    class_names: Sequence[str],
+    *,
+    background_index: int | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[list[tuple[int, np.ndarray]], tuple[float, float]]:
+    """Colour every label's score map under one shared scale (the background channel is left out).
+
+    One shared scale makes the maps comparable: a label that scores low everywhere stays dark instead of being
+    stretched to full contrast.
+
+    Args:
+        scores: ``[C, H, W]`` float per-channel scores (e.g. ``SegmentationResult.stitched`` or ``.scores``:
+            sigmoid cosine scores in (0, 1), before the softmax).
+        class_names: The C channel names.
+        background_index: Channel to leave out (a constant threshold), or None.
+        vmin: Value of the darkest colour; None uses the minimum over the shown channels.
+        vmax: Value of the brightest colour; None uses the maximum over the shown channels.
+        tile_size: Longer side of each map in pixels (resized bilinearly, aspect kept).
+
+    Returns:
+        ``[(channel index, [h, w, 3] uint8 RGB tile)]`` in channel order, and the ``(vmin, vmax)`` used.
+
+    Raises:
+        InvalidInputError: ``scores`` is not ``[C, H, W]``, C differs from ``len(class_names)``, or no channel is
+            left to show.
+    """
+    maps = _to_numpy(scores).astype(np.float32)
+    if maps.ndim != 3:
+        raise InvalidInputError(f"scores must be [C, H, W]; got shape {maps.shape}")
+    if maps.shape[0] != len(class_names):
+        raise InvalidInputError(f"scores have {maps.shape[0]} channels but {len(class_names)} class names were given")
+    keep = [i for i in range(maps.shape[0]) if i != background_index]
+    if not keep:
+        raise InvalidInputError("no label channel to draw (only the background channel was given)")
+    low = float(np.nanmin(maps[keep])) if vmin is None else float(vmin)
+    high = float(np.nanmax(maps[keep])) if vmax is None else float(vmax)
+    return [(i, colormap(_resize_map(maps[i], tile_size), vmin=low, vmax=high)) for i in keep], (low, high)
+
+
+def heatmap_grid(
+    scores: np.ndarray | torch.Tensor,
+    class_names: Sequence[str],
+    *,
+    background_index: int | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    columns: int | None = None,
+) -> np.ndarray:
+    """A grid of per-label score maps (:func:`heatmap_tiles`) captioned with the labels, with a colour bar.
+
+    Args:
+        scores: ``[C, H, W]`` float per-channel scores.
+        class_names: The C channel names.
+        background_index: Channel to leave out, or None.
+        vmin: Darkest value; None uses the minimum over the shown channels.
+        vmax: Brightest value; None uses the maximum over the shown channels.
+        tile_size: Longer side of each map in pixels.
+        columns: Tiles per row; None picks a near-square grid.
+
+    Returns:
+        ``[H', W', 3]`` uint8 RGB picture.
+
+    Raises:
+        InvalidInputError: As :func:`heatmap_tiles`.
+    """
+    tiles, (low, high) = heatmap_tiles(scores, class_names, background_index=background_index, vmin=vmin,
+                                       vmax=vmax, tile_size=tile_size)
+    grid = image_grid([tile for _, tile in tiles], [str(class_names[i]) for i, _ in tiles], columns=columns)
+    return _with_colorbar(grid, f"{low:.4g}", f"{high:.4g}")
+
+
+def save_heatmaps_png(
+    path: str | os.PathLike[str],
+    scores: np.ndarray | torch.Tensor,
+    class_names: Sequence[str],
+    *,
+    background_index: int | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> None:
+    """Save :func:`heatmap_grid` as an RGB PNG, atomically.
+
+    Args:
+        path: Destination ``.png`` file; its parent folder must exist.
+        scores: ``[C, H, W]`` float per-channel scores.
+        class_names: The C channel names.
+        background_index: Channel to leave out, or None.
+        vmin: Darkest value; None uses the data minimum.
+        vmax: Brightest value; None uses the data maximum.
+        tile_size: Longer side of each map in pixels.
+
+    Raises:
+        InvalidInputError: As :func:`heatmap_grid`.
+    """
+    grid = heatmap_grid(scores, class_names, background_index=background_index, vmin=vmin, vmax=vmax,
+                        tile_size=tile_size)
+    with atomic_path(path) as temporary:
+        Image.fromarray(grid).save(temporary, format="PNG")
+
+
+def attention_tiles(attention: np.ndarray | torch.Tensor, *, tile_size: int = DEFAULT_TILE_SIZE) -> list[np.ndarray]:
+    """Colour each head's attention map on its own scale (its minimum dark, its maximum bright).
+
+    Heads differ in peakiness by orders of magnitude, so a shared scale would leave most of them black.
+
+    Args:
+        attention: ``[M, H, W]`` float CLS->patch attention per head (e.g. ``ImageFeatures.attention_maps()``:
+            softmax probabilities, stitched over windows).
+        tile_size: Longer side of each map in pixels.
+
+    Returns:
+        M ``[h, w, 3]`` uint8 RGB tiles.
+
+    Raises:
+        InvalidInputError: ``attention`` is not ``[M, H, W]`` with M >= 1.
+    """
+    maps = _to_numpy(attention).astype(np.float32)
+    if maps.ndim != 3 or maps.shape[0] < 1:
+        raise InvalidInputError(f"attention must be [M, H, W] with at least one head; got shape {maps.shape}")
+    tiles = []
+    for head in maps:
+        resized = _resize_map(head, tile_size)
+        tiles.append(colormap(resized, vmin=float(np.nanmin(resized)), vmax=float(np.nanmax(resized))))
+    return tiles
+
+
+def attention_grid(attention: np.ndarray | torch.Tensor, *, tile_size: int = DEFAULT_TILE_SIZE,
+                   columns: int | None = None) -> np.ndarray:
+    """A grid of per-head CLS attention maps, each on its own scale (see :func:`attention_tiles`).
+
+    Args:
+        attention: ``[M, H, W]`` float CLS->patch attention per head.
+        tile_size: Longer side of each map in pixels.
+        columns: Tiles per row; None uses ``ceil(sqrt(M))`` (4 columns for 12 heads).
+
+    Returns:
+        ``[H', W', 3]`` uint8 RGB picture, captions "head 0" ... "head M-1".
+    """
+    tiles = attention_tiles(attention, tile_size=tile_size)
+    return image_grid(tiles, [f"head {m}" for m in range(len(tiles))], columns=columns)
+
+
+def save_attention_png(path: str | os.PathLike[str], attention: np.ndarray | torch.Tensor, *,
+                       tile_size: int = DEFAULT_TILE_SIZE) -> None:
+    """Save :func:`attention_grid` as an RGB PNG, atomically.
+
+    Args:
+        path: Destination ``.png`` file; its parent folder must exist.
+        attention: ``[M, H, W]`` float CLS->patch attention per head.
+        tile_size: Longer side of each map in pixels.
+
+    Raises:
+        InvalidInputError: As :func:`attention_tiles`.
+    """
+    grid = attention_grid(attention, tile_size=tile_size)
+    with atomic_path(path) as temporary:
+        Image.fromarray(grid).save(temporary, format="PNG")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# COCO run-length encoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rle_encode(mask: np.ndarray | torch.Tensor, *, compressed: bool = True) -> dict[str, Any]:
+    """Encode a binary mask as COCO RLE, exactly as ``pycocotools.mask.encode`` does.
+
+    The mask is read in column-major (Fortran) order; ``counts`` alternates run lengths of 0s and 1s and always
+    starts with a run of 0s (possibly of length 0). The compressed form is COCO's string: each count (from the
+    third on, as the difference to the count two places before) in 5-bit groups, low bits first, each group
+    plus a continuation bit (0x20) stored as the character ``chr(48 + group)``.
+
+    Args:
+        mask: ``[H, W]`` mask; nonzero values are foreground.
+        compressed: True gives ``counts`` as the compressed string, False as a list of ints.
+
+    Returns:
+        ``{"size": [H, W], "counts": str | list[int]}``, JSON-ready.
+
+    Raises:
+        InvalidInputError: ``mask`` is not 2-D.
+    """
+    array = _to_numpy(mask)
+    if array.ndim != 2:
+        raise InvalidInputError(f"an RLE mask must be [H, W]; got shape {array.shape}")
+    height, width = (int(x) for x in array.shape)
+    flat = np.asarray(array != 0).ravel(order="F")
+    if flat.size == 0:
+        counts: list[int] = [0]
+    else:
+        changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        runs = np.diff(np.concatenate(([0], changes, [flat.size])))
+        counts = ([0] if flat[0] else []) + [int(r) for r in runs]
+    return {"size": [height, width], "counts": _rle_to_string(counts) if compressed else counts}
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    """Decode a COCO RLE (compressed string or list of counts) into an ``[H, W]`` uint8 mask of 0 and 1.
+
+    Raises:
+        InvalidInputError: Malformed ``size``/``counts``, or counts that do not add up to H × W.
+    """
+    try:
+        height, width = (int(x) for x in rle["size"])
+        counts = rle["counts"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"an RLE needs 'size': [H, W] and 'counts' ({exc})") from exc
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    runs = _rle_from_string(counts) if isinstance(counts, str) else [int(c) for c in counts]
+    if any(r < 0 for r in runs) or sum(runs) != height * width:
+        raise InvalidInputError(f"RLE counts add up to {sum(runs)} pixels, but size is {height}x{width}")
+    values = np.zeros(len(runs), dtype=np.uint8)
+    values[1::2] = 1
+    flat = np.repeat(values, runs)
+    return flat.reshape((height, width), order="F")
+
+
+def label_rles(labels: np.ndarray | torch.Tensor, class_names: Sequence[str], *,
+               compressed: bool = True) -> list[dict[str, Any]]:
+    """COCO RLE of every class of a label map, in index order (zero-pixel classes included).
+
+    Args:
+        labels: ``[H, W]`` integer class indices in [0, len(class_names)).
+        class_names: The C class names.
+        compressed: Counts as COCO's compressed string (True) or as a list of ints.
+
+    Returns:
+        ``[{"index": k, "name": str, "size": [H, W], "counts": ...}]`` for k in 0..C-1.
+    """
+    indices = _validated_labels(_to_numpy(labels), len(class_names), max_classes=None)
+    return [
+        {"index": k, "name": str(name), **rle_encode(indices == k, compressed=compressed)}
+        for k, name in enumerate(class_names)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------
 
@@ -340,6 +743,82 @@ def _to_numpy(values: Any) -> np.ndarray:
             tensor = tensor.float()
         return np.asarray(tensor.numpy())
     return np.asarray(values)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """``text`` cut with "..." so that it fits in ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _resize_map(values: np.ndarray, tile_size: int) -> np.ndarray:
+    """``[H, W]`` float map resized bilinearly so that its longer side is ``tile_size`` (aspect kept)."""
+    if tile_size < 1:
+        raise InvalidInputError(f"tile_size must be a positive number of pixels; got {tile_size}")
+    height, width = values.shape
+    scale = tile_size / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # A 2-D float32 array becomes a mode "F" image: bilinear resizing on the values themselves, not on colours.
+    resized = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def _with_colorbar(grid: np.ndarray, low: str, high: str) -> np.ndarray:
+    """Append a strip with the colour scale from ``low`` (left) to ``high`` (right) under a grid."""
+    height, width = grid.shape[:2]
+    canvas = Image.new("RGB", (width, height + _COLORBAR_HEIGHT + _CAPTION_HEIGHT + _GRID_GAP), _GRID_BACKGROUND)
+    canvas.paste(Image.fromarray(grid), (0, 0))
+    bar_width = max(1, width - 2 * _GRID_GAP)
+    ramp = colormap(np.linspace(0.0, 1.0, bar_width)[None, :].repeat(_COLORBAR_HEIGHT, axis=0), vmin=0.0, vmax=1.0)
+    canvas.paste(Image.fromarray(ramp), (_GRID_GAP, height))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    top = height + _COLORBAR_HEIGHT + 2
+    draw.text((_GRID_GAP, top), low, fill=_GRID_TEXT, font=font)
+    draw.text((width - _GRID_GAP - draw.textlength(high, font=font), top), high, fill=_GRID_TEXT, font=font)
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def _rle_to_string(counts: Sequence[int]) -> str:
+    """COCO's compressed counts string (pycocotools ``rleToString``)."""
+    chars: list[str] = []
+    for i, count in enumerate(counts):
+        value = int(count) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            group = value & 0x1F
+            value >>= 5  # arithmetic shift: negative deltas end at -1, positive ones at 0
+            more = value != -1 if group & 0x10 else value != 0
+            if more:
+                group |= 0x20
+            chars.append(chr(group + 48))
+    return "".join(chars)
+
+
+def _rle_from_string(text: str) -> list[int]:
+    """Inverse of :func:`_rle_to_string` (pycocotools ``rleFrString``)."""
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value = shift = 0
+        more = True
+        while more:
+            if position >= len(text):
+                raise InvalidInputError("truncated RLE counts string")
+            group = ord(text[position]) - 48
+            value |= (group & 0x1F) << (5 * shift)
+            more = bool(group & 0x20)
+            position += 1
+            shift += 1
+            if not more and group & 0x10:
+                value |= -1 << (5 * shift)  # sign-extend
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 def _json_default(obj: Any) -> Any:

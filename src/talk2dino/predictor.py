@@ -95,6 +95,25 @@ class ImageFeatures:
         n, _, d = self.output.patch_tokens.shape
         return self.output.patch_tokens.reshape(n, *self.output.grid, d)
 
+    @torch.inference_mode()
+    def attention_maps(self) -> torch.Tensor:
+        """Per-head CLS->patch attention of the last block over the resized image, for pictures.
+
+        Per window: softmax of ``output.attn_logits`` over its P patches (CLS and registers left out, so
+        each map sums to 1 over the window), reshaped to the patch grid, upsampled bilinearly to the
+        window (``align_corners=True``, as the scores, method.md §4.4) and averaged over overlapping
+        windows with the same stitching as the scores (method.md §4.8 step 1).
+
+        Returns:
+            ``[M, H', W']`` float32 on CPU, at the resized (processing) size ``resized_size``;
+            probabilities in [0, 1], not renormalised after stitching.
+        """
+        logits = self.output.attn_logits.float()  # [n, M, P]
+        n_windows, heads, _ = logits.shape
+        maps = torch.softmax(logits, dim=-1).view(n_windows, heads, *self.output.grid)
+        maps = F.interpolate(maps, size=tuple(self.guides.shape[-2:]), mode="bilinear", align_corners=True)
+        return stitch(maps, self.boxes, *self.resized_size).cpu()
+
 
 class Segmenter:
     """Stateful predictor caching class embeddings and the current image's window features.

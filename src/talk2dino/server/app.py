@@ -1,0 +1,651 @@
+"""The HTTP service: a FastAPI app over one `Segmenter` (house-style §2: a client of the public API).
+
+Endpoints (the OpenAPI schema at ``/openapi.json`` documents every field):
+
+- ``POST /v1/segment``: multipart image (or ``image_url`` when enabled) + comma-separated labels + options ->
+  legend (colour, pixels, share per label), settings, timings; on request the label map as a palette PNG or
+  COCO RLE, the overlay, per-label heat maps and per-head attention maps (PNG, base64).
+- ``POST /v1/embed-text``: JSON ``{"labels": [...]}`` -> unit class embeddings (cached by the segmenter).
+- ``GET /healthz``, ``GET /v1/models``, ``GET /v1/models/{name}``.
+- ``GET /``: the web page (``static/``: plain HTML, CSS and JavaScript, no build step).
+
+Why FastAPI + uvicorn: a standard ASGI stack with multipart parsing, request validation and an OpenAPI schema
+generated from the handler signatures, so the documented API and the code cannot drift apart.
+
+Errors are JSON ``{"error": "<one line>"}``: 400 bad input (unreadable image, empty or duplicate label), 403
+``image_url`` disabled, 404 unknown model or route, 413 body, image or score volume over its limit, 422 wrong
+field type or a count/length limit, 503 queue full, timeout or shutdown (with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from talk2dino import Segmenter, __version__
+from talk2dino.data.images import load_image
+from talk2dino.errors import InvalidInputError
+from talk2dino.outputs import (
+    DEFAULT_OVERLAY_ALPHA,
+    attention_tiles,
+    heatmap_tiles,
+    label_png_bytes,
+    label_rles,
+    overlay,
+    palette,
+    png_bytes,
+)
+from talk2dino.predictor import ImageFeatures
+from talk2dino.server.config import ServerConfig
+from talk2dino.server.worker import (
+    EmbedTextJob,
+    InferenceWorker,
+    OutputOptions,
+    RleFormat,
+    SegmentJob,
+    ServiceUnavailableError,
+)
+
+__all__ = ["create_app", "parse_labels"]
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Decoding runs off the event loop; two at a time is enough to overlap with the network on 2 cores without
+# letting a burst of large uploads decode (and hold pixels) all at once.
+_DECODE_CONCURRENCY = 2
+_MAX_TEMPLATES = 64
+_COPY_CHUNK = 1 << 20
+_PEEK_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide state
+
+
+class PayloadTooLargeError(StarletteHTTPException):
+    """413: the body, the image or the work it implies is over a configured limit."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=413, detail=detail)
+
+
+# ---------------------------------------------------------------------------------------------- schema models
+class LabelInfo(BaseModel):
+    """One channel of the answer: legend colour, pixel count and share of the image."""
+
+    index: int = Field(description="value of this label in the label map (0 is background when requested)")
+    name: str
+    color: list[int] = Field(description="RGB legend and overlay colour (outputs.palette)")
+    pixels: int
+    share: float = Field(description="fraction of the image's pixels; shares sum to 1")
+
+
+class RleMask(BaseModel):
+    """COCO RLE of one label's mask (column-major, as pycocotools)."""
+
+    index: int
+    name: str
+    size: list[int] = Field(description="[H, W]")
+    counts: str | list[int] = Field(description="compressed string, or run lengths starting with zeros")
+
+
+class HeatMap(BaseModel):
+    """One label's score map, colour-mapped on the answer's shared `heatmap_range`."""
+
+    index: int
+    name: str
+    png: str = Field(description="base64 RGB PNG at `heatmap_size`")
+
+
+class AttentionHead(BaseModel):
+    """One head's CLS->patch attention, colour-mapped on its own range."""
+
+    head: int
+    png: str = Field(description="base64 RGB PNG at `attention_size`")
+
+
+class SegmentResponse(BaseModel):
+    """The answer of `POST /v1/segment`."""
+
+    model: dict[str, Any]
+    size: list[int] = Field(description="[H, W] of the image and the label map")
+    labels: list[LabelInfo]
+    background_index: int | None
+    settings: dict[str, Any] = Field(description="the effective inference settings")
+    timings: dict[str, float] = Field(description="seconds per stage; batch_size = requests that shared the backbone")
+    label_png: str | None = Field(None, description="base64 palette PNG; pixel values are label indices")
+    overlay_png: str | None = Field(None, description="base64 RGB PNG of the colours blended over the image")
+    rle: list[RleMask] | None = None
+    heatmaps: list[HeatMap] | None = None
+    heatmap_range: list[float] | None = Field(None, description="[vmin, vmax] of the heat-map colour scale")
+    heatmap_size: list[int] | None = Field(None, description="[H', W'] processing size of the heat maps")
+    attention: list[AttentionHead] | None = None
+    attention_size: list[int] | None = None
+
+
+class EmbedTextRequest(BaseModel):
+    """The body of `POST /v1/embed-text`."""
+
+    labels: list[str] = Field(min_length=1, description="class names, used verbatim")
+    templates: list[str] | None = Field(None, description="prompt templates with one '{}' (default: the model's)")
+    model: str | None = Field(None, description="must name the served model when given")
+
+
+class EmbedTextResponse(BaseModel):
+    """Unit class embeddings in the backbone's patch space, one per label (method.md §4.2)."""
+
+    model: str
+    labels: list[str]
+    dim: int
+    templates: int
+    embeddings: list[list[float]]
+    timings: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer."""
+
+    error: str
+    details: list[dict[str, Any]] | None = None
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "bad input"), (403, "image_url disabled"), (404, "unknown model"),
+                       (413, "over a size limit"), (422, "wrong type or over a count/length limit"),
+                       (503, "queue full, timed out or shutting down; see Retry-After"))
+}
+
+
+# ---------------------------------------------------------------------------------------------- body limit
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes` with 413: by Content-Length up front, else while they stream in.
+
+    Starlette's multipart parser would otherwise spool a body of any size to disk before the handler runs.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        message = f"request body is larger than this server's limit of {limit:,} bytes (--max-upload-bytes)"
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_json(send, 400, {"error": "invalid Content-Length header"})
+                    return
+                if declared > limit:
+                    await _send_json(send, 413, {"error": message})
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLargeError(message)
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except PayloadTooLargeError as err:
+            if started:
+                raise
+            await _send_json(send, 413, {"error": str(err.detail)})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def parse_labels(text: str) -> list[str]:
+    """Labels from a form field: a JSON list of strings (``["a, b", "c"]``) or a comma-separated string.
+
+    Comma-separated entries are trimmed; an empty entry is an error, as in ``talk2dino segment --labels``.
+
+    Raises:
+        InvalidInputError: malformed JSON, a non-string entry, or an empty entry.
+    """
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"labels look like a JSON list but do not parse ({err.msg})") from err
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidInputError("labels as JSON must be a list of strings")
+        return value
+    parts = [p.strip() for p in text.split(",")]
+    for i, part in enumerate(parts, 1):
+        if not part:
+            raise InvalidInputError(f"labels entry {i} of {len(parts)} is empty in {text[:200]!r}")
+    return parts
+
+
+def _check_label_limits(names: list[str], config: ServerConfig, what: str = "labels") -> None:
+    if len(names) > config.max_labels:
+        raise StarletteHTTPException(422, f"{len(names)} {what} given; this server accepts at most "
+                                          f"{config.max_labels} (--max-labels)")
+    for name in names:
+        if len(name) > config.max_label_length:
+            raise StarletteHTTPException(422, f"a {what[:-1]} of {len(name)} characters ({name[:40]!r}...) is "
+                                              f"longer than this server's limit of {config.max_label_length} "
+                                              "(--max-label-length)")
+
+
+def _peek_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the header without decoding; None when Pillow cannot read it (load_image says why)."""
+    with _PEEK_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Image.DecompressionBombError as err:
+            raise PayloadTooLargeError(f"image refused as a possible decompression bomb ({err})") from err
+        except Exception:  # noqa: BLE001 - any unreadable header is reported by load_image with its reason
+            return None
+
+
+def _load_upload(path: Path, display: str, *, config: ServerConfig, channels: int) -> np.ndarray:
+    """Decode an uploaded file with the library's guarded loader, after the server's size checks."""
+    size = _peek_size(path)
+    if size is not None:
+        width, height = size
+        pixels = width * height
+        if pixels > config.max_pixels:
+            raise PayloadTooLargeError(
+                f"{display}: image is {width}x{height} ({pixels:,} pixels), above this server's limit of "
+                f"{config.max_pixels:,} (--max-pixels); send a smaller image")
+        if pixels * channels > config.max_score_values:
+            raise PayloadTooLargeError(
+                f"{display}: a {width}x{height} image with {channels} score channels needs {pixels * channels:,} "
+                f"score values, above this server's limit of {config.max_score_values:,} (--max-score-values); "
+                "send a smaller image or fewer labels")
+    try:
+        return load_image(path, max_pixels=config.max_pixels)
+    except InvalidInputError as err:
+        raise InvalidInputError(str(err).replace(str(path), display)) from None
+
+
+def _fetch_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
+    """GET an http(s) URL, at most `max_bytes`; redirects only to http(s) (no ftp/file handlers installed)."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise InvalidInputError(f"image_url must start with http:// or https://; got {url[:100]!r}")
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor(),
+                    urllib.request.HTTPDefaultErrorHandler()):
+        opener.add_handler(handler)
+    request = urllib.request.Request(url, headers={"User-Agent": f"talk2dino-server/{__version__}"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise PayloadTooLargeError(f"image_url content is {int(declared):,} bytes, above this server's "
+                                           f"limit of {max_bytes:,} (--max-upload-bytes)")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as err:
+        raise InvalidInputError(f"cannot fetch image_url: HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise InvalidInputError(f"cannot fetch image_url: {reason}") from err
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(f"image_url content is larger than this server's limit of {max_bytes:,} bytes "
+                                   "(--max-upload-bytes)")
+    return data
+
+
+def _write_temp(suffix: str, source: Any | bytes) -> Path:
+    with tempfile.NamedTemporaryFile(prefix="talk2dino-upload-", suffix=suffix, delete=False) as handle:
+        if isinstance(source, bytes):
+            handle.write(source)
+        else:
+            source.seek(0)
+            shutil.copyfileobj(source, handle, _COPY_CHUNK)
+        return Path(handle.name)
+
+
+# ---------------------------------------------------------------------------------------------- answers
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _model_info(segmenter: Segmenter) -> dict[str, Any]:
+    model = segmenter.model
+    # Sources may be local paths of the server machine; report names, hashes and dtype only.
+    weights = model.weights_info
+    return {"name": model.config.name, "profile": model.config.profile, "device": str(model.device),
+            "dtype": weights.get("dtype"), "projection_sha256": weights.get("projection", {}).get("sha256"),
+            "templates": len(model.config.text.templates)}
+
+
+def _make_renderer(base_threshold: float) -> Callable[[Segmenter, SegmentJob, ImageFeatures, dict[str, float]],
+                                                      dict[str, Any]]:
+    def render(segmenter: Segmenter, job: SegmentJob, features: ImageFeatures,
+               timings: dict[str, float]) -> dict[str, Any]:
+        """Predict one job on the worker thread and build its JSON answer."""
+        clock = time.monotonic()
+        # Explicit every time: set_classes keeps background/threshold between calls otherwise.
+        threshold = job.threshold if job.threshold is not None else base_threshold
+        segmenter.set_classes(job.labels, background=job.background, threshold=threshold)
+        timings["text"] = time.monotonic() - clock
+        result = segmenter.predict_features(features, pamr=job.pamr, clean=job.clean)
+        timings.update(result.timings)
+        clock = time.monotonic()
+        labels = result.labels.numpy()
+        names = result.class_names
+        count = len(names)
+        colors = palette(count)
+        answer: dict[str, Any] = {
+            "model": _model_info(segmenter),
+            "size": [int(labels.shape[0]), int(labels.shape[1])],
+            "labels": [{**entry, "color": [int(c) for c in colors[entry["index"]]]} for entry in result.shares()],
+            "background_index": result.background_index,
+            "settings": result.config.to_dict(),
+        }
+        options = job.outputs
+        if options.label_png:
+            answer["label_png"] = _b64(label_png_bytes(labels, count))
+        if options.overlay:
+            blended = overlay(job.image, labels, count, alpha=options.alpha,
+                              background_index=result.background_index)
+            answer["overlay_png"] = _b64(png_bytes(blended))
+        if options.rle != "none":
+            answer["rle"] = label_rles(labels, names, compressed=options.rle == "compressed")
+        if options.heatmaps and result.stitched is not None:
+            stitched = result.stitched
+            tiles, (low, high) = heatmap_tiles(stitched, names, background_index=result.background_index,
+                                               tile_size=max(stitched.shape[-2:]))
+            answer["heatmaps"] = [{"index": i, "name": names[i], "png": _b64(png_bytes(tile))} for i, tile in tiles]
+            answer["heatmap_range"] = [low, high]
+            answer["heatmap_size"] = [int(stitched.shape[-2]), int(stitched.shape[-1])]
+        if options.attention:
+            maps = features.attention_maps()
+            heads = attention_tiles(maps, tile_size=max(maps.shape[-2:]))
+            answer["attention"] = [{"head": m, "png": _b64(png_bytes(tile))} for m, tile in enumerate(heads)]
+            answer["attention_size"] = [int(maps.shape[-2]), int(maps.shape[-1])]
+        timings["encode"] = time.monotonic() - clock
+        answer["timings"] = {k: round(v, 6) for k, v in timings.items()}
+        return answer
+
+    return render
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerConfig | None = None) -> FastAPI:
+    """Build the FastAPI app serving `segmenter` with the limits of `config`.
+
+    Args:
+        segmenter: a ready `Segmenter`, or a factory called once at startup (the model loads once).
+        config: limits and batching; `ServerConfig()` defaults when None.
+
+    Returns:
+        The ASGI app; run it with uvicorn (``talk2dino serve`` does). The worker thread starts and stops with
+        the app's lifespan.
+    """
+    cfg = config if config is not None else ServerConfig()
+    cfg.validate()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ready = segmenter if isinstance(segmenter, Segmenter) else await anyio.to_thread.run_sync(segmenter)
+        worker = InferenceWorker(ready, _make_renderer(ready.config.bg_threshold), queue_size=cfg.queue_size,
+                                 max_batch=cfg.max_batch)
+        worker.start()
+        app.state.worker = worker
+        # set_classes changes the segmenter's background/threshold per request; the defaults are these.
+        app.state.defaults = ready.config
+        app.state.decode_limiter = anyio.CapacityLimiter(_DECODE_CONCURRENCY)
+        logger.info("serving model %s", ready.model.config.name)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(worker.stop)
+
+    app = FastAPI(
+        title="talk2dino",
+        version=__version__,
+        description="Open-vocabulary semantic segmentation with Talk2DINO. Send an image and free-form labels; "
+                    "get the label map, a legend with each label's colour and pixel share, and optionally "
+                    "heat maps and DINOv2 attention maps. Errors are `{\"error\": \"...\"}`.",
+        lifespan=lifespan,
+    )
+    app.state.config = cfg
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes)
+    _add_error_handlers(app, cfg)
+
+    def worker_of(request: Request) -> InferenceWorker:
+        worker = getattr(request.app.state, "worker", None)
+        if worker is None:
+            raise ServiceUnavailableError("the server is starting; the model is not loaded yet")
+        return worker
+
+    def check_model(request: Request, name: str | None) -> Segmenter:
+        served: Segmenter = worker_of(request).segmenter
+        if name is not None and name != served.model.config.name:
+            raise StarletteHTTPException(404, f"model {name!r} is not served here; this server serves "
+                                              f"{served.model.config.name!r}")
+        return served
+
+    async def wait(job: SegmentJob | EmbedTextJob, worker: InferenceWorker) -> dict[str, Any]:
+        worker.submit(job)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(job.future),
+                                          timeout=max(0.0, job.deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # noqa: UP041 - a distinct class before Python 3.11
+            # wait_for cancelled the future: if still queued, the worker skips it; if running, its answer is dropped.
+            worker.count_timeout()
+            raise ServiceUnavailableError(
+                f"the request took longer than this server's limit of {cfg.request_timeout_s:g} s "
+                "(--request-timeout); the server is busy, try again later") from None
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/healthz", summary="liveness and queue state")
+    async def healthz(request: Request) -> JSONResponse:
+        worker = getattr(request.app.state, "worker", None)
+        if worker is None or not worker.alive:
+            return JSONResponse({"status": "unavailable", "worker_alive": False}, status_code=503)
+        return JSONResponse({"status": "ok", "model": worker.segmenter.model.config.name, "worker_alive": True,
+                             "queue": worker.snapshot(), "version": __version__})
+
+    @app.get("/v1/models", summary="the served model, its defaults and the server's limits; the registry")
+    async def models(request: Request) -> dict[str, Any]:
+        from talk2dino.registry import describe_models
+
+        served = check_model(request, None)
+        return {
+            "loaded": {**_model_info(served), "defaults": request.app.state.defaults.to_dict()},
+            "limits": {k: getattr(cfg, k) for k in (
+                "max_upload_bytes", "max_pixels", "max_score_values", "max_labels", "max_label_length",
+                "queue_size", "request_timeout_s", "max_batch", "allow_image_url")},
+            "available": [{"name": n, "description": d} for n, d in describe_models().items()],
+        }
+
+    @app.get("/v1/models/{name}", summary="one model: the served one, or a registry entry",
+             responses={404: _ERRORS[404]})
+    async def model(request: Request, name: str) -> dict[str, Any]:
+        from talk2dino.registry import describe_models
+
+        served = check_model(request, None)
+        if name == served.model.config.name:
+            return {**_model_info(served), "loaded": True, "defaults": request.app.state.defaults.to_dict()}
+        known = describe_models()
+        if name in known:
+            return {"name": name, "loaded": False, "description": known[name]}
+        raise StarletteHTTPException(404, f"unknown model {name!r}; this server serves "
+                                          f"{served.model.config.name!r} (registry: {', '.join(known)})")
+
+    @app.post("/v1/segment", response_model=SegmentResponse, response_model_exclude_unset=True,
+              summary="segment an image with free-form labels", responses=_ERRORS)
+    async def segment(
+        request: Request,
+        labels: Annotated[str, Form(description='comma-separated ("cat, sofa") or a JSON list of strings')],
+        image: Annotated[UploadFile | None, File(description="the image file (JPEG, PNG, WebP, ...)")] = None,
+        image_url: Annotated[str | None, Form(description="http(s) URL instead of a file (off by default)")] = None,
+        model: Annotated[str | None, Form(description="must name the served model when given")] = None,
+        background: Annotated[bool | None, Form(description="add the background class (default: model's)")] = None,
+        threshold: Annotated[float | None, Form(gt=0, lt=1, description="background threshold")] = None,
+        clean: Annotated[bool | None, Form(description="background cleaning (default: with background)")] = None,
+        pamr: Annotated[bool | None, Form(description="PAMR refinement (default: model's)")] = None,
+        label_png: Annotated[bool, Form(description="return the label map as a palette PNG")] = False,
+        overlay: Annotated[bool, Form(description="return the colour overlay PNG")] = False,
+        alpha: Annotated[float, Form(ge=0, le=1, description="overlay opacity")] = DEFAULT_OVERLAY_ALPHA,
+        rle: Annotated[RleFormat, Form(description="return COCO RLE per label")] = "none",
+        heatmaps: Annotated[bool, Form(description="return per-label score heat maps")] = False,
+        attention: Annotated[bool, Form(description="return per-head CLS attention maps")] = False,
+    ) -> dict[str, Any]:
+        started = time.monotonic()
+        worker = worker_of(request)
+        check_model(request, model)
+        if (image is None) == (image_url is None):
+            raise InvalidInputError("send exactly one of an 'image' file or an 'image_url'")
+        if image_url is not None and not cfg.allow_image_url:
+            raise StarletteHTTPException(403, "image_url is disabled on this server (start it with "
+                                              "--allow-image-url); upload the file as 'image' instead")
+        names = parse_labels(labels)
+        _check_label_limits(names, cfg)
+        use_background = request.app.state.defaults.background if background is None else background
+        names = Segmenter.check_labels(names, background=use_background)
+        channels = len(names) + int(use_background)
+
+        worker.reserve()
+        submitted = False
+        temp: Path | None = None
+        try:
+            if image is not None:
+                display = Path(image.filename or "upload").name
+                temp = await anyio.to_thread.run_sync(_write_temp, Path(display).suffix[:10], image.file)
+            else:
+                assert image_url is not None
+                display = "image_url"
+                data = await anyio.to_thread.run_sync(lambda: _fetch_url(
+                    image_url, max_bytes=cfg.max_upload_bytes, timeout=cfg.url_timeout_s))
+                temp = await anyio.to_thread.run_sync(_write_temp, "", data)
+            path = temp
+            rgb = await anyio.to_thread.run_sync(
+                lambda: _load_upload(path, display, config=cfg, channels=channels),
+                limiter=request.app.state.decode_limiter)
+            job = SegmentJob(
+                image=rgb, labels=names, background=use_background, threshold=threshold, clean=clean, pamr=pamr,
+                outputs=OutputOptions(label_png=label_png, overlay=overlay, alpha=alpha, rle=rle,
+                                      heatmaps=heatmaps, attention=attention),
+                deadline=started + cfg.request_timeout_s, admitted=started)
+            submitted = True
+            answer = await wait(job, worker)
+        finally:
+            if not submitted:
+                worker.release()
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+        answer["timings"]["total"] = round(time.monotonic() - started, 6)
+        return answer
+
+    @app.post("/v1/embed-text", response_model=EmbedTextResponse, summary="class embeddings of labels (cached)",
+              responses=_ERRORS)
+    async def embed_text(request: Request, body: EmbedTextRequest) -> dict[str, Any]:
+        started = time.monotonic()
+        worker = worker_of(request)
+        served = check_model(request, body.model)
+        _check_label_limits(body.labels, cfg)
+        if body.templates is not None:
+            if len(body.templates) > _MAX_TEMPLATES:
+                raise StarletteHTTPException(422, f"{len(body.templates)} templates given; at most {_MAX_TEMPLATES}")
+            _check_label_limits(body.templates, cfg, what="templates")
+        worker.reserve()
+        job = EmbedTextJob(labels=list(body.labels), templates=body.templates, deadline=started + cfg.request_timeout_s,
+                           admitted=started)
+        answer = await wait(job, worker)
+        return {"model": served.model.config.name, **answer}
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
+    """Every error becomes ``{"error": "<one line>"}`` with the right status."""
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None,
+              details: list[dict[str, Any]] | None = None) -> JSONResponse:
+        body: dict[str, Any] = {"error": message}
+        if details:
+            body["details"] = details
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        # Only location and message: the offending input may be a whole file.
+        details = [{"loc": [str(p) for p in e.get("loc", ()) if p != "body"], "msg": str(e.get("msg", ""))}
+                   for e in exc.errors()]
+        line = "; ".join(f"{'.'.join(d['loc']) or 'body'}: {d['msg']}" for d in details)
+        return error(422, line or "invalid request", details=details)
+
+    async def invalid_input(request: Request, exc: Exception) -> JSONResponse:
+        return error(400, str(exc).splitlines()[0] if str(exc) else "invalid input")
+
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return error(503, str(exc), headers={"Retry-After": str(cfg.retry_after_s)})
+
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(500, "internal server error; see the server log")
+
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
+        StarletteHTTPException: http_error,
+        RequestValidationError: validation_error,
+        InvalidInputError: invalid_input,
+        ServiceUnavailableError: unavailable,
+        Exception: internal,
+    }
+    for kind, handler in handlers.items():
+        app.add_exception_handler(kind, handler)

@@ -1,0 +1,98 @@
+"""`ServerConfig`: the limits and address of ``talk2dino serve`` (house-style §3), one field per flag.
+
+Every limit has a safe default here and only here; the CLI flags (``talk2dino serve --max-labels ...``) and
+the environment (``TALK2DINO_SERVE_MAX_LABELS=...``) override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from talk2dino.errors import InvalidInputError
+
+__all__ = ["ENV_PREFIX", "ServerConfig"]
+
+ENV_PREFIX = "TALK2DINO_SERVE_"
+"""Environment variables ``TALK2DINO_SERVE_<FIELD>`` (upper case) override the defaults; flags override them."""
+
+# A palette PNG holds 256 colours; with the background channel, 255 labels fill it (outputs.MAX_PALETTE_COLORS).
+_MAX_LABELS_LIMIT = 255
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Address, limits and batching of the HTTP server. All limits answer a clear 4xx/503, never exhaust memory."""
+
+    host: str = "127.0.0.1"  # bind address; loopback by default, so nothing is exposed until asked
+    port: int = 8000  # TCP port
+    max_upload_bytes: int = 20_000_000  # request body cap (413 above it), checked before and while reading
+    max_pixels: int = 16_000_000  # image width x height cap (413), read from the header before decoding
+    max_score_values: int = 2**28  # pixels x channels cap (413): the [C, H, W] float32 scores (1 GiB per copy)
+    max_labels: int = 255  # labels per request (422); 255 is the most a palette PNG holds with background
+    max_label_length: int = 200  # characters per label (422)
+    queue_size: int = 16  # requests admitted but not started; one more is refused with 503 + Retry-After
+    request_timeout_s: float = 60.0  # admission to answer; a request waiting longer gets 503, its work is skipped
+    max_batch: int = 4  # queued requests whose images share one backbone pass
+    max_connections: int = 64  # concurrent connections before uvicorn itself answers 503
+    allow_image_url: bool = False  # fetch `image_url` from the server (off: it lets clients make it fetch URLs)
+    url_timeout_s: float = 10.0  # connect/read timeout of an `image_url` fetch
+    retry_after_s: int = 5  # Retry-After header of 503 answers, in seconds
+
+    def validate(self) -> None:
+        """Raise `InvalidInputError` naming the first impossible value and the flag to change."""
+        checks: list[tuple[bool, str]] = [
+            (0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}"),
+            (self.max_upload_bytes > 0, f"--max-upload-bytes must be positive, got {self.max_upload_bytes}"),
+            (self.max_pixels > 0, f"--max-pixels must be positive, got {self.max_pixels}"),
+            (self.max_score_values > 0, f"--max-score-values must be positive, got {self.max_score_values}"),
+            (1 <= self.max_labels <= _MAX_LABELS_LIMIT,
+             f"--max-labels must be in [1, {_MAX_LABELS_LIMIT}] (a palette PNG holds 256 colours), "
+             f"got {self.max_labels}"),
+            (self.max_label_length > 0, f"--max-label-length must be positive, got {self.max_label_length}"),
+            (self.queue_size >= 1, f"--queue-size must be >= 1, got {self.queue_size}"),
+            (self.request_timeout_s > 0, f"--request-timeout must be positive, got {self.request_timeout_s}"),
+            (self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}"),
+            (self.max_connections >= 1, f"--max-connections must be >= 1, got {self.max_connections}"),
+            (self.url_timeout_s > 0, f"--url-timeout must be positive, got {self.url_timeout_s}"),
+            (self.retry_after_s >= 0, f"retry_after_s must be >= 0, got {self.retry_after_s}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInputError(message)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with `changes` applied (None values ignored), validated."""
+        config = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        config.validate()
+        return config
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """Defaults overridden by ``TALK2DINO_SERVE_<FIELD>`` variables (e.g. ``TALK2DINO_SERVE_PORT=9000``).
+
+        Raises:
+            InvalidInputError: a value that does not parse as the field's type, or an impossible value.
+        """
+        env = os.environ if environ is None else environ
+        changes: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            name = ENV_PREFIX + item.name.upper()
+            if name not in env:
+                continue
+            raw = env[name].strip()
+            kind = type(getattr(cls(), item.name))
+            try:
+                if kind is bool:
+                    lowered = raw.lower()
+                    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError(raw)
+                    changes[item.name] = lowered in ("1", "true", "yes", "on")
+                else:
+                    changes[item.name] = kind(raw)
+            except ValueError as err:
+                raise InvalidInputError(f"{name}={raw!r} is not a valid {kind.__name__}") from err
+        return cls().replace(**changes)

@@ -1,0 +1,301 @@
+"""One thread owns the `Segmenter`; requests reach it through a bounded queue and are batched.
+
+Why one thread: on a CPU machine two forward passes at once only fight over the same cores (and double the
+peak memory), and `Segmenter` keeps per-call state (the vocabulary). So every model call (backbone, text
+encoder, scoring, PAMR) runs on this thread, one batch at a time, and HTTP handlers only wait for futures.
+
+Admission is counted from the moment a handler reserves a slot (before it decodes the image) until the
+worker takes the job, so decoding work is never started for a request that the queue cannot hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from talk2dino.errors import InvalidInputError
+from talk2dino.predictor import ImageFeatures, Segmenter
+
+__all__ = [
+    "EmbedTextJob",
+    "InferenceWorker",
+    "OutputOptions",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "SegmentJob",
+    "ServiceUnavailableError",
+]
+
+logger = logging.getLogger(__name__)
+
+RleFormat = Literal["none", "compressed", "uncompressed"]
+
+
+class ServiceUnavailableError(Exception):
+    """The request cannot be served now (HTTP 503); the message says why."""
+
+
+class QueueFullError(ServiceUnavailableError):
+    """The queue holds `queue_size` requests already."""
+
+
+class RequestTimeoutError(ServiceUnavailableError):
+    """The request waited longer than `request_timeout_s`."""
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a segmentation answer carries besides the legend, settings and timings."""
+
+    label_png: bool = False  # palette PNG of the label map, base64
+    overlay: bool = False  # RGB overlay PNG (outputs.overlay), base64
+    alpha: float = 0.5  # overlay opacity of the class colours
+    rle: RleFormat = "none"  # COCO RLE per label
+    heatmaps: bool = False  # per-label score map PNGs, base64
+    attention: bool = False  # per-head CLS attention map PNGs, base64
+
+
+@dataclass
+class SegmentJob:
+    """One `/v1/segment` request, decoded and validated, waiting for the worker."""
+
+    image: np.ndarray  # [H, W, 3] uint8 RGB
+    labels: list[str]
+    background: bool
+    threshold: float | None
+    clean: bool | None
+    pamr: bool | None
+    outputs: OutputOptions
+    deadline: float  # time.monotonic() after which the answer is useless
+    admitted: float = field(default_factory=time.monotonic)
+    future: Future[dict[str, Any]] = field(default_factory=Future)
+
+
+@dataclass
+class EmbedTextJob:
+    """One `/v1/embed-text` request."""
+
+    labels: list[str]
+    templates: list[str] | None
+    deadline: float
+    admitted: float = field(default_factory=time.monotonic)
+    future: Future[dict[str, Any]] = field(default_factory=Future)
+
+
+Job = SegmentJob | EmbedTextJob
+# (segmenter, job, features, timings) -> JSON-ready answer; runs on the worker thread.
+SegmentRenderer = Callable[[Segmenter, SegmentJob, ImageFeatures, dict[str, float]], dict[str, Any]]
+
+
+class InferenceWorker:
+    """The thread that owns the segmenter, fed by a bounded queue.
+
+    Args:
+        segmenter: used by this thread only, from `start` on.
+        render: turns a prediction into the JSON answer (on this thread, so encoding also stays serialised).
+        queue_size: requests admitted but not yet taken by the worker.
+        max_batch: segmentation requests whose images share one `Segmenter.embed_images` call.
+    """
+
+    def __init__(self, segmenter: Segmenter, render: SegmentRenderer, *, queue_size: int, max_batch: int) -> None:
+        self.segmenter = segmenter
+        self._render = render
+        self.queue_size = queue_size
+        self.max_batch = max_batch
+        self._jobs: deque[Job] = deque()
+        self._reserved = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self.stats: dict[str, int] = {
+            "completed": 0, "failed": 0, "timed_out": 0, "rejected_queue_full": 0, "skipped_cancelled": 0,
+            "batches": 0, "largest_batch": 0,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the worker thread (daemon: a stuck forward pass must not keep the process alive)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="talk2dino-inference", daemon=True)
+        self._thread.start()
+        logger.info("inference worker started (queue %d, batch %d)", self.queue_size, self.max_batch)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, fail queued jobs with 503, and wait up to `timeout` s for the current batch."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._jobs)
+            self._jobs.clear()
+            self._reserved = 0
+            self._cond.notify_all()
+        for job in pending:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ServiceUnavailableError("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("inference worker still busy after %.0f s; leaving it behind", timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Queue state and counters, for /healthz."""
+        with self._cond:
+            return {"waiting": self._reserved, "capacity": self.queue_size, "busy": self._busy,
+                    "max_batch": self.max_batch, **self.stats}
+
+    # ------------------------------------------------------------------ admission
+    def reserve(self) -> None:
+        """Hold one queue slot for a request about to be decoded.
+
+        Raises:
+            QueueFullError: `queue_size` requests are waiting already.
+            ServiceUnavailableError: the worker is stopping or not running.
+        """
+        with self._cond:
+            if self._stopping or not self.alive:
+                raise ServiceUnavailableError("the inference worker is not running")
+            if self._reserved >= self.queue_size:
+                self.stats["rejected_queue_full"] += 1
+                raise QueueFullError(f"the server is busy: {self.queue_size} requests are already waiting")
+            self._reserved += 1
+
+    def release(self) -> None:
+        """Give back a slot from `reserve` whose request was never submitted (e.g. a bad image)."""
+        with self._cond:
+            self._reserved = max(0, self._reserved - 1)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job for which `reserve` succeeded."""
+        with self._cond:
+            if self._stopping:
+                self._reserved = max(0, self._reserved - 1)
+                raise ServiceUnavailableError("the server is shutting down")
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def count_timeout(self) -> None:
+        """Record a request that its handler gave up on."""
+        with self._cond:
+            self.stats["timed_out"] += 1
+
+    # ------------------------------------------------------------------ the thread
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not self._jobs and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            batch: list[Job] = [self._jobs.popleft()]
+            if isinstance(batch[0], SegmentJob):
+                while self._jobs and isinstance(self._jobs[0], SegmentJob) and len(batch) < self.max_batch:
+                    batch.append(self._jobs.popleft())
+            self._reserved = max(0, self._reserved - len(batch))
+            self._busy = True
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                live = self._start_jobs(batch)
+                if live and isinstance(live[0], SegmentJob):
+                    self._segment([job for job in live if isinstance(job, SegmentJob)])
+                elif live and isinstance(live[0], EmbedTextJob):
+                    self._embed_text(live[0])
+            except BaseException as err:  # noqa: BLE001 - the worker must survive anything one batch does
+                logger.exception("inference batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _start_jobs(self, batch: Sequence[Job]) -> list[Job]:
+        """Mark jobs running; skip the ones whose handler gave up (cancelled) or whose deadline passed."""
+        live: list[Job] = []
+        now = time.monotonic()
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                self.stats["skipped_cancelled"] += 1
+            elif now > job.deadline:
+                job.future.set_exception(RequestTimeoutError("the request timed out while queued"))
+            else:
+                live.append(job)
+        return live
+
+    def _finish(self, job: Job, make: Callable[[], dict[str, Any]]) -> None:
+        if time.monotonic() > job.deadline:
+            # Nobody waits for the answer any more: skip the rest of the work.
+            job.future.set_exception(RequestTimeoutError("the request timed out"))
+            return
+        try:
+            job.future.set_result(make())
+            self.stats["completed"] += 1
+        except InvalidInputError as err:
+            job.future.set_exception(err)
+        except Exception as err:  # noqa: BLE001 - reported to this request only
+            logger.exception("request failed")
+            self.stats["failed"] += 1
+            job.future.set_exception(err)
+
+    def _segment(self, jobs: list[SegmentJob]) -> None:
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        started = time.monotonic()
+        features: list[ImageFeatures | None]
+        try:
+            # The throughput path: all windows of all images in shared backbone batches.
+            features = list(self.segmenter.embed_images([job.image for job in jobs]))
+        except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
+            logger.debug("batch embedding failed; retrying the images one by one", exc_info=True)
+            features = []
+            for job in jobs:
+                try:
+                    features.append(self.segmenter.embed_images([job.image])[0])
+                except Exception as one:  # noqa: BLE001 - reported to that request
+                    if not isinstance(one, InvalidInputError):
+                        logger.exception("embedding one image failed")
+                        self.stats["failed"] += 1
+                    job.future.set_exception(one)
+                    features.append(None)
+        embed_s = (time.monotonic() - started) / max(len(jobs), 1)
+        for job, feats in zip(jobs, features, strict=True):
+            if feats is None:
+                continue
+            timings = {"queue": started - job.admitted, "embed_image": embed_s, "batch_size": float(len(jobs))}
+            self._finish(job, functools.partial(self._render, self.segmenter, job, feats, timings))
+            job.image = np.empty((0, 0, 3), dtype=np.uint8)  # drop the pixels as soon as they are used
+
+    def _embed_text(self, job: EmbedTextJob) -> None:
+        started = time.monotonic()
+
+        def make() -> dict[str, Any]:
+            names = self.segmenter.check_labels(job.labels, background=False)
+            embeddings = self.segmenter.class_embeddings(names, job.templates)
+            return {"labels": names, "dim": int(embeddings.shape[1]),
+                    "templates": len(job.templates) if job.templates is not None
+                    else len(self.segmenter.model.config.text.templates),
+                    "embeddings": embeddings.float().cpu().tolist(),
+                    "timings": {"queue": round(started - job.admitted, 6),
+                                "text": round(time.monotonic() - started, 6)}}
+
+        self._finish(job, make)
