@@ -130,9 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", default=None, help="YAML file of settings (flags override it)")
     add_dataclass_arguments(train.add_argument_group("Training"), TrainConfig)
     train.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    train.add_argument("--head-selection", default=None,
+                       help="comma list of strategies (max,avg,cls,cls-weighted): one run each under --out/<name>, "
+                            "plus a combined ablation table")
     train.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
     _add_serve_parser(sub)
+    from talk2dino.config import EvalConfig
+
+    ev = sub.add_parser("eval", help="evaluate on the open-vocabulary benchmarks (mIoU)",
+                        description="One benchmark (--dataset NAME --root DIR) or several (--suite all --data-root "
+                                    "DIR) -> results.json and results.md with the paper's numbers beside ours. "
+                                    "List-valued options (--bg-threshold 0.5,0.55) sweep. Resumable; runs under "
+                                    "torchrun.")
+    ev.add_argument("--recipe", default=None, help="YAML file of settings (flags override it)")
+    ev.add_argument("--models", default=None,
+                    help="comma-separated models to compare (the ablation table); overrides --model")
+    add_dataclass_arguments(ev.add_argument_group("Evaluation"), EvalConfig)
+    ev.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+
+    conv = sub.add_parser("convert", help="prepare benchmark label maps (COCO-Object/Stuff, Cityscapes, Context)")
+    conv.add_argument("kind", choices=["coco-object", "coco-stuff", "cityscapes", "context"])
+    conv.add_argument("source", help="raw maps folder (COCO stuffthingmaps), gtFine folder (Cityscapes), or the "
+                                     "459-class annotation folder (Context)")
+    conv.add_argument("--out", default=None, help="output folder (COCO; default: next to the raw maps)")
+    conv.add_argument("--labels-file", default=None, help="Context: the official labels.txt of the 459 classes")
+    conv.add_argument("--voc2010", default=None, help="Context: the VOCdevkit/VOC2010 folder to write into")
+    conv.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
+
     sub.add_parser("models", help="list the registered models")
     return parser
 
@@ -389,14 +414,78 @@ def run_extract_command(args: argparse.Namespace) -> int:
 
 
 def run_train_command(args: argparse.Namespace) -> int:
-    """The ``train`` subcommand."""
+    """The ``train`` subcommand (one run, or one per --head-selection strategy plus a table)."""
     from talk2dino.config import TrainConfig
     from talk2dino.recipes import build_config, load_recipe
     from talk2dino.training.trainer import run_train
 
     config = build_config(TrainConfig, args, recipe=load_recipe(args.recipe) if args.recipe else None)
-    out = run_train(config, progress=not (args.quiet or args.no_progress), resume=bool(args.resume))
-    logger.info("model folder written to %s (use --model local-dir:%s)", out, out)
+    progress = not (args.quiet or args.no_progress)
+    if not args.head_selection:
+        out = run_train(config, progress=progress, resume=bool(args.resume))
+        logger.info("model folder written to %s (use --model local-dir:%s)", out, out)
+        return 0
+    from talk2dino.errors import InvalidInputError
+    from talk2dino.training.ablation import ablation_table
+    from talk2dino.training.targets import STRATEGIES
+
+    strategies = parse_label_list(args.head_selection)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise InvalidInputError(f"--head-selection: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+    runs: dict[str, str | os.PathLike[str]] = {}
+    for strategy in (s for s in STRATEGIES if s in strategies):
+        run_config = dataclasses.replace(config, target_strategy=strategy, out=str(Path(config.out) / strategy))
+        runs[strategy] = run_train(run_config, progress=progress, resume=bool(args.resume))
+    table = ablation_table(runs)
+    from talk2dino.fileio import atomic_write_bytes
+
+    atomic_write_bytes(Path(config.out) / "ablation.md", table.encode("utf-8"))
+    sys.stdout.write(table)
+    return 0
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """The ``eval`` subcommand: results.json + results.md (one block per model with --models)."""
+    from talk2dino.config import EvalConfig
+    from talk2dino.evaluation.runner import run_eval
+    from talk2dino.fileio import atomic_write_bytes
+    from talk2dino.recipes import build_config, load_recipe
+
+    config = build_config(EvalConfig, args, recipe=load_recipe(args.recipe) if args.recipe else None)
+    progress = not (args.quiet or args.no_progress)
+    if not args.models:
+        sys.stdout.write(run_eval(config, progress=progress)["markdown"])
+        return 0
+    blocks = []
+    for name in parse_label_list(args.models):
+        safe = name.replace("/", "_").replace(":", "_")
+        result = run_eval(dataclasses.replace(config, model=name, out=str(Path(config.out) / safe)),
+                          progress=progress)
+        blocks.append(f"### {name}\n\n{result['markdown']}")
+    table = "\n".join(blocks)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(config.out) / "ablation.md", table.encode("utf-8"))
+    sys.stdout.write(table)
+    return 0
+
+
+def run_convert_command(args: argparse.Namespace) -> int:
+    """The ``convert`` subcommand: prepare label maps in the layout `eval` reads."""
+    from talk2dino.data import converters
+    from talk2dino.errors import InvalidInputError
+
+    if args.kind == "coco-object":
+        counts = converters.convert_coco_object(args.source, args.out, overwrite=args.overwrite)
+    elif args.kind == "coco-stuff":
+        counts = converters.convert_coco_stuff(args.source, args.out, overwrite=args.overwrite)
+    elif args.kind == "cityscapes":
+        counts = converters.convert_cityscapes(args.source, overwrite=args.overwrite)
+    else:
+        if not args.labels_file or not args.voc2010:
+            raise InvalidInputError(f"context needs --labels-file and --voc2010; {converters.CONTEXT_SOURCES_HELP}")
+        counts = converters.convert_context(args.source, args.labels_file, args.voc2010, overwrite=args.overwrite)
+    logger.info("%s: %s", args.kind, counts)
     return 0
 
 
@@ -431,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_extract_command(args)
         if args.command == "train":
             return run_train_command(args)
+        if args.command == "eval":
+            return run_eval_command(args)
+        if args.command == "convert":
+            return run_convert_command(args)
         if args.command == "serve":
             return run_serve(args)
         return run_models()

@@ -218,7 +218,7 @@ class EvalConfig:
     pamr: bool = False  # the "+ PAMR" rows of the paper's table, §6.1
     bg_clean: bool | None = None  # None: the benchmark's published setting, §5.1
     bg_threshold: tuple[float, ...] = ()  # θ values to sweep; empty: the model's θ, §4.6
-    clean_lambda: tuple[float, ...] = ()  # λ values to sweep; empty: 0.2, §4.5
+    bg_clean_lambda: tuple[float, ...] = ()  # λ values to sweep; empty: 0.2, §4.5
     short_side: tuple[int, ...] = ()  # resize values to sweep; empty: 448, §4.3
     window: tuple[int, ...] = ()  # window sizes to sweep; empty: 448, §4.3
     stride: tuple[int, ...] = ()  # strides to sweep; empty: 224, §4.3

@@ -51,7 +51,10 @@ PAPER_MIOU: dict[tuple[str, bool], dict[str, float]] = {
     ("vitb", True): dict(zip(SUITE_ORDER, (88.5, 42.4, 30.2, 38.1, 22.5, 65.8, 37.7, 45.1), strict=True)),
     ("vitl", True): dict(zip(SUITE_ORDER, (89.8, 42.7, 29.6, 38.4, 22.9, 66.1, 37.3, 42.3), strict=True)),
 }
-_SWEPT = ("bg_threshold", "clean_lambda", "short_side", "window", "stride")
+# EvalConfig sweep field -> the InferenceConfig field it sets.
+_SWEEP_FIELDS = {"bg_threshold": "bg_threshold", "bg_clean_lambda": "clean_lambda", "short_side": "short_side",
+                 "window": "window", "stride": "stride"}
+_SWEPT = tuple(_SWEEP_FIELDS.values())
 _GEOMETRY = ("short_side", "window", "stride")
 
 
@@ -128,7 +131,7 @@ def _root_of(spec: BenchmarkSpec, config: EvalConfig) -> Path:
 
 def option_grid(config: EvalConfig) -> list[dict[str, Any]]:
     """Every combination of the swept options (an empty list means the default for that option)."""
-    axes = {name: list(getattr(config, name)) for name in _SWEPT if getattr(config, name)}
+    axes = {field: list(getattr(config, name)) for name, field in _SWEEP_FIELDS.items() if getattr(config, name)}
     if not axes:
         return [{}]
     keys = list(axes)
@@ -327,42 +330,18 @@ def markdown_table(results: Sequence[BenchmarkResult], *, pamr: bool) -> str:
 
 
 def sweep_plot(results: Sequence[BenchmarkResult], path: Path) -> bool:
-    """A line plot of mIoU against the one swept option (PNG, drawn with Pillow); False if not 1-D."""
-    from PIL import Image, ImageDraw
+    """A line plot of mIoU against the one swept option (PNG); False when the sweep is not 1-D."""
+    from talk2dino.plots import line_chart
 
     swept = _varying(results)
     if len(swept) != 1 or len(results) < 2:
         return False
     key = swept[0]
-    points = sorted((float(r.options[key]), r.record()["mIoU_exact"]) for r in results)
+    points = [(float(r.options[key]), r.record()["mIoU_exact"]) for r in results]
     points = [(x, y) for x, y in points if y is not None]
     if len(points) < 2:
         return False
-    w, h, m = 640, 400, 50
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    y0, y1 = (y0 - 1, y1 + 1) if y1 - y0 < 1e-9 else (y0, y1)
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([m, m, w - m, h - m], outline="black")
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m))
-
-    draw.line([at(x, y) for x, y in points], fill=(31, 119, 180), width=3)
-    for x, y in points:
-        cx, cy = at(x, y)
-        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(31, 119, 180))
-        draw.text((cx - 12, cy - 18), f"{y:.1f}", fill="black")
-        draw.text((cx - 12, h - m + 6), f"{x:g}", fill="black")
-    draw.text((m, 15), f"{results[0].spec.tag}: mIoU vs {key}", fill="black")
-    with_parent = path.parent
-    with_parent.mkdir(parents=True, exist_ok=True)
-    from talk2dino.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        img.save(tmp)
+    line_chart(points, path, title=f"{results[0].spec.tag}: mIoU vs {key}")
     return True
 
 
