@@ -79,3 +79,26 @@ def test_convert_cityscapes_command(tmp_path: Path) -> None:
     assert main(["-q", "convert", "cityscapes", str(tmp_path / "gtFine")]) == 0
     out = np.array(Image.open(city / "bonn_000000_000019_gtFine_labelTrainIds.png"))
     assert out.tolist() == [[0, 13], [255, 11]]  # road, car, unlabeled, person
+
+
+def test_eval_backbone_ablation_across_families(tiny_sources: dict[str, str], tmp_path: Path) -> None:
+    """segment -> eval round trip for a DINOv2 and a DINO v1 backbone, each with its own psi."""
+    from conftest import save_tiny_dino_vit, save_tiny_projection
+    from test_eval_runner import make_voc
+
+    data = make_voc(tmp_path / "data")
+    dino_v1 = save_tiny_dino_vit(tmp_path / "dino_v1")
+    psi_v1 = save_tiny_projection(tmp_path / "psi_v1.pth", out_dim=_hidden_size(dino_v1))
+    backbones = f"{tiny_sources['backbone']},local-dir:{dino_v1}"
+    projections = f"{tiny_sources['projection']},{psi_v1}"
+    assert main(["-q", "eval", "--dataset", "voc20", "--root", str(data / "VOCdevkit" / "VOC2012"), "--device", "cpu",
+                 "--text-encoder", tiny_sources["text_encoder"], "--backbones", backbones, "--projections",
+                 projections, "--short-side", "56", "--window", "56", "--stride", "28", "--out",
+                 str(tmp_path / "abl"), "--no-progress"]) == 0  # 56: a multiple of both patch sizes (14, 8)
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert table.count("| V20 |") == 2 and f"### local-dir:{dino_v1}" in table
+    assert main(["-q", "eval", "--dataset", "voc20", "--root", str(data), "--backbones", backbones]) == 2
+
+
+def _hidden_size(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["hidden_size"])

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recipe", default=None, help="YAML file of settings (flags override it)")
     ev.add_argument("--models", default=None,
                     help="comma-separated models to compare (the ablation table); overrides --model")
+    ev.add_argument("--backbones", default=None,
+                    help="comma-separated backbones to compare, each with the psi at the same position in "
+                         "--projections (a psi is trained for one backbone)")
+    ev.add_argument("--projections", default=None, help="comma-separated psi sources matching --backbones")
     add_dataclass_arguments(ev.add_argument_group("Evaluation"), EvalConfig)
     ev.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
@@ -454,14 +458,26 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     config = build_config(EvalConfig, args, recipe=load_recipe(args.recipe) if args.recipe else None)
     progress = not (args.quiet or args.no_progress)
-    if not args.models:
+    variants: list[tuple[str, EvalConfig]] = []
+    if args.backbones:
+        from talk2dino.errors import InvalidInputError
+
+        backbones = parse_label_list(args.backbones)
+        projections = parse_label_list(args.projections) if args.projections else []
+        if len(projections) != len(backbones):
+            raise InvalidInputError(f"--backbones lists {len(backbones)} backbones but --projections "
+                                    f"{len(projections)} psi files; give one psi per backbone")
+        variants = [(b, dataclasses.replace(config, backbone=b, projection=p)) for b, p in zip(backbones, projections,
+                                                                                             strict=True)]
+    elif args.models:
+        variants = [(name, dataclasses.replace(config, model=name)) for name in parse_label_list(args.models)]
+    if not variants:
         sys.stdout.write(run_eval(config, progress=progress)["markdown"])
         return 0
     blocks = []
-    for name in parse_label_list(args.models):
+    for name, variant in variants:
         safe = name.replace("/", "_").replace(":", "_")
-        result = run_eval(dataclasses.replace(config, model=name, out=str(Path(config.out) / safe)),
-                          progress=progress)
+        result = run_eval(dataclasses.replace(variant, out=str(Path(config.out) / safe)), progress=progress)
         blocks.append(f"### {name}\n\n{result['markdown']}")
     table = "\n".join(blocks)
     Path(config.out).mkdir(parents=True, exist_ok=True)
