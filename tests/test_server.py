@@ -116,9 +116,26 @@ def server(tiny_model) -> Iterator[str]:
         yield url
 
 
+HEAVY_SECONDS = 3.0  # how long a heavy image occupies the worker, whatever the machine's speed
+
+
+class _SlowSegmenter(Segmenter):
+    """A real Segmenter that also holds the worker for HEAVY_SECONDS on large images.
+
+    The queueing tests (timeouts, a full queue, batching) need the worker busy for a known time; real
+    computation alone takes anywhere from 0.3 s to several seconds depending on the machine's load.
+    """
+
+    def embed_images(self, images):  # type: ignore[no-untyped-def]
+        if any(getattr(image, "shape", (0, 0))[0] * getattr(image, "shape", (0, 0))[1] >= 400 * 400
+               for image in images):
+            time.sleep(HEAVY_SECONDS)
+        return super().embed_images(images)
+
+
 def heavy_segmenter(tiny_model) -> Segmenter:
-    # The protocol geometry (448-pixel windows) with PAMR: about a second or more per request on 2 cores.
-    return Segmenter(tiny_model, InferenceConfig(pamr=True))
+    # The protocol geometry (448-pixel windows) with PAMR, plus a fixed hold on large images.
+    return _SlowSegmenter(tiny_model, InferenceConfig(pamr=True))
 
 
 def heavy_request(url: str, labels: int = 60, size: tuple[int, int] = (600, 800)) -> httpx.Response:
@@ -354,7 +371,7 @@ def test_full_queue_answers_503_with_retry_after(tiny_model) -> None:
 
 
 def test_timeouts_answer_503_and_the_worker_survives(tiny_model) -> None:
-    config = ServerConfig(request_timeout_s=1.5, max_batch=1)
+    config = ServerConfig(request_timeout_s=1.0, max_batch=1)  # well below HEAVY_SECONDS
     with running_server(create_app(heavy_segmenter(tiny_model), config)) as url:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(heavy_request, url, 50)
