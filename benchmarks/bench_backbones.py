@@ -52,12 +52,12 @@ SLOW = ("dinov2-vitg14-reg", "dinov3-vith16plus")
 def build(name: str) -> Any:
     """The package backbone wrapper around a random model of configuration `name`."""
     from transformers import (
-        DINOv3ViTConfig,
-        DINOv3ViTModel,
         Dinov2Config,
         Dinov2Model,
         Dinov2WithRegistersConfig,
         Dinov2WithRegistersModel,
+        DINOv3ViTConfig,
+        DINOv3ViTModel,
         ViTConfig,
         ViTModel,
     )
