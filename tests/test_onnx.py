@@ -178,3 +178,27 @@ def test_fixed_batch_export_runs_one_window_at_a_time(tiny_model: Any, tmp_path:
     segmenter.set_classes(["cat", "dog"])
     segmenter.set_image(_image(30, 50))  # 28×46 -> 3 windows, one backbone call each
     assert segmenter.predict().labels.shape == (30, 50)
+
+
+def test_cli_export_then_segment_with_onnx_runtime(tiny_sources: dict[str, str], tmp_path: Path) -> None:
+    """`talk2dino export-onnx` then `segment --runtime onnx` writes the labels the torch runtime writes."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from PIL import Image
+
+    from talk2dino.cli import main
+
+    parts = ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
+             "--projection", tiny_sources["projection"], "--device", "cpu"]
+    onnx_dir = tmp_path / "onnx"
+    assert main(["-q", "export-onnx", *parts, "--out", str(onnx_dir)]) == 0
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(image)
+    common = [str(image), "--labels", "cat, dog", "--background", "--no-progress"]
+    assert main(["-q", "segment", *common, *parts, "--out", str(tmp_path / "torch")]) == 0
+    assert main(["-q", "segment", *common, "--runtime", "onnx", "--onnx-dir", str(onnx_dir),
+                 "--out", str(tmp_path / "ort")]) == 0
+    ours = np.array(Image.open(tmp_path / "ort" / "img_labels.png"))
+    theirs = np.array(Image.open(tmp_path / "torch" / "img_labels.png"))
+    assert (ours == theirs).mean() > 0.999
+    assert main(["-q", "segment", *common, "--runtime", "onnx", "--out", str(tmp_path / "x")]) == 2

@@ -64,6 +64,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-dir", default=None,
                        help="download cache (default $TALK2DINO_CACHE or ~/.cache/talk2dino)")
     group.add_argument("--offline", action="store_true", default=None, help="never touch the network")
+    group.add_argument("--runtime", default=None, choices=["torch", "onnx"],
+                       help="torch (default) or onnx: run a folder written by `talk2dino export-onnx` (--onnx-dir)")
+    group.add_argument("--onnx-dir", default=None, help="exported ONNX folder, with --runtime onnx")
 
 
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--labels-file", default=None, help="Context: the official labels.txt of the 459 classes")
     conv.add_argument("--voc2010", default=None, help="Context: the VOCdevkit/VOC2010 folder to write into")
     conv.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
+
+    onnx = sub.add_parser("export-onnx", help="export the image side, text side and psi to ONNX",
+                          description="Writes image_encoder.onnx, text_encoder.onnx, projection.onnx, the "
+                                      "tokenizer and onnx_config.json (hashes); run them with --runtime onnx.")
+    _add_model_args(onnx)
+    onnx.add_argument("--out", required=True, help="output folder")
+    onnx.add_argument("--image-size", type=int, default=None, help="window size (default: the model's, 448)")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
 
     sub.add_parser("models", help="list the registered models")
     return parser
@@ -266,19 +277,35 @@ def _write_outputs(out_dir: Path, stem: str, image_path: Path, rgb: Any, result:
     save_json(out_dir / f"{stem}.json", {"image": str(image_path), "files": files, **summary})
 
 
-def _build_segmenter(args: argparse.Namespace) -> Any:
-    """The model of the "Model" flags with the "Inference" flags over its defaults, as a `Segmenter`."""
-    from talk2dino.predictor import Segmenter
+def _create_model_from_args(args: argparse.Namespace) -> Any:
+    """`create_model` from the "Model" flags (a name, or the three parts); --offline applies first."""
     from talk2dino.registry import create_model
 
     if args.offline:
+        # huggingface_hub reads this when imported; our resolver reads TALK2DINO_OFFLINE on every call.
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TALK2DINO_OFFLINE"] = "1"
-    model = create_model(
+
+    return create_model(
         args.model or (None if args.backbone and args.text_encoder and args.projection else DEFAULT_MODEL),
         device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
         backbone=args.backbone, text_encoder=args.text_encoder, projection=args.projection,
     )
+
+
+def _build_segmenter(args: argparse.Namespace) -> Any:
+    """The model of the "Model" flags with the "Inference" flags over its defaults, as a `Segmenter`."""
+    from talk2dino.predictor import Segmenter
+
+    if args.runtime == "onnx":
+        from talk2dino.errors import InvalidInputError
+        from talk2dino.models.onnx_runtime import load_onnx_model
+
+        if not args.onnx_dir:
+            raise InvalidInputError("--runtime onnx needs --onnx-dir (a folder written by `talk2dino export-onnx`)")
+        model = load_onnx_model(args.onnx_dir, device=args.device or "cpu")
+    else:
+        model = _create_model_from_args(args)
     overrides = {
         "background": args.background, "bg_threshold": args.bg_threshold, "bg_clean": args.bg_clean,
         "pamr": args.pamr, "window_batch_size": args.window_batch_size,
@@ -486,6 +513,15 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export_onnx(args: argparse.Namespace) -> int:
+    """The ``export-onnx`` subcommand."""
+    from talk2dino.export import export_onnx
+
+    paths = export_onnx(_create_model_from_args(args), args.out, image_size=args.image_size, opset=args.opset)
+    logger.info("exported %s", ", ".join(f"{k}={v}" for k, v in paths.items()))
+    return 0
+
+
 def run_convert_command(args: argparse.Namespace) -> int:
     """The ``convert`` subcommand: prepare label maps in the layout `eval` reads."""
     from talk2dino.data import converters
@@ -538,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train_command(args)
         if args.command == "eval":
             return run_eval_command(args)
+        if args.command == "export-onnx":
+            return run_export_onnx(args)
         if args.command == "convert":
             return run_convert_command(args)
         if args.command == "serve":
