@@ -12,7 +12,7 @@ import torch
 from talk2dino.ops.cleaning import clean_background
 from talk2dino.ops.pamr import pamr, pamr_reference
 from talk2dino.ops.similarity import sigmoid_cosine
-from talk2dino.ops.sliding import resized_size, stitch, window_grid
+from talk2dino.ops.sliding import resized_size, softmax_argmax, stitch, window_grid
 
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
 WINDOW = 448
@@ -277,6 +277,106 @@ def test_pamr_classes_are_independent() -> None:
     torch.testing.assert_close(whole, chunks, atol=0, rtol=0)
 
 
+def _pamr_shift_accumulate(image: torch.Tensor, masks: torch.Tensor, iterations: int,
+                           dilations: tuple[int, ...]) -> torch.Tensor:
+    """The previous fast PAMR, kept as a second independent check: affinities as `[B, K, H, W]` with a
+    softmax over dim 1, then per step the 48 weighted padded shifts accumulated into one buffer."""
+    from talk2dino.ops.pamr import STD_EPS, STD_SCALE, _stencil_offsets
+
+    height, width = image.shape[-2:]
+    pad = max(dilations)
+
+    def shifted(padded: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]
+
+    neighbours = _stencil_offsets(dilations, include_centre=False)
+    stencil = _stencil_offsets(dilations, include_centre=True)
+    out = []
+    for b in range(image.shape[0]):
+        guide = image[b : b + 1]
+        padded_guide = torch.nn.functional.pad(guide, [pad] * 4, mode="replicate")
+        mean = sum(shifted(padded_guide, dy, dx) for dy, dx in stencil) / len(stencil)
+        squares = sum((shifted(padded_guide, dy, dx) - mean).square() for dy, dx in stencil)
+        denominator = STD_EPS + STD_SCALE * (squares / (len(stencil) - 1)).sqrt()
+        kappa = torch.stack([(-(guide - shifted(padded_guide, dy, dx)).abs() / denominator).mean(dim=1)
+                             for dy, dx in neighbours], dim=1)
+        weights = torch.softmax(kappa, dim=1).unsqueeze(2)  # [1, K, 1, H, W]
+        refined = masks[b : b + 1]
+        for _ in range(iterations):
+            padded = torch.nn.functional.pad(refined, [pad] * 4, mode="replicate")
+            accumulated = torch.zeros_like(refined)
+            for index, (dy, dx) in enumerate(neighbours):
+                accumulated.addcmul_(weights[:, index], shifted(padded, dy, dx))
+            refined = accumulated
+        out.append(refined)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(("classes", "height", "width"), [(21, 64, 80), (1, 9, 31), (17, 50, 3)])
+def test_pamr_gather_matches_shift_accumulation(classes: int, height: int, width: int) -> None:
+    """The embedding-bag propagation equals the shift-and-accumulate formulation bit for bit: same
+    affinity arithmetic, and the K weighted terms summed in the same order (images of up to one band of
+    affinity rows, so that the softmax runs over the same extent)."""
+    image, masks = _random_pamr_inputs(2, classes, height, width, seed=11)
+    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    plain = _pamr_shift_accumulate(image, masks, 10, PAMR_DILATIONS)
+    # With a single class, addcmul_ takes another (fused multiply-add) kernel: rounding-level differences.
+    torch.testing.assert_close(fast, plain, atol=0 if classes > 1 else 1e-6, rtol=0)
+    torch.testing.assert_close(fast, pamr_reference(image, masks, iterations=10, dilations=PAMR_DILATIONS),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_pamr_full_window_equals_shift_accumulation() -> None:
+    """A full 448×448 window (several bands of affinity rows) is still bit-for-bit the plain formulation."""
+    image, masks = _random_pamr_inputs(1, 3, 448, 448, seed=13)
+    image = image.round()
+    fast = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS)
+    torch.testing.assert_close(fast, _pamr_shift_accumulate(image, masks, 2, PAMR_DILATIONS), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_in_place_softmax_equals_torch_softmax(dim: int) -> None:
+    from talk2dino.ops.pamr import _softmax_
+
+    logits = torch.randn(48, 1000, generator=torch.Generator().manual_seed(14)) * 20
+    expected = torch.softmax(logits, dim=dim)
+    assert torch.equal(_softmax_(logits.clone(), dim=dim), expected)
+
+
+def test_pamr_inside_then_outside_inference_mode(monkeypatch) -> None:
+    """The reused scratch buffer stays writable whichever mode made it."""
+    import talk2dino.ops.pamr as pamr_module
+
+    monkeypatch.setattr(pamr_module._SCRATCH, "buffer", None, raising=False)  # made by the next call
+    image, masks = _random_pamr_inputs(1, 2, 23, 45, seed=15)
+    with torch.inference_mode():
+        inside = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS)
+    outside = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS)
+    assert torch.equal(inside, outside)
+
+
+def test_pamr_accepts_non_contiguous_masks() -> None:
+    image, masks = _random_pamr_inputs(1, 5, 24, 20, seed=12)
+    channels_last = masks.contiguous(memory_format=torch.channels_last)
+    transposed = masks.transpose(2, 3).contiguous().transpose(2, 3)
+    expected = pamr(image, masks, iterations=3, dilations=PAMR_DILATIONS)
+    for variant in (channels_last, transposed):
+        assert torch.equal(pamr(image, variant, iterations=3, dilations=PAMR_DILATIONS), expected)
+
+
+def test_pamr_neighbour_index_is_replicate_clamped() -> None:
+    from talk2dino.ops.pamr import _neighbour_index
+
+    index = _neighbour_index(5, 7, (1, 3), torch.device("cpu"))
+    assert index.shape == (35, 16) and index.dtype == torch.int32
+    # Pixel (0, 0): offsets of dilation 1 in row-major order, clamped at the top-left corner.
+    assert index[0, :8].tolist() == [0, 0, 1, 0, 1, 7, 7, 8]
+    # Pixel (4, 6), dilation 3: (1, 3) (1, 6) (1, 6) (4, 3) (4, 6) (4, 3) (4, 6) (4, 6).
+    assert index[34, 8:].tolist() == [10, 13, 13, 31, 34, 31, 34, 34]
+    assert _neighbour_index(5, 7, (1, 3), torch.device("cpu")) is index  # cached per geometry
+
+
 def test_pamr_rejects_size_mismatch() -> None:
     with pytest.raises(ValueError, match="must share"):
         pamr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 4, 4), iterations=1, dilations=(1,))
@@ -348,3 +448,69 @@ def test_stitch_uncovered_pixel_raises() -> None:
 def test_stitch_box_block_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="block"):
         stitch(torch.ones(1, 1, 2, 3), [(0, 2, 0, 4)], 2, 4)
+
+
+# --------------------------------------------------------------------------- softmax_argmax (§4.8 step 4)
+
+
+def _engineered_near_ties(channels: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Random scores in the pipeline's range with many exact ties and 1-, 2-, 3- and k-ulp near-ties
+    between the best channel and another (lower or higher) channel."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = 0.27 + 0.46 * torch.rand(channels, height, width, generator=generator)
+    flat = scores.view(channels, -1)
+    pixels = flat.shape[1]
+    best = flat.argmax(dim=0)
+    top = flat.max(dim=0).values
+    chosen = torch.randperm(pixels, generator=generator)[: pixels * 3 // 4]
+    other = torch.randint(0, channels, (pixels,), generator=generator)
+    ulps = torch.randint(-1, 40, (pixels,), generator=generator)  # -1: copy the exact value
+    for p in chosen.tolist():
+        c, b = int(other[p]), int(best[p])
+        if c == b:
+            continue
+        value = top[p].clone()
+        for _ in range(max(int(ulps[p]), 0)):
+            value = torch.nextafter(value, torch.tensor(0.0))
+        flat[c, p] = value
+    # A constant channel like the background threshold, tied with some pixels' best score exactly.
+    scores[0, : height // 3] = 0.55
+    return scores
+
+
+@pytest.mark.parametrize(("channels", "height", "width", "seed"),
+                         [(21, 97, 131, 0), (2, 70, 64, 1), (5, 200, 33, 2), (1, 10, 10, 3), (60, 17, 300, 4)])
+def test_softmax_argmax_equals_softmax_then_argmax(channels: int, height: int, width: int, seed: int) -> None:
+    scores = _engineered_near_ties(channels, height, width, seed)
+    expected = torch.softmax(scores, dim=0).argmax(dim=0)
+    got = softmax_argmax(scores)
+    assert got.dtype == torch.int64 and got.shape == (height, width)
+    assert torch.equal(got, expected)
+    if channels > 1:
+        # The test exercises the point: the softmax changes the plain argmax somewhere.
+        assert not torch.equal(scores.argmax(dim=0), expected) or channels == 2
+
+
+def test_softmax_argmax_exact_ties_go_to_lowest_index() -> None:
+    scores = torch.tensor([[[0.5, 0.7]], [[0.6, 0.7]], [[0.6, 0.2]]])  # [3, 1, 2]
+    assert softmax_argmax(scores).tolist() == [[1, 0]]
+
+
+def test_softmax_argmax_bilinear_resized_scores() -> None:
+    """On resized stitched maps, as in the predictor, including a constant background channel."""
+    generator = torch.Generator().manual_seed(5)
+    stitched = 0.27 + 0.46 * torch.rand(20, 40, 53, generator=generator)
+    stitched = torch.cat([torch.full((1, 40, 53), 0.55), stitched])
+    stitched[3] = stitched[7]  # duplicated channel: exact ties everywhere between 3 and 7
+    final = torch.nn.functional.interpolate(stitched[None], size=(375, 500), mode="bilinear",
+                                            align_corners=False)[0]
+    assert torch.equal(softmax_argmax(final), torch.softmax(final, dim=0).argmax(dim=0))
+
+
+def test_softmax_argmax_nan_and_shape_checks() -> None:
+    scores = torch.rand(4, 3, 3)
+    scores[:, 1, 1] = float("nan")
+    scores[2, 0, 0] = float("nan")
+    assert torch.equal(softmax_argmax(scores), torch.softmax(scores, dim=0).argmax(dim=0))
+    with pytest.raises(ValueError, match=r"\[C, H, W\]"):
+        softmax_argmax(torch.zeros(3, 4))

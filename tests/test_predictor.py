@@ -180,3 +180,80 @@ def test_real_photo_end_to_end(segmenter: Segmenter) -> None:
     summary = segmenter.summary(result)
     assert summary["settings"]["bg_clean"] is True  # cleaning follows background by default
     assert summary["model"]["weights"]["projection"]["sha256"]
+
+
+def _plain_prediction(segmenter: Segmenter, features, cfg: InferenceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline of method.md §4.4-4.8 written plainly on all windows at once (the code before the
+    per-window fast path): stitched scores and labels via the full softmax."""
+    import torch.nn.functional as F
+
+    from talk2dino.ops.cleaning import clean_background
+    from talk2dino.ops.pamr import pamr
+    from talk2dino.ops.similarity import sigmoid_cosine
+    from talk2dino.ops.sliding import stitch
+
+    out, text = features.output, segmenter._class_embeddings
+    n, num_classes = out.patch_tokens.shape[0], text.shape[0]
+    wh, ww = features.guides.shape[-2:]
+    scores = sigmoid_cosine(out.patch_tokens, text)
+    if cfg.effective_bg_clean:
+        scores = clean_background(scores, out.patch_tokens, out.attn_logits, text, lam=cfg.clean_lambda,
+                                  head_embedding=cfg.clean_head_embedding)
+    scores = F.interpolate(scores.view(n, num_classes, *out.grid), size=(wh, ww), mode="bilinear",
+                           align_corners=True)
+    if cfg.pamr:
+        scores = pamr(features.guides, scores, iterations=cfg.pamr_iterations, dilations=cfg.pamr_dilations)
+    if cfg.background:
+        scores = torch.cat([torch.full((n, 1, wh, ww), cfg.bg_threshold), scores], dim=1)
+    stitched = stitch(scores, features.boxes, *features.resized_size)
+    final = F.interpolate(stitched[None], size=features.original_size, mode="bilinear", align_corners=False)[0]
+    return stitched, torch.softmax(final, dim=0).argmax(dim=0)
+
+
+@pytest.mark.parametrize(("background", "pamr"), [(True, True), (False, True), (True, False)])
+def test_fast_path_equals_plain_pipeline_bit_for_bit(segmenter: Segmenter, background: bool, pamr: bool) -> None:
+    """One window at a time, the background channel added by `stitch`, labels without the full softmax:
+    the same numbers as the plain all-windows pipeline."""
+    segmenter.set_classes(["cat", "dog", "sky", "road"], background=background)
+    for seed, (h, w) in enumerate(((60, 90), (41, 37), (90, 30))):
+        features = segmenter.set_image(_image(h, w, seed))
+        result = segmenter.predict(pamr=pamr)
+        stitched, labels = _plain_prediction(segmenter, features, result.config)
+        assert result.stitched is not None and torch.equal(result.stitched, stitched)
+        assert torch.equal(result.labels, labels)
+
+
+def test_scores_are_resized_on_first_access_only(segmenter: Segmenter, monkeypatch) -> None:
+    import talk2dino.predictor as predictor
+
+    calls = {"n": 0}
+    original = predictor._resize_scores
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(predictor, "_resize_scores", counting)
+    segmenter.set_classes(["cat", "dog"], background=True)
+    segmenter.set_image(_image())
+    result = segmenter.predict()
+    assert calls["n"] == 1  # the labels' resize; the scores are not kept
+    first = result.scores
+    assert calls["n"] == 2 and result.scores is first  # computed once, then cached
+    expected = torch.nn.functional.interpolate(result.stitched[None], size=(60, 90), mode="bilinear",
+                                               align_corners=False)[0]
+    assert torch.equal(first, expected)
+
+
+def test_segmentation_result_takes_tensors_and_replace_works(segmenter: Segmenter) -> None:
+    import dataclasses
+
+    segmenter.set_classes(["cat", "dog"])
+    segmenter.set_image(_image())
+    result = segmenter.predict()
+    copy = dataclasses.replace(result, class_names=["a", "b"])
+    assert torch.equal(copy.scores, result.scores) and copy.class_names == ["a", "b"]
+    plain = predictor_result = type(result)(result.labels, result.scores.clone(), ["a", "b"], None, result.config)
+    assert torch.equal(predictor_result.scores, result.scores) and plain.timings == {}
+    plain.scores = torch.zeros(1)
+    assert plain.scores.shape == (1,)

@@ -9,10 +9,11 @@ to the original size (align_corners=False), softmax over channels and argmax.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from talk2dino.ops.cleaning import clean_background
 from talk2dino.ops.pamr import pamr as pamr_fast
 from talk2dino.ops.pamr import pamr_reference
 from talk2dino.ops.similarity import sigmoid_cosine
-from talk2dino.ops.sliding import resized_size, stitch, window_grid
+from talk2dino.ops.sliding import resized_size, softmax_argmax, stitch, window_grid
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,32 @@ ImageLike = Any  # PIL image, HxWx3 uint8 numpy array or [3, H, W] tensor; see d
 _TEXT_CACHE_SIZE = 64
 
 
-@dataclass
+class _LazyScores:
+    """Descriptor of `SegmentationResult.scores`: a tensor, or a zero-argument function computing it once.
+
+    The predictor stores a function (the final resize of ``stitched``), so that a caller who never reads
+    ``scores`` never allocates the full-resolution ``[C, H, W]`` maps; the first read computes and keeps them.
+    Assigning a tensor stores it as is.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}_value"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> torch.Tensor:
+        if obj is None:
+            # No class-level default: dataclasses then treat `scores` as a required field.
+            raise AttributeError("scores")
+        value = obj.__dict__[self._slot]
+        if callable(value):
+            value = value()
+            obj.__dict__[self._slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        obj.__dict__[self._slot] = value
+
+
+@dataclass(init=False)
 class SegmentationResult:
     """The answer for one image.
 
@@ -45,7 +71,9 @@ class SegmentationResult:
         labels: ``[H, W]`` int64 label map at the original image size. With a background channel,
             0 is background and n + 1 is ``class_names[n + 1]``; otherwise n is ``class_names[n]``.
         scores: ``[C, H, W]`` float32 stitched per-channel scores resized to the image, before the
-            softmax (sigmoid units; channel ``background_index`` is the constant threshold).
+            softmax (sigmoid units; channel ``background_index`` is the constant threshold). On CPU they
+            are computed from ``stitched`` on first access (the same resize, bit for bit) and then kept;
+            a tensor or a zero-argument function returning one may be passed.
         class_names: C names, ``"background"`` first when a background channel is used.
         background_index: 0 with a background channel, else None.
         config: the effective inference settings.
@@ -55,12 +83,25 @@ class SegmentationResult:
     """
 
     labels: torch.Tensor
-    scores: torch.Tensor
     class_names: list[str]
     background_index: int | None
     config: InferenceConfig
     timings: dict[str, float] = field(default_factory=dict)
     stitched: torch.Tensor | None = None
+    # Last among the fields only so that its descriptor may stand where a default would; the constructor
+    # below keeps the original argument order (labels, scores, class_names, ...).
+    scores: _LazyScores = _LazyScores()
+
+    def __init__(self, labels: torch.Tensor, scores: torch.Tensor | Callable[[], torch.Tensor],
+                 class_names: list[str], background_index: int | None, config: InferenceConfig,
+                 timings: dict[str, float] | None = None, stitched: torch.Tensor | None = None) -> None:
+        self.labels = labels
+        self.scores = scores
+        self.class_names = class_names
+        self.background_index = background_index
+        self.config = config
+        self.timings = {} if timings is None else timings
+        self.stitched = stitched
 
     def shares(self) -> list[dict[str, Any]]:
         """Per channel: index, name, pixel count and share of the image (shares sum to 1)."""
@@ -113,6 +154,12 @@ class ImageFeatures:
         maps = torch.softmax(logits, dim=-1).view(n_windows, heads, *self.output.grid)
         maps = F.interpolate(maps, size=tuple(self.guides.shape[-2:]), mode="bilinear", align_corners=True)
         return stitch(maps, self.boxes, *self.resized_size).cpu()
+
+
+def _resize_scores(stitched: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[C, H', W']`` stitched scores -> ``[C, h, w]`` at the original size: bilinear, align_corners=False
+    (method.md §4.8 step 3)."""
+    return F.interpolate(stitched[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 class Segmenter:
@@ -349,28 +396,60 @@ class Segmenter:
             scores = clean_background(scores, out.patch_tokens, out.attn_logits, text, lam=cfg.clean_lambda,
                                       head_embedding=cfg.clean_head_embedding)
         lap("scores")
-        scores = F.interpolate(scores.view(n_windows, num_classes, *out.grid), size=(wh, ww), mode="bilinear",
-                               align_corners=True)
-        lap("upsample")
-        if cfg.pamr:
-            refine: Callable[..., torch.Tensor] = pamr_reference if self.reference else pamr_fast
-            scores = refine(features.guides, scores, iterations=cfg.pamr_iterations, dilations=cfg.pamr_dilations)
-            lap("pamr")
+        grid = scores.view(n_windows, num_classes, *out.grid)
         names = list(self._classes)
         background_index = None
         if cfg.background:
-            bg = torch.full((n_windows, 1, wh, ww), cfg.bg_threshold, dtype=scores.dtype, device=scores.device)
-            scores = torch.cat([bg, scores], dim=1)
             names = [BACKGROUND_NAME, *names]
             background_index = 0
-        stitched = stitch(scores, features.boxes, *features.resized_size)
+        if self.reference:
+            # The plain path: every stage on all windows at once, PAMR materialising every shift.
+            scores = F.interpolate(grid, size=(wh, ww), mode="bilinear", align_corners=True)
+            lap("upsample")
+            if cfg.pamr:
+                scores = pamr_reference(features.guides, scores, iterations=cfg.pamr_iterations,
+                                        dilations=cfg.pamr_dilations)
+                lap("pamr")
+            if cfg.background:
+                bg = torch.full((n_windows, 1, wh, ww), cfg.bg_threshold, dtype=scores.dtype, device=scores.device)
+                scores = torch.cat([bg, scores], dim=1)
+            stitched = stitch(scores, features.boxes, *features.resized_size)
+        else:
+            # One window at a time (upsample, PAMR, add into the canvas), the background channel added
+            # by `stitch` itself: the same arithmetic per element as above, without materialising the
+            # [n, C, wh, ww] maps of all windows or concatenating them.
+            def refined_windows() -> Iterator[torch.Tensor]:
+                for i in range(n_windows):
+                    block = F.interpolate(grid[i : i + 1], size=(wh, ww), mode="bilinear", align_corners=True)
+                    lap("upsample")
+                    if cfg.pamr:
+                        block = pamr_fast(features.guides[i : i + 1], block, iterations=cfg.pamr_iterations,
+                                          dilations=cfg.pamr_dilations)
+                        lap("pamr")
+                    yield block[0]
+                    lap("stitch")  # the canvas accumulation of this window, done by `stitch` in between
+
+            stitched = stitch(refined_windows(), features.boxes, *features.resized_size,
+                              prepend=cfg.bg_threshold if cfg.background else None)
         lap("stitch")
-        final = F.interpolate(stitched[None], size=features.original_size, mode="bilinear", align_corners=False)[0]
-        # The softmax turns 1-ulp differences into exact ties that argmax resolves to the lowest
-        # index, as the reference does (method.md §4.8 step 4).
-        labels = torch.softmax(final, dim=0).argmax(dim=0)
+        final = _resize_scores(stitched, features.original_size)
+        scores_out: torch.Tensor | Callable[[], torch.Tensor]
+        if final.device.type == "cpu" and not self.reference:
+            # Same labels as the softmax + argmax below (ties to the lowest index after the fp32
+            # softmax), computed without the softmax over the full-resolution maps (method.md §4.8).
+            labels = softmax_argmax(final)
+            # The full-resolution scores are not kept: `result.scores` recomputes them on first access
+            # from `stitched` with the same resize (bit for bit), so callers that only want labels
+            # never hold the [C, H, W] maps.
+            del final
+            scores_out = functools.partial(_resize_scores, stitched, features.original_size)
+        else:
+            # The softmax turns 1-ulp differences into exact ties that argmax resolves to the lowest
+            # index, as the reference does (method.md §4.8 step 4).
+            labels = torch.softmax(final, dim=0).argmax(dim=0)
+            scores_out = final.cpu()
         lap("resize_argmax")
-        return SegmentationResult(labels=labels.cpu(), scores=final.cpu(), class_names=names,
+        return SegmentationResult(labels=labels.cpu(), scores=scores_out, class_names=names,
                                   background_index=background_index, config=cfg, timings=timings,
                                   stitched=stitched.cpu())
 

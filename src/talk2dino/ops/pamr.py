@@ -2,8 +2,9 @@
 
 Two implementations of the same formula:
 
-- :func:`pamr`, the fast path: affinities are computed once, and each propagation step accumulates the
-  48 weighted shifts into a single output buffer, so memory stays at a few copies of the mask.
+- :func:`pamr`, the fast path: affinities are computed once per window, pixel-major, and each
+  propagation step is one fused weighted gather (``F.embedding_bag`` over a cached neighbour index), so
+  every step streams the weights once instead of making 48 passes over the masks.
 - :func:`pamr_reference`, a deliberately plain path that materialises every neighbour shift; it is the
   independent check for tests and benchmarks.
 
@@ -13,6 +14,8 @@ dilation row-major over (dy, dx) ∈ {−d, 0, d}², skipping (0, 0) for the pro
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +25,16 @@ from torch import Tensor
 # Constants of the affinity formula κ = −|I(x) − I(x+δ)| / (STD_EPS + STD_SCALE · σ(x)); method.md §4.7.
 STD_EPS = 1e-8
 STD_SCALE = 0.1
+
+# Neighbour indices per (height, width, dilations, device); one entry is 4·K bytes per pixel (38 MB for a
+# 448×448 window with the 48 default neighbours).
+_INDEX_CACHE: OrderedDict[tuple[int, int, tuple[int, ...], str], Tensor] = OrderedDict()
+_INDEX_CACHE_SIZE = 2
+# Per-thread scratch for the affinities: one float32 buffer of K·H·W values (38 MB for a 448×448 window),
+# grown as needed and reused. A fresh buffer that large is mapped anew by the allocator on every call, and
+# touching its pages costs about a third of the affinity arithmetic.
+_SCRATCH = threading.local()
+_AFFINITY_ROWS = 112  # rows per band of the κ planes (a few MB, reused by the allocator)
 
 __all__ = ["STD_EPS", "STD_SCALE", "pamr", "pamr_reference"]
 
@@ -74,8 +87,39 @@ def _shifted(padded: Tensor, pad: int, dy: int, dx: int, height: int, width: int
     return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]
 
 
-def _affinities(image: Tensor, dilations: Sequence[int]) -> Tensor:
-    """α(x, δ) of method.md §4.7: `[B, K, H, W]` float32, K = 8·len(dilations), softmax over K."""
+def _scratch(count: int, device: torch.device) -> Tensor:
+    """A float32 scratch buffer of `count` values, private to this thread and reused across calls."""
+    buffer: Tensor | None = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.device != device or buffer.numel() < count:
+        # A normal tensor even when first made under inference_mode, so that later calls outside it may
+        # still write into it.
+        with torch.inference_mode(False):
+            buffer = torch.empty(count, dtype=torch.float32, device=device)
+        _SCRATCH.buffer = buffer
+    return buffer[:count]
+
+
+def _softmax_(logits: Tensor, dim: int) -> Tensor:
+    """``torch.softmax(logits, dim)`` written over `logits` (contiguous). The CPU kernels normalise one
+    softmax slice at a time, reading each input value before writing its output, so in place is safe;
+    a test checks equality with ``torch.softmax``."""
+    softmax_out = getattr(torch.ops.aten._softmax, "out", None)
+    if softmax_out is None:  # pragma: no cover - every torch this package supports has it
+        return logits.copy_(torch.softmax(logits, dim=dim))
+    return softmax_out(logits, dim, False, out=logits)
+
+
+def _pixel_affinities(image: Tensor, dilations: Sequence[int]) -> Tensor:
+    """α(x, δ) of method.md §4.7 for one image, pixel-major: `[H·W, K]` float32, softmax over the K offsets.
+
+    Args:
+        image: `[1, 3, H, W]` float32 guide.
+
+    Returns:
+        Row p holds pixel p's K = 8·len(dilations) weights in the fixed offset order: the layout the
+        propagation's weighted gather reads (one contiguous row per pixel). The tensor lives in this
+        thread's scratch buffer and is overwritten by the next call.
+    """
     height, width = image.shape[-2:]
     pad = max(dilations)
     padded = F.pad(image, [pad] * 4, mode="replicate")
@@ -85,20 +129,32 @@ def _affinities(image: Tensor, dilations: Sequence[int]) -> Tensor:
     stencil = _stencil_offsets(dilations, include_centre=True)
     total = torch.zeros_like(image)
     for dy, dx in stencil:
-        total += _shifted(padded, pad, dy, dx, height, width)
-    mean = total / len(stencil)
+        total.add_(_shifted(padded, pad, dy, dx, height, width))
+    mean = total.div_(len(stencil))
     squares = torch.zeros_like(image)
+    deviation = torch.empty_like(image)
     for dy, dx in stencil:
-        squares += (_shifted(padded, pad, dy, dx, height, width) - mean).square()
-    spread = (squares / (len(stencil) - 1)).sqrt()  # [B, 3, H, W]
-    denominator = STD_EPS + STD_SCALE * spread
+        squares.add_(torch.sub(_shifted(padded, pad, dy, dx, height, width), mean, out=deviation).square_())
+    denominator = squares.div_(len(stencil) - 1).sqrt_().mul_(STD_SCALE).add_(STD_EPS)  # [1, 3, H, W]
 
+    # κ(x, δ) = mean over k of −|I_k(x) − I_k(x + δ)| / denominator_k(x) and α = its softmax over δ, per
+    # band of rows: one contiguous plane per offset (the channel sum in the order R, G, B, divided by −3:
+    # the arithmetic of `mean`), the softmax over the offset axis (the kernel and arithmetic of a softmax
+    # over dim 1 of `[1, K, H, W]`), then transposed into pixel-major rows.
     neighbours = _stencil_offsets(dilations, include_centre=False)
-    kappa = torch.empty((image.shape[0], len(neighbours), height, width), dtype=image.dtype, device=image.device)
-    for index, (dy, dx) in enumerate(neighbours):
-        difference = (image - _shifted(padded, pad, dy, dx, height, width)).abs()
-        kappa[:, index] = (-difference / denominator).mean(dim=1)
-    return torch.softmax(kappa, dim=1)
+    weights = _scratch(len(neighbours) * height * width, image.device).view(height * width, len(neighbours))
+    for top in range(0, height, _AFFINITY_ROWS):
+        bottom = min(top + _AFFINITY_ROWS, height)
+        centre, scale = image[..., top:bottom, :], denominator[..., top:bottom, :]
+        kappa = torch.empty((len(neighbours), bottom - top, width), dtype=image.dtype, device=image.device)
+        difference = torch.empty_like(centre)
+        for index, (dy, dx) in enumerate(neighbours):
+            shifted = padded[..., pad + dy + top : pad + dy + bottom, pad + dx : pad + dx + width]
+            torch.sub(centre, shifted, out=difference).abs_().div_(scale)
+            torch.add(difference[0, 0], difference[0, 1], out=kappa[index]).add_(difference[0, 2])
+        logits = kappa.view(len(neighbours), -1).div_(-3.0)
+        weights[top * width : bottom * width].copy_(_softmax_(logits, dim=0).t())
+    return weights
 
 
 def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[int]) -> Tensor:
@@ -110,9 +166,12 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
     (1e-8 + 0.1 σ_k(x)); α = softmax over the offsets; then ``iterations`` times m(x) ← Σ_δ α(x, δ) m(x+δ)
     (centre excluded). Classes are independent, so any chunking of C gives the same result.
 
-    The affinities are computed once per sample. Each iteration pads the masks once (replicate, width max(d)) and
-    accumulates the weighted shifts into one buffer: O(8·len(dilations)·C·H·W) work and about three
-    `[B, C, H, W]` buffers of memory (plus the padded copy), instead of a stack of all shifts.
+    The affinities are computed once per sample, as `[H·W, K]` rows (K = 8·len(dilations)). Replicate
+    borders become clamped flat indices (`[H·W, K]` int32, cached per geometry), and each iteration is
+    one ``F.embedding_bag`` call: for every pixel, the sum of its K neighbours' mask rows (pixel-major
+    `[H·W, C]`) weighted by α, in offset order. O(K·C·H·W) work per step, like the shift formulation,
+    but one pass over memory instead of K, and about three `[H·W, C]` buffers plus α and the index
+    (4·K bytes per pixel each) instead of a stack of all shifts.
 
     Args:
         image: `[B, 3, H, W]` guide image, float32, RGB, raw values in [0, 255] (not ImageNet-normalised;
@@ -138,24 +197,53 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
     # tensor size), and running each window alone makes a batched call equal per-sample calls bit for bit
     # (house style §10); it also bounds memory to one window's buffers.
     samples = [_refine_one(guide[b : b + 1], refined[b : b + 1], iterations, dilations) for b in range(len(guide))]
-    return torch.cat(samples)
+    # A single window is returned as computed (a channels-last view), without a copy.
+    return samples[0] if len(samples) == 1 else torch.cat(samples)
+
+
+def _neighbour_index(height: int, width: int, dilations: Sequence[int], device: torch.device) -> Tensor:
+    """Flat index of every pixel's neighbours, `[H·W, K]` int32, replicate borders (row-major pixels).
+
+    Row p lists, in the fixed offset order of :func:`_stencil_offsets`, the flat index of
+    ``(clamp(y + dy), clamp(x + dx))``: clamping to the border is exactly replicate padding. Cached per
+    geometry (a few tens of MB for a 448×448 window), since every window of an image shares it.
+    """
+    key = (height, width, tuple(int(d) for d in dilations), str(device))
+    cached = _INDEX_CACHE.get(key)
+    if cached is not None:
+        _INDEX_CACHE.move_to_end(key)
+        return cached
+    rows = torch.arange(height, device=device, dtype=torch.int32).view(height, 1)
+    cols = torch.arange(width, device=device, dtype=torch.int32).view(1, width)
+    neighbours = _stencil_offsets(dilations, include_centre=False)
+    index = torch.empty((height, width, len(neighbours)), dtype=torch.int32, device=device)
+    for k, (dy, dx) in enumerate(neighbours):
+        index[..., k] = (rows + dy).clamp(0, height - 1) * width + (cols + dx).clamp(0, width - 1)
+    flat = index.view(height * width, len(neighbours))
+    _INDEX_CACHE[key] = flat
+    while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+        _INDEX_CACHE.popitem(last=False)
+    return flat
 
 
 def _refine_one(image: Tensor, masks: Tensor, iterations: int, dilations: Sequence[int]) -> Tensor:
-    """Fast PAMR of one sample: image `[1, 3, H, W]`, masks `[1, C, H, W]`, both float32."""
-    height, width = image.shape[-2:]
-    pad = max(dilations)
-    neighbours = _stencil_offsets(dilations, include_centre=False)
-    weights = _affinities(image, dilations).unsqueeze(2)  # [1, K, 1, H, W], broadcast over classes
+    """Fast PAMR of one sample: image `[1, 3, H, W]`, masks `[1, C, H, W]`, both float32.
 
-    refined = masks
+    Each propagation step m(x) ← Σ_δ α(x, δ) m(x + δ) is one weighted gather-and-sum over pixel-major
+    masks `[H·W, C]`: ``F.embedding_bag`` with the neighbour index as the bags and α as the per-sample
+    weights (a fused, multi-threaded kernel that sums the K weighted rows in offset order). It streams
+    the index and α once per step instead of making K passes over the whole mask.
+    """
+    height, width = image.shape[-2:]
+    num_classes = masks.shape[1]
+    weights = _pixel_affinities(image, dilations)  # [H·W, K], the bags' weights
+    index = _neighbour_index(height, width, dilations, image.device)
+    # Pixel-major [H·W, C], contiguous (a strided weight would take embedding_bag's slow generic path);
+    # a channels-last input is already laid out this way and is not copied.
+    refined = masks[0].permute(1, 2, 0).reshape(height * width, num_classes).contiguous()
     for _ in range(iterations):
-        padded = F.pad(refined, [pad] * 4, mode="replicate")
-        accumulated = torch.zeros_like(refined)
-        for index, (dy, dx) in enumerate(neighbours):
-            accumulated.addcmul_(weights[:, index], _shifted(padded, pad, dy, dx, height, width))
-        refined = accumulated
-    return refined
+        refined = F.embedding_bag(index, refined, mode="sum", per_sample_weights=weights)
+    return refined.view(1, height, width, num_classes).permute(0, 3, 1, 2)
 
 
 def pamr_reference(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[int]) -> Tensor:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["resized_size", "stitch", "window_grid"]
+__all__ = ["TIE_GAP", "resized_size", "softmax_argmax", "stitch", "window_grid"]
 
 
 def resized_size(height: int, width: int, *, short_side: int, max_long_side: int) -> tuple[int, int]:
@@ -80,7 +80,8 @@ def window_grid(height: int, width: int, *, window: int, stride: int) -> list[tu
     return [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in cols]
 
 
-def stitch(blocks: Tensor, boxes: Sequence[tuple[int, int, int, int]], height: int, width: int) -> Tensor:
+def stitch(blocks: Tensor | Iterable[Tensor], boxes: Sequence[tuple[int, int, int, int]], height: int, width: int,
+           *, prepend: float | None = None) -> Tensor:
     """Average overlapping per-window score blocks into one image-sized map.
 
     Each block is added into a zero canvas and 1 into a count map over its box; the canvas is then
@@ -89,35 +90,96 @@ def stitch(blocks: Tensor, boxes: Sequence[tuple[int, int, int, int]], height: i
 
     Args:
         blocks: `[n_windows, C, wh, ww]` per-window scores, float (float32 in the pipeline), any range;
-            all windows of one image have the same size.
+            all windows of one image have the same size. Or an iterable of n_windows `[C, wh, ww]` blocks
+            (e.g. a generator refining one window at a time), each added as soon as it is produced.
         boxes: ``(y1, y2, x1, x2)`` per window, as returned by :func:`window_grid`, in the same order
             as ``blocks``; each box must be ``wh × ww``.
         height: canvas height H in pixels.
         width: canvas width W in pixels.
+        prepend: if given, a constant channel of this value in front of every block (the background
+            channel of method.md §4.6), averaged like the others: the same result as stitching blocks
+            with that channel concatenated, without building them.
 
     Returns:
-        `[C, H, W]` averaged scores, in the dtype of ``blocks``.
+        `[C, H, W]` averaged scores (`[C + 1, H, W]` with ``prepend``), in the dtype of the blocks.
 
     Raises:
         ValueError: if the number or size of the boxes disagrees with ``blocks``, a box leaves the
             canvas, or some pixel is covered by no window.
     """
-    if blocks.dim() != 4:
-        raise ValueError(f"blocks must be [n_windows, C, wh, ww]; got shape {tuple(blocks.shape)}")
-    if len(boxes) != blocks.shape[0]:
-        raise ValueError(f"got {blocks.shape[0]} blocks but {len(boxes)} boxes; pass one box per window")
-    canvas = torch.zeros((blocks.shape[1], height, width), dtype=blocks.dtype, device=blocks.device)
-    count = torch.zeros((1, height, width), dtype=blocks.dtype, device=blocks.device)
-    for block, (y1, y2, x1, x2) in zip(blocks, boxes, strict=True):
+    if isinstance(blocks, Tensor):
+        if blocks.dim() != 4:
+            raise ValueError(f"blocks must be [n_windows, C, wh, ww]; got shape {tuple(blocks.shape)}")
+        if len(boxes) != blocks.shape[0]:
+            raise ValueError(f"got {blocks.shape[0]} blocks but {len(boxes)} boxes; pass one box per window")
+    extra = 0 if prepend is None else 1
+    canvas: Tensor | None = None
+    count: Tensor | None = None
+    used = 0
+    for block in blocks:
+        if used == len(boxes):
+            raise ValueError(f"got more blocks than the {len(boxes)} boxes; pass one box per window")
+        if block.dim() != 3:
+            raise ValueError(f"each block must be [C, wh, ww]; got shape {tuple(block.shape)}")
+        y1, y2, x1, x2 = boxes[used]
+        used += 1
+        if canvas is None or count is None:
+            canvas = torch.zeros((block.shape[0] + extra, height, width), dtype=block.dtype, device=block.device)
+            count = torch.zeros((1, height, width), dtype=block.dtype, device=block.device)
         if not (0 <= y1 < y2 <= height and 0 <= x1 < x2 <= width):
             raise ValueError(f"box {(y1, y2, x1, x2)} lies outside the {height}x{width} canvas")
         if (y2 - y1, x2 - x1) != tuple(block.shape[-2:]):
             raise ValueError(
                 f"box {(y1, y2, x1, x2)} is {y2 - y1}x{x2 - x1} but its block is {block.shape[-2]}x{block.shape[-1]}"
             )
-        canvas[:, y1:y2, x1:x2] += block
+        if prepend is not None:
+            canvas[0, y1:y2, x1:x2] += prepend
+        canvas[extra:, y1:y2, x1:x2] += block
         count[:, y1:y2, x1:x2] += 1
+    if used != len(boxes) or canvas is None or count is None:
+        raise ValueError(f"got {used} blocks but {len(boxes)} boxes; pass one box per window")
     if bool((count == 0).any()):
         uncovered = int((count == 0).sum())
         raise ValueError(f"{uncovered} pixel(s) of the {height}x{width} canvas are covered by no window")
-    return canvas / count
+    return canvas.div_(count)
+
+
+# Relative gap below which two channels of one pixel count as a possible softmax tie in `softmax_argmax`.
+TIE_GAP = 1e-5
+_ARGMAX_ROWS = 64  # rows per chunk in `softmax_argmax`: keeps the temporaries small and in cache
+
+
+def softmax_argmax(scores: Tensor) -> Tensor:
+    """Labels of method.md §4.8 step 4, ``softmax(scores, dim=0).argmax(dim=0)``, without the full softmax.
+
+    The fp32 softmax over channels can turn scores that differ by an ulp or so into exact ties, which
+    argmax resolves to the lowest index; that is the behaviour to keep. It never reorders channels:
+    per pixel it computes exp(x_c − m) / Σ with one m and one Σ, and both steps are monotone
+    non-decreasing in float arithmetic. So where the best channel beats every other by a relative gap
+    of at least ``TIE_GAP`` (1e-5, far above the few-ulp rounding of exp and of the division), the
+    softmax argmax is the plain argmax. Only the remaining pixels (near-ties, exact ties, NaN) go
+    through the softmax, gathered into one small ``[C, n]`` tensor. Rows are processed in chunks.
+
+    Args:
+        scores: ``[C, H, W]`` float scores (the resized stitched scores of §4.8 step 3).
+
+    Returns:
+        ``[H, W]`` int64 labels, equal to ``torch.softmax(scores, 0).argmax(0)``.
+
+    Raises:
+        ValueError: if ``scores`` is not 3-d with at least one channel.
+    """
+    if scores.dim() != 3 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be [C, H, W] with C >= 1; got shape {tuple(scores.shape)}")
+    height, width = scores.shape[1:]
+    labels = torch.empty((height, width), dtype=torch.int64, device=scores.device)
+    for top in range(0, height, _ARGMAX_ROWS):
+        chunk = scores[:, top : top + _ARGMAX_ROWS]
+        best, index = chunk.max(dim=0)  # first index among exact maxima, like argmax
+        floor = best - TIE_GAP * (1 + best.abs())
+        # Channels within the gap of the best, the best included; NaN compares false, hence `isnan`.
+        ambiguous = ((chunk >= floor).sum(dim=0) > 1) | torch.isnan(best)
+        if bool(ambiguous.any()):
+            index[ambiguous] = torch.softmax(chunk[:, ambiguous], dim=0).argmax(dim=0)
+        labels[top : top + _ARGMAX_ROWS] = index
+    return labels
