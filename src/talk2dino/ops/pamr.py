@@ -101,10 +101,10 @@ def _scratch(count: int, device: torch.device) -> Tensor:
 
 def _softmax_(logits: Tensor, dim: int) -> Tensor:
     """``torch.softmax(logits, dim)`` written over `logits` (contiguous). The CPU kernels normalise one
-    softmax slice at a time, reading each input value before writing its output, so in place is safe;
-    a test checks equality with ``torch.softmax``."""
+    softmax slice at a time, reading each input value before writing its output, so in place is safe
+    there (a test checks equality with ``torch.softmax``); other devices go through a temporary."""
     softmax_out = getattr(torch.ops.aten._softmax, "out", None)
-    if softmax_out is None:  # pragma: no cover - every torch this package supports has it
+    if softmax_out is None or logits.device.type != "cpu":
         return logits.copy_(torch.softmax(logits, dim=dim))
     return softmax_out(logits, dim, False, out=logits)
 
