@@ -14,20 +14,18 @@ Label colours follow the PASCAL VOC colour map, so index 0 is black and class ``
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import os
-import uuid
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from talk2dino.errors import InvalidInputError
+from talk2dino.fileio import atomic_path, atomic_write_bytes  # re-exported: the one atomic-write implementation
 
 if TYPE_CHECKING:
     import torch
@@ -122,46 +120,6 @@ def palette(num_colors: int) -> np.ndarray:
             code >>= 3
         colors[index] = (red, green, blue)
     return colors
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it over ``path`` on success, delete it on failure.
-
-    The temporary name is hidden (leading ``.``), unique, and keeps ``path``'s extension, so writers that pick
-    a format from the extension (Pillow, numpy) behave as for the final name. The temporary file is created by
-    the caller's writer, so it gets the process's normal permissions. The parent folder must exist.
-
-    Args:
-        path: Final destination. An existing file there is replaced only once the body has succeeded.
-
-    Yields:
-        The temporary path to write to.
-
-    Raises:
-        Whatever the body raises, after the temporary file is removed; ``FileNotFoundError`` if the body
-        succeeds without creating the temporary file.
-    """
-    final = Path(path)
-    temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:12]}.tmp{final.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    logger.debug("wrote %s", final)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`).
-
-    Args:
-        path: Destination file; its parent folder must exist.
-        data: The complete file content.
-    """
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(data)
 
 
 def save_label_png(path: str | os.PathLike[str], labels: np.ndarray, num_classes: int) -> None:
