@@ -190,6 +190,26 @@ def test_dinov3_rejects_unknown_logits_option(folders: dict[str, Path]) -> None:
         DinoV3Backbone(DINOv3ViTModel.from_pretrained(folders["dinov3"]), logits_rope="yes")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_low_precision_keeps_a_float32_residual_stream(family: str, folders: dict[str, Path],
+                                                       models: dict[str, Talk2DINO],
+                                                       tiny_sources: dict[str, str]) -> None:
+    """bf16 weights: the fast path keeps the residual stream and norms in float32 (issue 6, target 3), so
+    its tokens are float32 and closer to the fp32 model than the model's own all-bf16 forward."""
+    *_, (h, w) = FAMILIES[family]
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(5))
+    exact = models[family].backbone(x)
+    low = create_model(None, device="cpu", dtype="bfloat16", backbone=f"local-dir:{folders[family]}",
+                       text_encoder=tiny_sources["text_encoder"],
+                       projection=str(folders["psi"])).backbone
+    mixed, plain = low(x), low.forward_reference(x)
+    assert mixed.patch_tokens.dtype == torch.float32 and plain.patch_tokens.dtype == torch.bfloat16
+    err_mixed = (mixed.patch_tokens - exact.patch_tokens).abs().mean()
+    err_plain = (plain.patch_tokens.float() - exact.patch_tokens).abs().mean()
+    assert err_mixed < 0.8 * err_plain, (float(err_mixed), float(err_plain))
+    torch.testing.assert_close(mixed.attn_logits, exact.attn_logits, atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("family", ["dinov3", "dino-vit"])
 def test_batch_equals_single(family: str, models: dict[str, Talk2DINO]) -> None:
     *_, (h, w) = FAMILIES[family]

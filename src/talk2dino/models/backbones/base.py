@@ -209,6 +209,30 @@ class VisionBackbone(nn.Module):
             grid=grid,
         )
 
+    def _norm(self, norm: Any, hidden: torch.Tensor, *, final: bool = False) -> torch.Tensor:
+        """Apply a LayerNorm module to the residual stream and return it in the weight dtype.
+
+        With float32 weights this is ``norm(hidden)``. With bf16/fp16 weights the residual stream stays
+        float32 (see `_residual`), so the normalisation runs in float32 with float32 copies of its affine
+        parameters and only its output is rounded to the weight dtype for the next matmul: the
+        mixed-precision recipe (autocast's), which keeps the low-precision label maps near fp32's.
+        The `final` norm's output is not rounded: the tokens leave the backbone in float32.
+        """
+        if hidden.dtype == norm.weight.dtype:
+            return norm(hidden)
+        bias = None if norm.bias is None else norm.bias.float()
+        out = F.layer_norm(hidden, norm.normalized_shape, norm.weight.float(), bias, norm.eps)
+        return out if final else out.to(norm.weight.dtype)
+
+    @staticmethod
+    def _residual(hidden: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``hidden + branch`` in `hidden`'s dtype (float32 stream, low-precision branch outputs)."""
+        return hidden + branch.to(hidden.dtype)
+
+    def _stream(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The residual stream's starting point: float32 whatever the weight dtype (see `_norm`)."""
+        return embeddings.float()
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, M·d_h]`` -> ``[B, M, T, d_h]``."""
         b, t, _ = x.shape

@@ -56,21 +56,21 @@ class DinoV1Backbone(VisionBackbone):
             ``(hidden [B, 1 + P, D], CLS->patch logits [B, M, P] float32 or None)``.
         """
         attention = layer.attention
-        q, k, v = self._qkv(attention, layer.layernorm_before(hidden))
+        q, k, v = self._qkv(attention, self._norm(layer.layernorm_before, hidden))
         context = self._sdpa(q, k, v)
         logits = self._cls_logits(q, k) if cls_logits else None
-        hidden = layer.dropout(attention.o_proj(context)) + hidden
-        hidden = layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
+        hidden = self._residual(hidden, layer.dropout(attention.o_proj(context)))
+        hidden = self._residual(hidden, layer.dropout(layer.mlp(self._norm(layer.layernorm_after, hidden))))
         return hidden, logits
 
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden = self._stream(self.model.embeddings(pixel_values, interpolate_pos_encoding=True))
         layers = self.model.layers
         for layer in layers[:-1]:
             hidden, _ = self._block(layer, hidden, cls_logits=False)
         hidden, logits = self._block(layers[-1], hidden, cls_logits=True)
         assert logits is not None
-        return self.model.layernorm(hidden), logits
+        return self._norm(self.model.layernorm, hidden, final=True), logits
 
     def _encode_reference(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)

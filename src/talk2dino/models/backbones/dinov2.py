@@ -38,7 +38,7 @@ def layerscale_block(backbone: VisionBackbone, layer: Any, hidden: torch.Tensor,
         ``(hidden [B, G + P, D], CLS->patch logits [B, M, P] float32 or None)``.
     """
     attention = layer.attention
-    q, k, v = backbone._qkv(attention, layer.norm1(hidden))
+    q, k, v = backbone._qkv(attention, backbone._norm(layer.norm1, hidden))
     plain_q, plain_k = q, k
     if rope is not None:
         cos, sin = rope
@@ -48,8 +48,9 @@ def layerscale_block(backbone: VisionBackbone, layer: Any, hidden: torch.Tensor,
     logits = None
     if cls_logits:
         logits = backbone._cls_logits(q, k) if logits_rope else backbone._cls_logits(plain_q, plain_k)
-    hidden = layer.drop_path(layer.layer_scale1(attention.o_proj(context))) + hidden
-    hidden = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden
+    hidden = backbone._residual(hidden, layer.drop_path(layer.layer_scale1(attention.o_proj(context))))
+    branch = layer.drop_path(layer.layer_scale2(layer.mlp(backbone._norm(layer.norm2, hidden))))
+    hidden = backbone._residual(hidden, branch)
     return hidden, logits
 
 
@@ -81,13 +82,13 @@ class DinoV2Backbone(VisionBackbone):
         return cls(load_transformers_model(AutoModel, folder, dtype=dtype, what="DINOv2"))
 
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.embeddings(pixel_values)
+        hidden = self._stream(self.model.embeddings(pixel_values))
         layers = self.model.encoder.layer
         for layer in layers[:-1]:
             hidden, _ = layerscale_block(self, layer, hidden, cls_logits=False)
         hidden, logits = layerscale_block(self, layers[-1], hidden, cls_logits=True)
         assert logits is not None
-        return self.model.layernorm(hidden), logits
+        return self._norm(self.model.layernorm, hidden, final=True), logits
 
     def _encode_reference(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(pixel_values, output_hidden_states=True)

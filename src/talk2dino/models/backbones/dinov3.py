@@ -73,7 +73,7 @@ class DinoV3Backbone(VisionBackbone):
         return cos, sin
 
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.embeddings(pixel_values)
+        hidden = self._stream(self.model.embeddings(pixel_values))
         rope = self._rope(pixel_values)
         layers = self.model.model.layer
         for layer in layers[:-1]:
@@ -81,7 +81,7 @@ class DinoV3Backbone(VisionBackbone):
         hidden, logits = layerscale_block(self, layers[-1], hidden, cls_logits=True, rope=rope,
                                           logits_rope=self.logits_rope == "model")
         assert logits is not None
-        return self.model.norm(hidden), logits
+        return self._norm(self.model.norm, hidden, final=True), logits
 
     def _encode_reference(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(pixel_values, output_hidden_states=True)
