@@ -88,6 +88,11 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _SHARE_DECIMALS = 6
 _BACKGROUND_NAME = "background"
 
+# zlib level of photo-like PNGs (overlays, pictures sent by the server): made per image, and level 6 (Pillow's
+# default) costs ~5x the time of level 1 (89 vs 16 ms for a 500x375 overlay) for ~15% fewer bytes. Label
+# maps keep the default: they are flat and tiny, and compress in well under a millisecond either way.
+PICTURE_COMPRESS_LEVEL = 1
+
 
 def palette(num_colors: int) -> np.ndarray:
     """Deterministic, distinct label colours: the PASCAL VOC colour map.
@@ -185,8 +190,7 @@ def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     """
     picture = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
     buffer = io.BytesIO()
-    # compress_level 1: these PNGs are made per request; level 6 costs several times the time for ~10% bytes.
-    picture.save(buffer, format="PNG", compress_level=1)
+    picture.save(buffer, format="PNG", compress_level=PICTURE_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
@@ -261,7 +265,7 @@ def save_overlay_png(
     """
     blended = overlay(image, labels, num_classes, alpha=alpha, background_index=background_index)
     with atomic_path(path) as temporary:
-        Image.fromarray(blended).save(temporary, format="PNG")
+        Image.fromarray(blended).save(temporary, format="PNG", compress_level=PICTURE_COMPRESS_LEVEL)
 
 
 def save_scores_npz(
