@@ -4,6 +4,10 @@ A file is written under a hidden temporary name in its destination folder and re
 name only once complete, so a reader (or a resumed run) sees either the old file or the whole new one,
 never a half-written one. ``durable=True`` also flushes the data and the folder entry to disk, for
 files that a killed or crashed run must find intact (shards, checkpoints, manifests).
+
+Crash testing: `fault_point` is a named site in the writers and run loops where a crash test can have the
+process killed with SIGKILL (``TALK2DINO_FAULT_INJECT=<site>:<n>``, see its docstring); it is inert when
+that variable is unset.
 """
 
 from __future__ import annotations
@@ -12,11 +16,49 @@ import contextlib
 import hashlib
 import os
 import re
+import signal
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _CHUNK = 1 << 20
+
+FAULT_ENV = "TALK2DINO_FAULT_INJECT"
+# Every site `fault_point` is called with; tests/crash_harness.py draws its kill points from this list.
+FAULT_SITES = (
+    "atomic-mid-write",  # atomic_write_bytes: half of the data is in the temp file
+    "atomic-temp-written",  # atomic_path: the temp file is complete, not yet fsynced
+    "atomic-before-rename",  # atomic_path: fsynced, not yet renamed over the final name
+    "atomic-after-rename",  # atomic_path: renamed, the folder entry not yet fsynced
+    "extract-batch",  # extract: after the features of one batch of images
+    "extract-mid-shard",  # extract: the image shard file is written, its caption shard is not
+    "extract-shard-files",  # extract: both files of a shard are written, the manifest does not list them yet
+    "train-step",  # train: after one optimiser step
+    "train-after-checkpoint",  # train: checkpoint.pt committed, model files and log not yet rewritten
+    "train-before-log",  # train: model files rewritten, log.jsonl not yet
+    "eval-image",  # eval: after the cache lines of one image
+    "eval-torn-line",  # eval: half of one cache line is written
+    "eval-before-results",  # eval: every image done, results.json not yet written
+)
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(site: str) -> None:
+    """Crash-test hook: kill this process with SIGKILL at the n-th call with `site`.
+
+    Armed by ``TALK2DINO_FAULT_INJECT=<site>:<n>[,<site>:<n>...]`` (n counts from 1, per process).
+    SIGKILL runs no handler, ``finally`` or ``atexit``: the process stops as on a power cut or the
+    OOM killer, which is what resume code must survive. With the variable unset this is one environment
+    lookup, so sites may sit in loops.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    hits = _fault_hits[site] = _fault_hits.get(site, 0) + 1
+    for item in spec.split(","):
+        name, _, count = item.strip().partition(":")
+        if name == site and count.isdigit() and int(count) == hits:
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # SIGTERM: Windows has no SIGKILL
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -57,10 +99,13 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:12]}.tmp{final.suffix}")
     try:
         yield temporary
+        fault_point("atomic-temp-written")
         if durable:
             with open(temporary, "rb+") as handle:
                 os.fsync(handle.fileno())
+        fault_point("atomic-before-rename")
         os.replace(temporary, final)
+        fault_point("atomic-after-rename")
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -71,7 +116,14 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> None:
     """Write `data` to `path` atomically (see `atomic_path`)."""
     with atomic_path(path, durable=durable) as temporary:
-        temporary.write_bytes(data)
+        if not os.environ.get(FAULT_ENV):
+            temporary.write_bytes(data)
+            return
+        with open(temporary, "wb") as handle:  # crash test: a kill can land with half the data written
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            fault_point("atomic-mid-write")
+            handle.write(data[len(data) // 2:])
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<stem>.*)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)$")

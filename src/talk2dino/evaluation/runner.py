@@ -37,7 +37,7 @@ from talk2dino.data.benchmarks import (
 )
 from talk2dino.errors import InvalidInputError, Talk2DinoError
 from talk2dino.evaluation.metric import ConfusionMatrix
-from talk2dino.fileio import atomic_write_bytes
+from talk2dino.fileio import FAULT_ENV, atomic_write_bytes, fault_point, temp_target
 from talk2dino.predictor import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -160,29 +160,54 @@ class _Cache:
     """Append-only per-image confusion counts (sparse), so that a killed run resumes.
 
     One JSON line per image: ``{"name", "counts": [[gt, pred, n], ...]}`` or ``{"name", "skipped": reason}``.
-    A torn last line (a kill mid-write) is ignored and that image recomputed.
+    A torn last line (a kill mid-write) is cut off when the cache is opened and that image recomputed;
+    cutting it (rather than only skipping it) keeps the next line from being appended onto the torn one.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, dict[str, Any]] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            data = path.read_bytes()
+            complete = data[: data.rfind(b"\n") + 1]  # b"" when no line is complete
+            if len(complete) != len(data):
+                logger.info("%s: dropping a torn last line left by an interrupted run", path)
+                with open(path, "r+b") as handle:
+                    handle.truncate(len(complete))
+            for line in complete.decode("utf-8", errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                self.done[entry["name"]] = entry
-        path.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str) and (
+                        "counts" in entry or "skipped" in entry):
+                    self.done[entry["name"]] = entry
         self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
 
     def add(self, entry: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(entry) + "\n")
+        line = json.dumps(entry) + "\n"
+        if os.environ.get(FAULT_ENV):  # crash test: a kill can land with half of the line written
+            self._handle.write(line[: len(line) // 2])
+            self._handle.flush()
+            fault_point("eval-torn-line")
+            line = line[len(line) // 2:]
+        self._handle.write(line)
         self._handle.flush()
         self.done[entry["name"]] = entry
 
     def close(self) -> None:
         self._handle.close()
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete the `atomic_path` temp files a killed run left in `folder` (their names are ours alone)."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and temp_target(path.name) is not None:
+            logger.info("%s: deleting temp file %s of an interrupted run", folder, path.name)
+            path.unlink(missing_ok=True)
 
 
 def _sparse_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int) -> list[list[int]]:
@@ -221,8 +246,8 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
         cache = _Cache(folder / f"progress.rank{rank}.jsonl")
         combos.append((options, cfg, settings, folder, cache, ConfusionMatrix(spec.num_classes,
                                                                                ignore_index=spec.ignore_index)))
-        (folder / "settings.json").parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(folder / "settings.json", json.dumps(settings, indent=2, default=str).encode())
+        if rank == 0:  # one writer: ranks renaming over each other's temp files could race
+            atomic_write_bytes(folder / "settings.json", json.dumps(settings, indent=2, default=str).encode())
     skipped: list[list[dict[str, str]]] = [[] for _ in combos]
     segmenter.set_classes(list(spec.vocabulary))
     start = time.perf_counter()
@@ -257,21 +282,25 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
             result = segmenter.predict_features(features_by_geometry[geometry])
             pred = result.labels
             counts = _sparse_counts(pred, target, spec.num_classes, spec.ignore_index)
-            _apply(matrix, counts)
-            cache.add({"name": sample.name, "counts": counts})
-            if config.save_predictions:
+            if config.save_predictions:  # before the cache line: a resume never revisits a cached image
                 from talk2dino.outputs import save_label_png
 
                 out = folder / "predictions" / f"{sample.name}.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 save_label_png(out, pred.numpy(), spec.num_classes)
+            _apply(matrix, counts)
+            cache.add({"name": sample.name, "counts": counts})
+        fault_point("eval-image")
         if progress:
             bar.set_postfix(mIoU=f"{combos[0][5].results()['mIoU']:.1f}")
     seconds = time.perf_counter() - start
     results = []
-    for i, (options, _cfg, settings, _folder, cache, matrix) in enumerate(combos):
+    for i, (options, _cfg, settings, folder, cache, matrix) in enumerate(combos):
         cache.close()
-        matrix.all_reduce()
+        matrix.all_reduce()  # also the point after which no rank writes into `folder` any more
+        if rank == 0:  # temp files of a killed earlier run (ours by name); nobody is writing one now
+            _remove_stale_temps(folder)
+            _remove_stale_temps(folder / "predictions")
         all_skipped = _gather(skipped[i], world)
         results.append(BenchmarkResult(spec, options, settings, matrix, images=len(samples) - len(all_skipped),
                                        skipped=all_skipped, seconds=seconds))
@@ -367,9 +396,11 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     rank, _ = _dist()
     markdown = markdown_table(all_results, pamr=config.pamr)
     records = [r.record() for r in all_results]
+    fault_point("eval-before-results")
     if rank == 0:
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
         payload = {"config": dataclasses.asdict(config), "records": records}
         atomic_write_bytes(out / "results.json", json.dumps(payload, indent=2, default=str).encode("utf-8"))
         atomic_write_bytes(out / "results.md", markdown.encode("utf-8"))

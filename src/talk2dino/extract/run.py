@@ -54,7 +54,7 @@ from talk2dino.errors import InvalidInputError, Talk2DinoError
 from talk2dino.extract.coco import CocoCaptions, CocoImage, read_coco_captions
 from talk2dino.extract.format import FEATURE_FORMAT, MANIFEST_FILE, FeatureFormatError, read_manifest
 from talk2dino.extract.targets import head_targets, mean_head_target
-from talk2dino.fileio import atomic_write_bytes, file_sha256, temp_target
+from talk2dino.fileio import atomic_write_bytes, fault_point, file_sha256, temp_target
 
 __all__ = [
     "ExtractionError",
@@ -217,6 +217,23 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[
 def _write_atomic(path: Path, data: bytes) -> None:
     """Durable atomic write: `path` is either absent, its old content, or the complete new content."""
     atomic_write_bytes(path, data, durable=True)
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """`data` (a safetensors file) with its ``__metadata__`` keys sorted, so equal shards are equal bytes.
+
+    safetensors writes the metadata map in the order of a Rust ``HashMap``, which is seeded per process:
+    two runs writing the same tensors and metadata gave different bytes (and sha256s in the manifest). Only
+    the JSON header is rewritten (compact, space-padded to a multiple of 8 bytes as the writer does); the
+    tensor bytes and their offsets are unchanged.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -533,8 +550,9 @@ class _Extractor:
         meta = {"format": FEATURE_FORMAT, "rank": str(self.rank), "index": str(shard.index)}
         image_name = IMAGE_SHARD.format(rank=self.rank, index=shard.index)
         caption_name = CAPTION_SHARD.format(rank=self.rank, index=shard.index)
-        image_bytes = save({k: v.contiguous() for k, v in image_tensors.items()}, metadata=meta)
-        caption_bytes = save(caption_tensors, metadata=meta)
+        image_bytes = _canonical_safetensors(save({k: v.contiguous() for k, v in image_tensors.items()},
+                                                  metadata=meta))
+        caption_bytes = _canonical_safetensors(save(caption_tensors, metadata=meta))
         kept = len(self.manifest["image_shards"])
         for name, data in ((image_name, image_bytes), (caption_name, caption_bytes)):
             try:
@@ -542,6 +560,7 @@ class _Extractor:
             except OSError as err:
                 (self.folder / image_name).unlink(missing_ok=True)  # not listed: free its space now
                 raise _write_error(err, self.folder / name, self.manifest_path, kept) from err
+            fault_point("extract-mid-shard" if name == image_name else "extract-shard-files")
         self.manifest["image_shards"].append({
             "file": image_name, "sha256": hashlib.sha256(image_bytes).hexdigest(), "bytes": len(image_bytes),
             "rank": self.rank, "index": shard.index, "positions": [shard.start, shard.stop], "images": len(rows),
@@ -732,6 +751,7 @@ def _extract_shards(extractor: _Extractor, todo: list[_Shard], device: torch.dev
             if crops is not None:
                 heads, mean_heads, cls = extractor.features(crops)
                 rows.extend(zip(positions, heads, mean_heads, cls, strict=True))
+                fault_point("extract-batch")
             for position, error in failed:
                 logger.warning("skipping image id %d: %s", extractor.images[position].image_id, error)
             bad.extend(failed)
