@@ -7,8 +7,13 @@ that defines it. The CLI, the registry and the API only override these defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
+
+from talk2dino.errors import InvalidInputError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # method.md §2.2
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)  # method.md §2.2
@@ -128,19 +133,22 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Inverse of `to_dict`; unknown keys are errors, not warnings (house-style §3)."""
-        def build(kind: type, values: dict[str, Any]) -> Any:
-            names = {f.name for f in dataclasses.fields(kind)}
-            unknown = set(values) - names
-            if unknown:
-                raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
-            converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-            return kind(**converted)
+        def build(kind: type, values: Any) -> Any:
+            if not isinstance(values, dict):
+                raise InvalidInputError(f"{kind.__name__} must be a mapping, got {type(values).__name__}")
+            return kind(**check_fields(kind, values))
 
+        if not isinstance(d, dict):
+            raise InvalidInputError(f"a model configuration must be a mapping, got {type(d).__name__}")
         top = dict(d)
         unknown = set(top) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
-        return cls(
+            raise InvalidInputError(f"unknown ModelConfig keys: {sorted(map(str, unknown))[:10]}")
+        missing = [k for k in ("name", "backbone", "text", "projection") if k not in top]
+        if missing:
+            raise InvalidInputError(f"model configuration lacks {missing}")
+        check_fields(cls, {"name": top["name"], "profile": top.get("profile", "2025")})
+        config = cls(
             name=top["name"],
             backbone=build(BackboneConfig, top["backbone"]),
             text=build(TextConfig, top["text"]),
@@ -148,6 +156,8 @@ class ModelConfig:
             inference=build(InferenceConfig, top.get("inference", {})),
             profile=top.get("profile", "2025"),
         )
+        _check_file_limits(config)
+        return config
 
 
 TargetStrategy = Literal["max", "avg", "cls", "cls-weighted"]
@@ -226,3 +236,129 @@ class EvalConfig:
     out: str = "results"  # results folder: JSON records, Markdown tables, resume caches
     save_predictions: bool = False  # write palette PNG predictions next to the records
     skip_bad: bool = False  # skip unreadable or inconsistent samples and list them, instead of failing
+
+
+# Upper bounds for settings read from files (model folders may come from anyone): far above any real
+# value, low enough that a hostile file cannot make us allocate terabytes (e.g. psi with in_dim 1e9).
+_FILE_LIMITS: dict[str, int] = {
+    "context_length": 4096, "batch_size": 1 << 16, "in_dim": 1 << 16, "short_side": 1 << 14,
+    "max_long_side": 1 << 16, "window": 1 << 14, "stride": 1 << 14, "pamr_iterations": 10_000,
+    "window_batch_size": 1 << 12,
+}
+_MAX_STR = 4096
+
+
+def _check_file_limits(config: ModelConfig) -> None:
+    """Range checks of a `ModelConfig` read from a file (types are already checked)."""
+    for part in (config.text, config.projection, config.inference):
+        for name, limit in _FILE_LIMITS.items():
+            value = getattr(part, name, None)
+            if isinstance(value, int) and not 0 < value <= limit and not (name == "pamr_iterations" and value == 0):
+                raise InvalidInputError(f"{type(part).__name__}.{name} must be in [1, {limit}], got {value}")
+    if any(d > 1024 for d in config.inference.pamr_dilations) or len(config.inference.pamr_dilations) > 64:
+        raise InvalidInputError(f"InferenceConfig.pamr_dilations out of range: {config.inference.pamr_dilations[:8]}")
+    pins = ((config.projection.sha256, 64, "sha256"), (config.projection.git_blob_sha1, 40, "git_blob_sha1"))
+    for pin, length, name in pins:
+        if pin is not None and (len(pin) != length or any(c not in "0123456789abcdefABCDEF" for c in pin)):
+            raise InvalidInputError(f"ProjectionConfig.{name} must be {length} hex digits, got {_short(pin)}")
+    try:
+        config.inference.validate()
+    except ValueError as err:
+        raise InvalidInputError(f"InferenceConfig: {err}") from err
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, where: str, *, numbers_from_text: bool) -> Any:
+    """`value` converted to field type `tp` (lists -> tuples, ints -> floats), or InvalidInputError."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, where, numbers_from_text=numbers_from_text)
+            except InvalidInputError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else InvalidInputError(
+            f"{where}: expected {_describe(tp)}, got {_short(value)}")
+    if origin is Literal:
+        # bool is an int in Python: True must not pass for a Literal[1], nor 1 for "1".
+        if any(value == choice and type(value) is type(choice) for choice in get_args(tp)):
+            return value
+        raise InvalidInputError(f"{where}: expected one of {list(get_args(tp))}, got {_short(value)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InvalidInputError(f"{where}: expected a list, got {_short(value)}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if len(value) > 1024:
+                raise InvalidInputError(f"{where}: list too long ({len(value)} items)")
+            return tuple(_check_value(v, args[0], f"{where}[{i}]", numbers_from_text=numbers_from_text)
+                         for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise InvalidInputError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check_value(v, a, f"{where}[{i}]", numbers_from_text=numbers_from_text)
+                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 1 << 63:  # no real setting is this large, and torch/numpy would overflow on it
+                raise InvalidInputError(f"{where}: number too large: {_short(value)}")
+            return value
+    elif tp is float:
+        if numbers_from_text and isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; recipes may write floats that way.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 1 << 53:
+                raise InvalidInputError(f"{where}: number too large: {_short(value)}")
+            if not math.isfinite(value):
+                raise InvalidInputError(f"{where}: expected a finite number, got {value}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            if len(value) > _MAX_STR or "\0" in value:
+                raise InvalidInputError(f"{where}: string too long or holding a NUL character")
+            return value
+    else:
+        raise InvalidInputError(f"{where}: unsupported field type {_describe(tp)}")
+    raise InvalidInputError(f"{where}: expected {_describe(tp)}, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        text = "<unprintable>"
+    text = " ".join(text.split())
+    return (text[:77] + "...") if len(text) > 80 else text
+
+
+def check_fields(cls: type, values: dict[str, Any], *, numbers_from_text: bool = False) -> dict[str, Any]:
+    """Type-check `values` against the fields of dataclass `cls`; returns them converted.
+
+    Unknown keys are errors. Lists become tuples for tuple fields and ints become floats for float
+    fields; ``numbers_from_text`` also reads strings such as ``"1e-4"`` as floats (YAML 1.1 quirk).
+
+    Raises:
+        InvalidInputError: naming the first unknown key or the first value of a wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise InvalidInputError(f"unknown {cls.__name__} keys: {sorted(map(str, unknown))[:10]}; "
+                                f"known: {sorted(names)}")
+    return {k: _check_value(v, hints[k], f"{cls.__name__}.{k}", numbers_from_text=numbers_from_text)
+            for k, v in values.items()}

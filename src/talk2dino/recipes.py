@@ -14,7 +14,11 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+from talk2dino.config import check_fields
+from talk2dino.errors import InvalidInputError
+
 T = TypeVar("T")
+_MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; a bigger file is not one
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -80,19 +84,32 @@ def _field_comments(cls: type) -> dict[str, str]:
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) recipe into a flat dict.
 
+    Only plain YAML is read (``yaml.safe_load``: no Python tags, so a recipe can never build objects).
+
     Raises:
-        ValueError: unreadable file or not a mapping.
+        InvalidInputError: (a ``ValueError``) unreadable file, not YAML, too large, or not a mapping
+            with string keys; one line naming the file.
     """
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: cannot read recipe ({err})") from err
+        if Path(path).stat().st_size > _MAX_RECIPE_BYTES:
+            raise InvalidInputError(f"{path}: too large for a recipe (over {_MAX_RECIPE_BYTES} bytes)")
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except InvalidInputError:
+        raise
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as err:
+        # ValueError covers undecodable UTF-8; RecursionError, absurdly nested YAML.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = "; ".join(lines[:2])[:300] or type(err).__name__
+        raise InvalidInputError(f"{path}: cannot read recipe ({detail})") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe must be a mapping of field: value")
+        raise InvalidInputError(f"{path}: a recipe must be a mapping of field: value, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise InvalidInputError(f"{path}: recipe keys must be field names, got {str(bad[0])[:60]!r}")
     return data
 
 
@@ -101,19 +118,18 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, *, recipe
     """Recipe values, then `fixed`, then non-None flags -> a validated dataclass instance.
 
     Raises:
-        ValueError: unknown keys in the recipe or a missing required field.
+        InvalidInputError: (a ``ValueError``) unknown keys or values of a wrong type in the recipe, or a
+            missing required field.
     """
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if recipe:
-        unknown = sorted(set(recipe) - names)
+        unknown = sorted(str(k) for k in recipe if k not in names)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys in recipe: {unknown}")
-        hints = typing.get_type_hints(cls)
-        for key, value in recipe.items():
-            if isinstance(value, list) and get_origin(_unwrap_optional(hints[key])) is tuple:
-                value = tuple(value)
-            values[key] = value
+            raise InvalidInputError(f"unknown {cls.__name__} keys in recipe: {unknown[:10]}")
+        # Recipes are files: check every value's type here, so a wrong one fails now, with its name,
+        # rather than deep inside a run.
+        values.update(check_fields(cls, recipe, numbers_from_text=True))
     values.update({k: v for k, v in fixed.items() if v is not None})
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
@@ -121,5 +137,6 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, *, recipe
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                and f.name not in values]
     if missing:
-        raise ValueError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise InvalidInputError(f"missing required setting(s): {flags}")
     return cls(**values)

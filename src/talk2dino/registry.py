@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,14 @@ from talk2dino.models import (
 )
 from talk2dino.models.backbones import LogitsRope
 from talk2dino.models.projection import PROJECTION_FILE, projection_dims
-from talk2dino.weights import load_state_dict, parse_source, resolve_file, resolve_model_dir
+from talk2dino.weights import (
+    describe_load_error,
+    load_state_dict,
+    one_line,
+    parse_source,
+    resolve_file,
+    resolve_model_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -192,16 +200,61 @@ def get_model_config(name: str, *, cache_dir: str | os.PathLike[str] | None = No
         path = folder / MODEL_CONFIG_FILE
         if not path.is_file():
             raise WeightsError(f"model folder {folder} has no {MODEL_CONFIG_FILE}")
-        try:
-            config = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError) as err:
-            raise WeightsError(f"{path}: invalid model configuration ({err})") from err
+        config = read_model_config(path)
+        _check_folder_sources(config, path, from_hub=name.startswith("hf-hub:"))
         psi = dataclasses.replace(config.projection, source=f"local-dir:{folder}")
         return dataclasses.replace(config, projection=psi)
     raise WeightsError(
         f"unknown model '{name}'; known: {', '.join(list_models())} (or local-dir:PATH / hf-hub:ORG/REPO, "
         "or compose one from --backbone, --text-encoder and --projection)"
     )
+
+
+_MAX_CONFIG_BYTES = 1 << 20  # a talk2dino.json is about 2 KB; anything near this is not one
+
+
+def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """Read and validate a model folder's ``talk2dino.json`` (an untrusted file).
+
+    Raises:
+        WeightsError: one line naming the file and the first problem (unreadable, not JSON, a wrong
+            type, an unknown key, an out-of-range value).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise WeightsError(f"{path}: {path.stat().st_size} bytes is too large for a model configuration")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        return ModelConfig.from_dict(data)
+    except WeightsError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError, RecursionError) as err:
+        # json/UnicodeDecodeError/InvalidInputError are ValueErrors; RecursionError: absurdly nested JSON.
+        raise WeightsError(
+            f"{path}: invalid model configuration ({one_line(err)}); fix or re-export the model folder") from err
+
+
+def _check_folder_sources(config: ModelConfig, path: Path, *, from_hub: bool) -> None:
+    """Refuse part sources in a model folder's config that reach outside what the folder may name.
+
+    A hub repository is someone else's: its config may only name hub repositories or our registered
+    parts, never files or folders on this machine. A local folder may name absolute ``local-dir:``
+    paths (an offline cluster's copies), but no relative path that climbs out with ``..``.
+
+    Raises:
+        WeightsError: naming the file, the part and the source.
+    """
+    for part, source in (("backbone", config.backbone.source), ("text", config.text.source)):
+        if source in BACKBONES or source in TEXT_ENCODERS:
+            continue
+        kind = parse_source(source).kind if source.startswith(("hf-hub:", "local-dir:")) else "file"
+        if from_hub and kind != "hf-hub":
+            raise WeightsError(f"{path}: a hub model folder may only name hub sources, but its {part} is "
+                               f"{source!r}; pass --{part.replace('text', 'text-encoder')} to choose one")
+        location = source.split(":", 1)[1] if kind == "local-dir" else source
+        if kind != "hf-hub" and not os.path.isabs(location) and ".." in Path(location).parts:
+            raise WeightsError(f"{path}: {part} source {source!r} climbs out of the model folder with '..'; "
+                               "use an absolute local-dir: path or an hf-hub: source")
 
 
 def save_model_folder(folder: str | os.PathLike[str], config: ModelConfig, projection: Projection,
@@ -256,14 +309,19 @@ def _load_backbone(source: str, *, dtype: torch.dtype, cache_dir: str | os.PathL
     try:
         hf_config = AutoConfig.from_pretrained(folder)
     except Exception as err:  # transformers raises OSError/ValueError/KeyError for bad folders
-        raise WeightsError(f"backbone: {folder} holds no readable config.json ({err})") from err
+        raise WeightsError(f"backbone: {folder} holds no readable config.json ({one_line(err)})") from err
     family = BACKBONE_FAMILIES.get(hf_config.model_type)
     if family is None:
         raise WeightsError(
             f"backbone: {folder} is a '{hf_config.model_type}' model, not DINOv2, DINOv3 or DINO ViT; "
             f"supported model types: {', '.join(sorted(BACKBONE_FAMILIES))}"
         )
-    backbone = family.from_pretrained(folder, dtype=dtype, logits_rope=logits_rope)
+    try:
+        backbone = family.from_pretrained(folder, dtype=dtype, logits_rope=logits_rope)
+    except (pickle.UnpicklingError, EOFError, OSError) as err:
+        # A .bin whose pickle holds more than tensors (refused by weights_only), or a torn file.
+        raise WeightsError(f"backbone: cannot load the weights in {folder} ({describe_load_error(err)}); "
+                           "use a trusted copy, preferably model.safetensors") from err
     meta = {"source": source, "path": str(folder), "revision": _snapshot_revision(folder),
             "model_type": hf_config.model_type, **backbone.settings()}
     logger.info("backbone: %s (%s family, M=%d, d_h=%d, G=%d, patch %d%s)", folder, backbone.family,
@@ -283,7 +341,8 @@ def _load_text(source: str, *, context_length: int, cache_dir: str | os.PathLike
         model, info = loaded
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # transformers raises several types for a wrong folder
-        raise WeightsError(f"text encoder: cannot load a CLIP text model and tokenizer from {folder} ({err})") from err
+        raise WeightsError(f"text encoder: cannot load a CLIP text model and tokenizer from {folder} "
+                           f"({describe_load_error(err)})") from err
     if info.get("missing_keys"):
         raise WeightsError(f"text encoder: {folder} lacks weights {sorted(info['missing_keys'])[:8]}")
     meta = {"source": source, "path": str(folder), "revision": _snapshot_revision(folder)}

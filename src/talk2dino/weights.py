@@ -18,8 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 import shutil
+import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,49 @@ logger = logging.getLogger(__name__)
 SourceKind = Literal["hf-hub", "local-dir", "url", "file"]
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _TRUE = {"1", "true", "yes", "on"}
+# Hub ids and revisions become folder names in the cache (huggingface_hub writes refs/<revision>), so
+# anything that could climb out of it ("..", absolute paths, odd characters) is refused up front.
+_HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+# A zip checkpoint (torch's format) is stored uncompressed, so its entries add up to about the file
+# size; one that declares far more is a zip bomb or corrupt, refused before torch inflates it.
+_ZIP_SLACK = 2.0
+_ZIP_MIN_ALLOWANCE = 64 << 20
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, shortened: exception text made fit for a one-line error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_load_error(err: BaseException) -> str:
+    """One line for a failed ``torch.load``: for a refused global, the line that names it.
+
+    torch's weights_only message spans several lines and opens with advice to turn the check off;
+    only the line naming the culprit (``unsupported GLOBAL posix.system``) is worth showing.
+    """
+    if isinstance(err, pickle.UnpicklingError):
+        for line in str(err).splitlines():
+            if "GLOBAL" in line or "nsupported" in line:
+                return f"{type(err).__name__}: {line.strip()[:200]}"
+    return one_line(err)
+
+
+def check_pin(value: str | None, *, length: int, what: str) -> str | None:
+    """Return a hash pin in lower case after checking it is `length` hex digits (None passes).
+
+    Raises:
+        WeightsError: the pin is not a hex digest of that length (it also becomes a cache folder name).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != length or not _HEX.match(value):
+        raise WeightsError(f"{what}: bad hash pin {str(value)[:80]!r}; expected {length} hex digits")
+    return value.lower()
 
 
 @dataclass(frozen=True)
@@ -67,8 +114,14 @@ def parse_source(spec: str) -> Source:
         revision = None
         if "@" in repo:
             repo, revision = repo.split("@", 1)
-        if repo.count("/") != 1 or not all(repo.split("/")):
-            raise WeightsError(f"bad hub id in '{spec}': expected hf-hub:ORG/REPO[@REVISION]")
+        parts = repo.split("/")
+        if len(parts) != 2 or not all(_HUB_PART.match(p) and ".." not in p for p in parts):
+            raise WeightsError(f"bad hub id in {spec!r}: expected hf-hub:ORG/REPO[@REVISION] with letters, digits, "
+                               "'.', '_' or '-' (no '..', no absolute path)")
+        if revision is not None and (not _REVISION.match(revision)
+                                     or any(p in ("", ".", "..") for p in revision.split("/"))):
+            raise WeightsError(f"bad hub revision in {spec!r}: use a branch, tag or commit without '..' or "
+                               "empty path parts")
         return Source("hf-hub", repo, revision or None)
     if spec.startswith("local-dir:"):
         path = spec[len("local-dir:"):]
@@ -121,12 +174,14 @@ def verify_file(path: Path, *, sha256: str | None, git_blob_sha1: str | None, wh
     Raises:
         WeightsError: naming the file and both hashes when a pin does not match.
     """
+    sha256 = check_pin(sha256, length=64, what=what)
+    git_blob_sha1 = check_pin(git_blob_sha1, length=40, what=what)
     digest = file_sha256(path)
-    if sha256 is not None and digest != sha256.lower():
+    if sha256 is not None and digest != sha256:
         raise WeightsError(f"{what}: {path} has sha256 {digest}, expected {sha256}")
     if sha256 is None and git_blob_sha1 is not None:
         blob = file_git_blob_sha1(path)
-        if blob != git_blob_sha1.lower():
+        if blob != git_blob_sha1:
             raise WeightsError(f"{what}: {path} has git blob sha1 {blob}, expected {git_blob_sha1}")
     return digest
 
@@ -137,6 +192,24 @@ def _download(url: str, dest: Path, *, timeout: float = 60.0) -> None:
     with atomic_path(dest, durable=True) as tmp, open(tmp, "wb") as out, \
             urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
         shutil.copyfileobj(response, out, length=1 << 20)
+
+
+def url_file_name(url: str) -> str:
+    """The cache file name for `url`: its last path segment when that is a plain file name.
+
+    Query strings, fragments, percent-escapes and names such as ``..`` never reach the file system;
+    anything that is not a plain name becomes ``weights.bin`` (the pin folder keeps files apart).
+    """
+    path = urllib.parse.urlsplit(url).path
+    name = urllib.parse.unquote(path.rstrip("/").rsplit("/", 1)[-1])
+    return name if _SAFE_NAME.match(name) and ".." not in name else "weights.bin"
+
+
+def _check_inside(path: Path, root: Path, *, what: str) -> None:
+    """Refuse a cache path that resolves outside the cache root (defence in depth against traversal)."""
+    resolved_root = root.resolve()
+    if not path.resolve().is_relative_to(resolved_root):
+        raise WeightsError(f"{what}: refusing cache path {path}, which lies outside the cache {resolved_root}")
 
 
 def resolve_file(
@@ -157,6 +230,8 @@ def resolve_file(
     Raises:
         WeightsError: with the file, where it was looked for, and how to supply it locally.
     """
+    sha256 = check_pin(sha256, length=64, what=what)
+    git_blob_sha1 = check_pin(git_blob_sha1, length=40, what=what)
     source = parse_source(spec)
     if source.kind == "hf-hub":
         folder = resolve_model_dir(spec, what=what, cache_dir=cache_dir, allow_patterns=[*folder_files, "*.json"])
@@ -164,6 +239,8 @@ def resolve_file(
     if source.kind == "local-dir":
         folder = Path(source.location)
         for name in folder_files:
+            if not _SAFE_NAME.match(name):  # a file name from a config must not climb out of the folder
+                raise WeightsError(f"{what}: refusing file name {name!r} in {folder}; expected a plain file name")
             if (folder / name).is_file():
                 path = folder / name
                 break
@@ -177,9 +254,10 @@ def resolve_file(
     # URL: cache under the pin so that a silently replaced upstream file (pitfall P6) never
     # shadows the one we verified.
     url = source.location
-    name = url.rstrip("/").rsplit("/", 1)[-1] or "weights.bin"
+    name = url_file_name(url)
     pin = (sha256 or git_blob_sha1 or hashlib.sha256(url.encode()).hexdigest())[:16]
     dest = cache_root(cache_dir) / "files" / pin / name
+    _check_inside(dest, cache_root(cache_dir), what=what)
     if dest.is_file():
         try:
             return dest, verify_file(dest, sha256=sha256, git_blob_sha1=git_blob_sha1, what=what)
@@ -251,15 +329,65 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         WeightsError: naming the file when it is unreadable, not a state dict, or unsafe to unpickle.
     """
     path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: checkpoint file does not exist (or is not a regular file)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
         else:
+            check_zip_checkpoint(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and safetensors errors all mean "not a usable checkpoint"
-        raise WeightsError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    except WeightsError:
+        raise
+    except pickle.UnpicklingError as err:
+        # weights_only refused a global: the file asks to build Python objects (possibly to run code).
+        raise WeightsError(
+            f"{path}: not a loadable checkpoint: refused to unpickle ({describe_load_error(err)}); it holds "
+            "Python objects besides "
+            "tensors and may run code, so it is not loaded: get the weights from a trusted source or as .safetensors"
+        ) from err
+    except Exception as err:  # zip, storage and safetensors errors all mean "not a usable checkpoint"
+        raise WeightsError(f"{path}: not a loadable checkpoint ({one_line(err)}); re-download or re-export it") from err
+    check_state_dict(state, origin=str(path))
     return dict(state)
+
+
+def check_state_dict(state: object, *, origin: str) -> None:
+    """Check that `state` is a flat ``{str: dense tensor}`` mapping.
+
+    Raises:
+        WeightsError: naming `origin` and the first offending key or type.
+    """
+    if not isinstance(state, dict):
+        raise WeightsError(f"{origin}: expected a state dict of tensors, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise WeightsError(f"{origin}: state dict key {str(key)[:60]!r} is a {type(key).__name__}, not a string")
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{origin}: expected a state dict of tensors, but {key[:80]!r} is a "
+                               f"{type(value).__name__}")
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            raise WeightsError(f"{origin}: tensor {key[:80]!r} is not a plain dense tensor ({value.layout})")
+
+
+def check_zip_checkpoint(path: Path) -> None:
+    """Refuse a zip checkpoint whose entries claim far more bytes than the file holds (a zip bomb).
+
+    Non-zip files (the legacy pickle format) pass; torch reads them itself.
+
+    Raises:
+        WeightsError: naming the file, the declared and the actual size.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise WeightsError(f"{path}: corrupt zip checkpoint ({one_line(err)}); re-download or re-export it") from err
+    if declared > max(_ZIP_SLACK * size, _ZIP_MIN_ALLOWANCE):
+        raise WeightsError(f"{path}: zip checkpoint declares {declared} bytes of content in a {size}-byte file "
+                           "(a zip bomb or a corrupt file); not loaded")

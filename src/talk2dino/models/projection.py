@@ -58,6 +58,8 @@ class Projection(nn.Module):
                 if key.startswith(old):
                     logger.info("%s: legacy key %s read as %s", origin, key, new + key[len(old):])
                     key = new + key[len(old):]
+            if key in renamed:  # e.g. both linear_layer2.* and hidden_layers.0.*: which one is psi is unknowable
+                raise WeightsError(f"{origin}: projection checkpoint holds {key} twice (under its legacy name too)")
             renamed[key] = value
         expected = self.state_dict()
         missing = sorted(set(expected) - set(renamed))
@@ -75,13 +77,21 @@ class Projection(nn.Module):
                 f"{origin}: projection checkpoint does not match: missing={missing} unexpected={unexpected} "
                 f"shape_mismatch={shapes}{hint}"
             )
+        # A cast would silently turn integer, bool or complex data into "weights"; NaN/inf would poison
+        # every score map. Both mean a corrupt or foreign file.
+        wrong = [f"{k}: {v.dtype}" for k, v in renamed.items() if not v.is_floating_point()]
+        if wrong:
+            raise WeightsError(f"{origin}: projection weights must be floating point, got {wrong}")
+        nonfinite = [k for k, v in renamed.items() if not bool(torch.isfinite(v).all())]
+        if nonfinite:
+            raise WeightsError(f"{origin}: projection weights hold NaN or infinity in {nonfinite}; the file is corrupt")
         self.load_state_dict({k: v.to(torch.float32) for k, v in renamed.items()}, strict=True)
 
 
 def projection_dims(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(in_dim, out_dim) of a psi state dict, read from ``linear_layer.weight`` [out, in]."""
     weight = state.get("linear_layer.weight")
-    if weight is None or weight.ndim != 2:
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or min(weight.shape) < 1:
         raise WeightsError(f"not a projection checkpoint: keys {sorted(state)[:6]}")
     return int(weight.shape[1]), int(weight.shape[0])
 

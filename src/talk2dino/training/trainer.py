@@ -45,7 +45,7 @@ from torch import nn
 from talk2dino.config import BackboneConfig, ModelConfig, ProjectionConfig, TargetStrategy, TextConfig, TrainConfig
 from talk2dino.errors import Talk2DinoError, WeightsError
 from talk2dino.extract.format import FeatureFormatError, FeatureSet, load_features
-from talk2dino.fileio import atomic_path, remove_temps
+from talk2dino.fileio import atomic_path, fault_point, remove_temps
 from talk2dino.models.projection import PROJECTION_CONFIG_FILE, PROJECTION_FILE, Projection
 from talk2dino.registry import MODEL_CONFIG_FILE, get_model_config, list_models, resolve_device, save_model_folder
 from talk2dino.training.loss import infonce_loss
@@ -162,6 +162,7 @@ class Trainer:
             loss_sum = detached.double() if loss_sum is None else loss_sum + detached.double()
             for callback in self.callbacks:
                 callback.on_batch_end(self, detached)
+            fault_point("train-step")
         mean_loss = float(loss_sum.item()) / steps if loss_sum is not None else float("nan")
         stats = EpochStats(epoch=epoch, steps=steps, global_step=self.global_step, mean_loss=mean_loss,
                            seconds=time.perf_counter() - start)
@@ -459,8 +460,10 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip / unpickling errors: a torn or foreign file
+        from talk2dino.weights import describe_load_error  # one line, naming a refused global (issue 8)
+
         raise TrainingError(
-            f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); it is not a file this trainer wrote "
+            f"{path}: unreadable checkpoint ({describe_load_error(err)}); it is not a file this trainer wrote "
             "completely. Move it away to restart the run from scratch"
         ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -701,6 +704,7 @@ class _RunRecorder(Callback):
             "log": list(self.history),
         }
         _atomic_write(self.out / CHECKPOINT_FILE, lambda h: torch.save(checkpoint, h))
+        fault_point("train-after-checkpoint")
         write_derived_files(self.out, self.model_config, self.psi, self.history,
                             {**self.metadata, "epoch": done, "step": stats.global_step})
         stats.metrics["record"] = record
@@ -723,6 +727,7 @@ def write_derived_files(out: Path, model_config: ModelConfig, psi: Projection, h
             f"{out}: could not write the model files ({type(err).__name__}: {err}); {CHECKPOINT_FILE} is intact. "
             "Free disk space, then rerun with --resume"
         ) from err
+    fault_point("train-before-log")
     _write_log(out / LOG_FILE, history)
 
 
