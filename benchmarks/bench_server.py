@@ -3,15 +3,18 @@
 Starts the server in a child process (this script re-invoked with ``--child-server``) with the real-size
 random-weight model of ``bench_inference.build_model`` (DINOv2 ViT-B/14-reg + CLIP B/16 text + psi; nothing
 is downloaded), then runs N client threads that post the same synthetic image with the same labels to
-``POST /v1/segment`` back to back for a bounded time. Reports requests/s, p50/p95 latency, errors by status,
-the server's batching, and the server process's resident memory (peak ``VmHWM`` over the whole run, and the
-resident size once the model was loaded and warmed up).
+``POST /v1/segment`` back to back for a bounded time. A client refused with 429 (overload) or 503 waits the
+answer's ``Retry-After`` before its next request, as a well-behaved client does. Reports answers by status
+(ok, 4xx, 5xx, connection errors), p50/p95 latency of the successful ones, throughput, the server's
+batching, and the server process's resident memory: once the model was loaded and warmed up, sampled over
+the run (peak, end, and the mean of each half: a second half above the first means memory grows with load),
+and the kernel's peak ``VmHWM``.
 
 Usage::
 
     python benchmarks/bench_server.py                          # 4 clients x 60 s, VOC-20 labels, no PAMR
-    python benchmarks/bench_server.py --clients 4 --duration 45 --json load.json
-    python benchmarks/bench_server.py --clients 8 --queue-size 4 --request-timeout 20   # overload: 503s expected
+    python benchmarks/bench_server.py --clients 32 --duration 60 --json load.json   # overload: 429s expected
+    python benchmarks/bench_server.py --tiny                   # quick check: small image at 224, 3 labels, 15 s
 
 Only loopback traffic; the child is stopped (SIGINT, then SIGKILL after a grace period) however the run ends.
 """
@@ -23,6 +26,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -46,19 +50,20 @@ BASELINE_REPEATS = 2
 def run_child_server(args: argparse.Namespace) -> int:
     """Build the real-size random model, wrap it in the server and serve on 127.0.0.1 until SIGINT."""
     import torch
-    import uvicorn
 
     sys.path.insert(0, str(HERE))
     from bench_inference import DEFAULT_BPE, build_model
 
     from talk2dino import InferenceConfig, Segmenter
     from talk2dino.server import ServerConfig, create_app
+    from talk2dino.server.app import serve
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:
         model = build_model(torch.device("cpu"), torch.float32, Path(args.bpe or DEFAULT_BPE), Path(workdir))
-    segmenter = Segmenter(model, InferenceConfig(pamr=args.pamr, background=args.background))
+    geometry = {"short_side": args.short_side, "window": args.short_side, "stride": args.short_side // 2}
+    segmenter = Segmenter(model, InferenceConfig(pamr=args.pamr, background=args.background, **geometry))
     if args.baseline_out:
         # The same work without HTTP, queue or batching, measured in this process just before serving, so
         # that the load figures can be read against it even on a machine shared with other jobs.
@@ -74,8 +79,7 @@ def run_child_server(args: argparse.Namespace) -> int:
         Path(args.baseline_out).write_text(json.dumps({"direct_s": statistics.median(times[1:])}), encoding="utf-8")
     config = ServerConfig(port=args.port, queue_size=args.queue_size, max_batch=args.max_batch,
                           request_timeout_s=args.request_timeout)
-    uvicorn.run(create_app(segmenter, config), host="127.0.0.1", port=args.port, log_level="warning", workers=1,
-                limit_concurrency=config.max_connections)
+    serve(create_app(segmenter, config), log_level="warning")  # returns after SIGINT/SIGTERM, gracefully
     return 0
 
 
@@ -110,6 +114,7 @@ def server_process(args: argparse.Namespace, port: int, baseline: Path) -> Itera
                "--baseline-out", str(baseline), "--size", f"{args.size[0]}x{args.size[1]}",
                "--labels", ",".join(args.labels),
                "--queue-size", str(args.queue_size), "--max-batch", str(args.max_batch),
+               "--short-side", str(args.short_side),
                "--request-timeout", str(args.request_timeout), "--pamr" if args.pamr else "--no-pamr",
                "--background" if args.background else "--no-background"]
     if args.threads:
@@ -164,7 +169,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         results: list[tuple[float, float, int, str]] = []  # (start offset, latency s, status, error)
         server_timings: list[dict[str, float]] = []  # the answers' own "timings" (seconds per stage)
         lock = threading.Lock()
-        rss_samples: list[int] = []
+        rss_samples: list[tuple[float, int]] = []  # (offset s, KiB)
         stop_sampling = threading.Event()
         load_start = os.getloadavg()[0]
         t0 = time.monotonic()
@@ -174,6 +179,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             with httpx.Client() as own:
                 while time.monotonic() < deadline:
                     begin = time.monotonic()
+                    retry_after = 0.0
                     try:
                         response = own.post(f"{url}/v1/segment", data=form,
                                             files={"image": ("bench.png", image, "image/png")},
@@ -183,19 +189,23 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                             with lock:
                                 server_timings.append(response.json()["timings"])
                         else:
-                            error = str(response.json().get("error", ""))[:120]
+                            error = _error_kind(str(response.json().get("error", "")))
+                            with contextlib.suppress(ValueError):
+                                retry_after = float(response.headers.get("retry-after", "0"))
                     except httpx.HTTPError as err:
                         status, error = 0, type(err).__name__
+                        retry_after = 1.0
                     with lock:
                         results.append((begin - t0, time.monotonic() - begin, status, error))
-                    if status == 503:
-                        time.sleep(0.1)  # a refused client retries after a pause, as Retry-After asks
+                    if retry_after > 0:
+                        # A refused client waits as Retry-After asks (but not past the end of the run).
+                        time.sleep(max(0.0, min(retry_after, deadline - time.monotonic())))
 
         def sample() -> None:
             while not stop_sampling.wait(POLL_S):
                 rss = _status_kib(proc.pid, "VmRSS")
                 if rss is not None:
-                    rss_samples.append(rss)
+                    rss_samples.append((time.monotonic() - t0, rss))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -221,11 +231,20 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
 
     statuses = Counter(status for _, _, status, _ in results)
     errors = Counter(f"{status} {error}" for _, _, status, error in results if status != 200)
+    during = [kib for offset, kib in rss_samples if offset <= args.duration]
+    half = len(during) // 2
+
+    def mb(kib: float | None) -> int | None:
+        return round(kib / 1024) if kib else None
+
     return {
         "clients": args.clients, "duration_s": args.duration, "elapsed_s": round(elapsed, 2),
         "image": f"{args.size[0]}x{args.size[1]}", "labels": len(args.labels), "pamr": args.pamr,
         "background": args.background, "max_batch": args.max_batch, "queue_size": args.queue_size,
         "requests": len(results), "ok": len(ok), "statuses": dict(statuses), "errors": dict(errors),
+        "refused_4xx": sum(n for code, n in statuses.items() if 400 <= code < 500),
+        "server_5xx": sum(n for code, n in statuses.items() if code >= 500),
+        "connection_errors": statuses.get(0, 0),
         "requests_per_s": round(len(ok) / elapsed, 3) if elapsed > 0 else 0.0,
         "p50_s": round(statistics.median(ok), 3) if ok else None,
         "p95_s": round(ok[min(len(ok) - 1, int(0.95 * len(ok)))], 3) if ok else None,
@@ -236,8 +255,13 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         # requests per batch, and the server's time from arrival to answer.
         "server_queue_s": median_of("queue"), "server_embed_image_s": median_of("embed_image"),
         "server_batch_size": median_of("batch_size"), "server_total_s": median_of("total"),
-        "rss_ready_mb": round(rss_ready_kib / 1024) if rss_ready_kib else None,
-        "rss_max_sampled_mb": round(max(rss_samples) / 1024) if rss_samples else None,
+        "rss_ready_mb": mb(rss_ready_kib),
+        "rss_max_sampled_mb": mb(max(kib for _, kib in rss_samples)) if rss_samples else None,
+        "rss_end_mb": mb(rss_samples[-1][1]) if rss_samples else None,
+        "rss_first_half_mean_mb": mb(statistics.mean(during[:half])) if half else None,
+        "rss_second_half_mean_mb": mb(statistics.mean(during[half:])) if half else None,
+        "rss_first_half_max_mb": mb(max(during[:half])) if half else None,
+        "rss_second_half_max_mb": mb(max(during[half:])) if half else None,
         "peak_rss_mb": round(peak_kib / 1024) if peak_kib else None,
         "largest_batch": health["queue"]["largest_batch"], "batches": health["queue"]["batches"],
         "server_completed": health["queue"]["completed"], "cpu_count": os.cpu_count(),
@@ -245,17 +269,23 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _error_kind(message: str) -> str:
+    """An error message without its numbers, so that answers of one kind count together."""
+    return re.sub(r"[0-9][0-9.,]*", "N", message)[:100]
+
+
 def format_table(record: dict[str, Any]) -> str:
-    """One Markdown table row per run, with the header."""
-    errors = ", ".join(f"{k}: {v}" for k, v in record["errors"].items()) or "none"
-    header = ("| clients | duration | image | labels | PAMR | requests | ok | errors | req/s | p50 s | p95 s | "
-              "largest batch | peak RSS MB | RSS ready MB |")
-    rule = "|--:|--:|---|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|"
+    """One Markdown table row per run, with the header, and the errors by kind below it."""
+    header = ("| clients | duration | image | labels | requests | ok | 4xx (refused) | 5xx | conn. errors | ok/s | "
+              "p50 s | p95 s | largest batch | RSS ready / peak / end MB | RSS mean 1st / 2nd half MB |")
+    rule = "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"
     row = (f"| {record['clients']} | {record['duration_s']:g} s | {record['image']} | {record['labels']} | "
-           f"{'on' if record['pamr'] else 'off'} | {record['requests']} | {record['ok']} | {errors} | "
-           f"{record['requests_per_s']:.3f} | {record['p50_s']} | {record['p95_s']} | {record['largest_batch']} | "
-           f"{record['peak_rss_mb']} | {record['rss_ready_mb']} |")
-    return "\n".join([header, rule, row])
+           f"{record['requests']} | {record['ok']} | {record['refused_4xx']} | {record['server_5xx']} | "
+           f"{record['connection_errors']} | {record['requests_per_s']:.3f} | {record['p50_s']} | {record['p95_s']} | "
+           f"{record['largest_batch']} | {record['rss_ready_mb']} / {record['rss_max_sampled_mb']} / "
+           f"{record['rss_end_mb']} | {record['rss_first_half_mean_mb']} / {record['rss_second_half_mean_mb']} |")
+    errors = "\n".join(f"- {n} x {kind}" for kind, n in sorted(record["errors"].items(), key=lambda kv: -kv[1]))
+    return "\n".join([header, rule, row, "", "answers other than 200:", errors or "- none"])
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -280,14 +310,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="background channel (with cleaning)")
     parser.add_argument("--max-batch", type=int, default=4, help="server --max-batch")
     parser.add_argument("--queue-size", type=int, default=16, help="server --queue-size")
-    parser.add_argument("--request-timeout", type=float, default=120.0, help="server --request-timeout (s)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="server --request-timeout (s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--bpe", default=None, help="CLIP BPE vocabulary (default: ../shared/reference/clip-bpe)")
     parser.add_argument("--json", default=None, help="also write the record to this file")
+    parser.add_argument("--short-side", type=int, default=448,
+                        help="server resize target = window (stride half of it); 448 is the protocol")
+    parser.add_argument("--tiny", action="store_true",
+                        help="quick check: a 160x120 image processed at 224 (one 224 window), 3 labels, 15 s; "
+                             "flags given explicitly still win")
     parser.add_argument("--child-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        given = set(argv if argv is not None else sys.argv[1:])
+        if "--size" not in given:
+            args.size = (160, 120)
+        if "--labels" not in given:
+            args.labels = ["cat", "sofa", "window"]
+        if "--duration" not in given:
+            args.duration = 15.0
+        if "--short-side" not in given:
+            args.short_side = 224
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

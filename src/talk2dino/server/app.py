@@ -13,17 +13,25 @@ Why FastAPI + uvicorn: a standard ASGI stack with multipart parsing, request val
 generated from the handler signatures, so the documented API and the code cannot drift apart.
 
 Errors are JSON ``{"error": "<one line>"}``: 400 bad input (unreadable image, empty or duplicate label), 403
-``image_url`` disabled, 404 unknown model or route, 413 body, image or score volume over its limit, 422 wrong
-field type or a count/length limit, 503 queue full, timeout or shutdown (with ``Retry-After``).
+``image_url`` disabled, 404 unknown model or route, 408 body not received within ``--body-timeout``, 413 body,
+image or score volume over its limit, 422 wrong field type or a count/length limit, 429 overloaded (queue
+full, or the work ahead would not finish in time; with ``Retry-After``), 503 timeout or shutdown (with
+``Retry-After``).
+
+`serve` runs the app with uvicorn and a graceful stop: on SIGTERM/SIGINT the port closes, requests in
+flight get ``--shutdown-grace`` seconds to finish (then 503), and the process exits with code 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -31,13 +39,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import anyio
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -66,6 +76,7 @@ from talk2dino.server.worker import (
     EmbedTextJob,
     InferenceWorker,
     OutputOptions,
+    QueueFullError,
     RleFormat,
     SegmentJob,
     ServiceUnavailableError,
@@ -82,13 +93,54 @@ _DECODE_CONCURRENCY = 2
 _MAX_TEMPLATES = 64
 _COPY_CHUNK = 1 << 20
 _PEEK_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide state
+# Admit a request only if the work ahead is estimated to finish within this share of --request-timeout: the
+# estimate is an average of recent batches, and under a burst the next ones run slower (the 32-client load
+# check measured +35 % per image against the warm-up), so the margin keeps admitted requests clear of the
+# timeout (503).
+_ADMISSION_SHARE = 0.7
+# After the grace period, how long the last batch may still run (rendering is skipped, the backbone pass
+# cannot be interrupted) before the worker thread is left behind.
+_STOP_BACKSTOP_S = 120.0
+# How often a waiting handler checks whether a shutdown began: the signal handler cannot wake asyncio waiters.
+_DRAIN_POLL_S = 0.2
+# Answers that leave part of the body unread must close the connection, or a client could keep trickling
+# bytes into it.
+_CLOSE = {"Connection": "close"}
 
 
 class PayloadTooLargeError(StarletteHTTPException):
     """413: the body, the image or the work it implies is over a configured limit."""
 
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=413, detail=detail, headers=headers)
+
+
+class BodyTimeoutError(StarletteHTTPException):
+    """408: the body did not arrive within ``--body-timeout`` (a slow or stalled upload)."""
+
     def __init__(self, detail: str) -> None:
-        super().__init__(status_code=413, detail=detail)
+        super().__init__(status_code=408, detail=detail, headers=_CLOSE)
+
+
+class Drain:
+    """Shutdown state shared by `serve` (which starts it on a signal) and the request handlers.
+
+    Plain attributes only: `begin` runs inside a signal handler, where asyncio objects must not be touched.
+    """
+
+    def __init__(self) -> None:
+        self.started: float | None = None  # time.monotonic() of the signal
+        self.deadline: float | None = None  # time.monotonic() after which in-flight requests get 503
+
+    def begin(self, grace_s: float) -> None:
+        """Start draining: refuse requests arriving from now on, answer in-flight ones 503 after `grace_s` s."""
+        if self.deadline is None:
+            now = time.monotonic()
+            self.started, self.deadline = now, now + grace_s
+
+    def refuses(self, arrived: float) -> bool:
+        """Whether a request whose headers arrived at `arrived` came after the shutdown began."""
+        return self.started is not None and arrived >= self.started
 
 
 # ---------------------------------------------------------------------------------------------- schema models
@@ -174,21 +226,27 @@ class ErrorResponse(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in ((400, "bad input"), (403, "image_url disabled"), (404, "unknown model"),
-                       (413, "over a size limit"), (422, "wrong type or over a count/length limit"),
-                       (503, "queue full, timed out or shutting down; see Retry-After"))
+                       (408, "body not received within --body-timeout"), (413, "over a size limit"),
+                       (422, "wrong type or over a count/length limit"),
+                       (429, "overloaded: queue full or the work ahead would not finish in time; see Retry-After"),
+                       (503, "timed out or shutting down; see Retry-After"))
 }
 
 
 # ---------------------------------------------------------------------------------------------- body limit
 class BodyLimitMiddleware:
-    """Refuse bodies over `max_bytes` with 413: by Content-Length up front, else while they stream in.
+    """Refuse bodies over `max_bytes` with 413 (by Content-Length up front, else while they stream in), and
+    bodies not fully received `timeout_s` after the headers with 408.
 
-    Starlette's multipart parser would otherwise spool a body of any size to disk before the handler runs.
+    Starlette's multipart parser would otherwise spool a body of any size to disk before the handler runs,
+    and uvicorn has no body-read timeout: a client sending a few bytes a second would hold its connection
+    (and the parser's buffers) for as long as it likes.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -208,14 +266,31 @@ class BodyLimitMiddleware:
                     return
         received = 0
         started = False
+        body_done = False
+        arrived = time.monotonic()
+        # Handlers read it as request.state.arrived: a request still uploading when SIGTERM comes is in flight.
+        scope.setdefault("state", {})["arrived"] = arrived
+        deadline = arrived + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            msg = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()  # after the body: waiting for a disconnect is not bounded here
+            try:
+                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                    msg = await receive()
+            except TimeoutError:
+                logger.info("closing a request whose body took longer than %g s (%d bytes received)",
+                            self.timeout_s, received)
+                raise BodyTimeoutError(f"the request body was not received within {self.timeout_s:g} s "
+                                       f"({received:,} bytes arrived; --body-timeout)") from None
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLargeError(message)
+                    raise PayloadTooLargeError(message, headers=_CLOSE)
+                body_done = not msg.get("more_body", False)
+            else:
+                body_done = True
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -226,10 +301,10 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except PayloadTooLargeError as err:
+        except (PayloadTooLargeError, BodyTimeoutError) as err:
             if started:
                 raise
-            await _send_json(send, 413, {"error": str(err.detail)})
+            await _send_json(send, err.status_code, {"error": str(err.detail)})
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
@@ -433,7 +508,7 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ready = segmenter if isinstance(segmenter, Segmenter) else await anyio.to_thread.run_sync(segmenter)
         worker = InferenceWorker(ready, _make_renderer(ready.config.bg_threshold), queue_size=cfg.queue_size,
-                                 max_batch=cfg.max_batch)
+                                 max_batch=cfg.max_batch, max_wait_s=_ADMISSION_SHARE * cfg.request_timeout_s)
         worker.start()
         app.state.worker = worker
         # set_classes changes the segmenter's background/threshold per request; the defaults are these.
@@ -443,7 +518,8 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(worker.stop)
+            # By now every handler has answered (uvicorn waits for them); only a batch nobody waits for is left.
+            await anyio.to_thread.run_sync(lambda: worker.stop(timeout=cfg.shutdown_grace_s + _STOP_BACKSTOP_S))
 
     app = FastAPI(
         title="talk2dino",
@@ -454,7 +530,10 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
         lifespan=lifespan,
     )
     app.state.config = cfg
-    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes)
+    _tidy_openapi(app)
+    drain = Drain()
+    app.state.drain = drain
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes, timeout_s=cfg.body_timeout_s)
     _add_error_handlers(app, cfg)
 
     def worker_of(request: Request) -> InferenceWorker:
@@ -462,6 +541,12 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
         if worker is None:
             raise ServiceUnavailableError("the server is starting; the model is not loaded yet")
         return worker
+
+    def admit(request: Request, worker: InferenceWorker) -> None:
+        if drain.refuses(getattr(request.state, "arrived", time.monotonic())):
+            worker.count_shutdown()
+            raise ServiceUnavailableError("the server is shutting down; retry against a running instance")
+        worker.reserve()
 
     def check_model(request: Request, name: str | None) -> Segmenter:
         served: Segmenter = worker_of(request).segmenter
@@ -472,15 +557,28 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
 
     async def wait(job: SegmentJob | EmbedTextJob, worker: InferenceWorker) -> dict[str, Any]:
         worker.submit(job)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(job.future),
-                                          timeout=max(0.0, job.deadline - time.monotonic()))
-        except asyncio.TimeoutError:  # noqa: UP041 - a distinct class before Python 3.11
-            # wait_for cancelled the future: if still queued, the worker skips it; if running, its answer is dropped.
-            worker.count_timeout()
+        future = asyncio.wrap_future(job.future)
+        while True:
+            now = time.monotonic()
+            stop = drain.deadline
+            limit = job.deadline if stop is None else min(job.deadline, stop)
+            if now >= limit:
+                break
+            done, _ = await asyncio.wait({future}, timeout=min(limit - now, _DRAIN_POLL_S))
+            if done:
+                return future.result()
+        # Cancelling the wrapper cancels the job's future: if still queued, the worker skips it; if running,
+        # its answer is dropped.
+        future.cancel()
+        if stop is not None and stop < job.deadline:
+            worker.count_shutdown()
             raise ServiceUnavailableError(
-                f"the request took longer than this server's limit of {cfg.request_timeout_s:g} s "
-                "(--request-timeout); the server is busy, try again later") from None
+                f"the server is shutting down and could not finish this request within its grace period of "
+                f"{cfg.shutdown_grace_s:g} s (--shutdown-grace); retry against a running instance")
+        worker.count_timeout()
+        raise ServiceUnavailableError(
+            f"the request took longer than this server's limit of {cfg.request_timeout_s:g} s "
+            "(--request-timeout); the server is busy, try again later")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -556,7 +654,7 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
         names = Segmenter.check_labels(names, background=use_background)
         channels = len(names) + int(use_background)
 
-        worker.reserve()
+        admit(request, worker)
         submitted = False
         temp: Path | None = None
         try:
@@ -599,13 +697,44 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
             if len(body.templates) > _MAX_TEMPLATES:
                 raise StarletteHTTPException(422, f"{len(body.templates)} templates given; at most {_MAX_TEMPLATES}")
             _check_label_limits(body.templates, cfg, what="templates")
-        worker.reserve()
+        admit(request, worker)
         job = EmbedTextJob(labels=list(body.labels), templates=body.templates, deadline=started + cfg.request_timeout_s,
                            admitted=started)
         answer = await wait(job, worker)
         return {"model": served.model.config.name, **answer}
 
     return app
+
+
+def _tidy_openapi(app: FastAPI) -> None:
+    """Make the multipart form schemas say what a client can actually send.
+
+    FastAPI documents an optional form field as ``anyOf: [X, null]``, but a multipart field cannot be null
+    (it is present or absent), and documents a file without ``format: binary``, so generated clients
+    (schemathesis found this) send ``null`` text or the image as a plain text field, and get 422.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.get("components", {}).get("schemas", {})
+        for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+            content = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
+            ref = content.get("schema", {}).get("$ref", "")
+            form = components.get(ref.rsplit("/", 1)[-1], {})
+            for name, field in form.get("properties", {}).items():
+                branches = [b for b in field.get("anyOf", []) if b.get("type") != "null"]
+                if len(branches) == 1 and len(field.get("anyOf", [])) == 2:
+                    del field["anyOf"]
+                    field.update(branches[0])
+                if field.get("contentMediaType") == "application/octet-stream":
+                    field["format"] = "binary"
+                form["properties"][name] = field
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
@@ -636,6 +765,13 @@ def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         return error(503, str(exc), headers={"Retry-After": str(cfg.retry_after_s)})
 
+    async def overloaded(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QueueFullError)
+        # The worker's estimate of when a slot frees, never below the configured floor.
+        estimate = exc.retry_after_s if exc.retry_after_s is not None else 0.0
+        retry = max(cfg.retry_after_s, math.ceil(estimate))
+        return error(429, str(exc), headers={"Retry-After": str(retry)})
+
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error(500, "internal server error; see the server log")
@@ -645,7 +781,65 @@ def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
         RequestValidationError: validation_error,
         InvalidInputError: invalid_input,
         ServiceUnavailableError: unavailable,
+        QueueFullError: overloaded,
         Exception: internal,
     }
     for kind, handler in handlers.items():
         app.add_exception_handler(kind, handler)
+
+
+# ---------------------------------------------------------------------------------------------- running it
+def serve(app: FastAPI, *, log_level: str = "info", sockets: list[Any] | None = None) -> None:
+    """Run `app` (from `create_app`) with uvicorn until SIGTERM/SIGINT, then stop gracefully.
+
+    On the first signal the listening socket closes, idle connections close, new requests get 503, and
+    requests in flight get ``shutdown_grace_s`` to finish before they are answered 503; then the worker
+    stops and this function returns (the caller exits with code 0). A second SIGINT forces the exit.
+
+    Args:
+        app: the app; its ``state.config`` gives the address and limits.
+        log_level: uvicorn's log level.
+        sockets: already bound sockets to serve on instead of ``config.host:config.port`` (tests).
+    """
+    cfg: ServerConfig = app.state.config
+    config = uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, workers=1, limit_concurrency=cfg.max_connections, log_level=log_level,
+        log_config=None,
+        # A backstop only: handlers answer by the grace deadline themselves; this bounds anything else.
+        timeout_graceful_shutdown=math.ceil(cfg.shutdown_grace_s) + 5,
+        # Idle keep-alive connections are closed after this long, so they cannot pile up to max_connections.
+        timeout_keep_alive=5,
+    )
+    _GracefulServer(config, app.state.drain, cfg.shutdown_grace_s).run(sockets=sockets)
+
+
+class _GracefulServer(uvicorn.Server):
+    """A `uvicorn.Server` that starts the app's `Drain` on a signal and does not re-raise the signal.
+
+    uvicorn re-raises SIGTERM after its graceful shutdown, which ends the process with -SIGTERM instead of
+    exit code 0; `capture_signals` installs the same handlers without that step.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, grace_s: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.grace_s = grace_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.info("received %s: refusing new requests, finishing the ones in flight (up to %g s)",
+                        signal.Signals(sig).name, self.grace_s)
+        self.drain.begin(self.grace_s)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only; whoever runs a server in a thread stops it
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

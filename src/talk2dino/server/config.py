@@ -34,13 +34,15 @@ class ServerConfig:
     max_score_values: int = 2**28  # pixels x channels cap (413): the [C, H, W] float32 scores (1 GiB per copy)
     max_labels: int = 255  # labels per request (422); 255 is the most a palette PNG holds with background
     max_label_length: int = 200  # characters per label (422)
-    queue_size: int = 16  # requests admitted but not started; one more is refused with 503 + Retry-After
+    queue_size: int = 16  # requests admitted but not started; one more is refused with 429 + Retry-After
     request_timeout_s: float = 60.0  # admission to answer; a request waiting longer gets 503, its work is skipped
+    body_timeout_s: float = 30.0  # headers to last body byte; a slower (or stalled) upload gets 408 and is closed
+    shutdown_grace_s: float = 20.0  # after SIGTERM/SIGINT, in-flight requests get this long, then 503
     max_batch: int = 4  # queued requests whose images share one backbone pass
     max_connections: int = 64  # concurrent connections before uvicorn itself answers 503
     allow_image_url: bool = False  # fetch `image_url` from the server (off: it lets clients make it fetch URLs)
     url_timeout_s: float = 10.0  # connect/read timeout of an `image_url` fetch
-    retry_after_s: int = 5  # Retry-After header of 503 answers, in seconds
+    retry_after_s: int = 5  # Retry-After of 503 answers, and the least one of 429 answers, in seconds
 
     def validate(self) -> None:
         """Raise `InvalidInputError` naming the first impossible value and the flag to change."""
@@ -55,6 +57,8 @@ class ServerConfig:
             (self.max_label_length > 0, f"--max-label-length must be positive, got {self.max_label_length}"),
             (self.queue_size >= 1, f"--queue-size must be >= 1, got {self.queue_size}"),
             (self.request_timeout_s > 0, f"--request-timeout must be positive, got {self.request_timeout_s}"),
+            (self.body_timeout_s > 0, f"--body-timeout must be positive, got {self.body_timeout_s}"),
+            (self.shutdown_grace_s >= 0, f"--shutdown-grace must be >= 0, got {self.shutdown_grace_s}"),
             (self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}"),
             (self.max_connections >= 1, f"--max-connections must be >= 1, got {self.max_connections}"),
             (self.url_timeout_s > 0, f"--url-timeout must be positive, got {self.url_timeout_s}"),

@@ -6,6 +6,11 @@ encoder, scoring, PAMR) runs on this thread, one batch at a time, and HTTP handl
 
 Admission is counted from the moment a handler reserves a slot (before it decodes the image) until the
 worker takes the job, so decoding work is never started for a request that the queue cannot hold.
+
+Overload policy: a request is admitted only if the queue has a free slot *and* the work ahead of it,
+estimated from the measured seconds per request, would let it finish within `max_wait_s` (a share of
+``--request-timeout``). Otherwise it is refused at once with `QueueFullError` (HTTP 429 + Retry-After, a
+client error that well-behaved clients retry later) instead of being admitted only to time out with a 503.
 """
 
 from __future__ import annotations
@@ -44,8 +49,17 @@ class ServiceUnavailableError(Exception):
     """The request cannot be served now (HTTP 503); the message says why."""
 
 
-class QueueFullError(ServiceUnavailableError):
-    """The queue holds `queue_size` requests already."""
+class QueueFullError(Exception):
+    """Admission refused: the queue is full, or the work ahead would not finish in time (HTTP 429).
+
+    Args:
+        message: one line for the client.
+        retry_after_s: when a retry has a fair chance, in seconds; None lets the server use its default.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RequestTimeoutError(ServiceUnavailableError):
@@ -104,13 +118,19 @@ class InferenceWorker:
         render: turns a prediction into the JSON answer (on this thread, so encoding also stays serialised).
         queue_size: requests admitted but not yet taken by the worker.
         max_batch: segmentation requests whose images share one `Segmenter.embed_images` call.
+        max_wait_s: admit a request only if the estimated work ahead of it and its own fits in this many
+            seconds (None: admit up to `queue_size` whatever the wait).
     """
 
-    def __init__(self, segmenter: Segmenter, render: SegmentRenderer, *, queue_size: int, max_batch: int) -> None:
+    def __init__(self, segmenter: Segmenter, render: SegmentRenderer, *, queue_size: int, max_batch: int,
+                 max_wait_s: float | None = None) -> None:
         self.segmenter = segmenter
         self._render = render
         self.queue_size = queue_size
         self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._service_s: float | None = None  # moving average of seconds per segmentation request
+        self._in_batch = 0  # requests in the batch being computed
         self._jobs: deque[Job] = deque()
         self._reserved = 0
         self._cond = threading.Condition()
@@ -118,8 +138,8 @@ class InferenceWorker:
         self._busy = False
         self._thread: threading.Thread | None = None
         self.stats: dict[str, int] = {
-            "completed": 0, "failed": 0, "timed_out": 0, "rejected_queue_full": 0, "skipped_cancelled": 0,
-            "batches": 0, "largest_batch": 0,
+            "completed": 0, "failed": 0, "timed_out": 0, "rejected_queue_full": 0, "rejected_overloaded": 0,
+            "shutdown_refused": 0, "skipped_cancelled": 0, "batches": 0, "largest_batch": 0,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,7 +152,11 @@ class InferenceWorker:
         logger.info("inference worker started (queue %d, batch %d)", self.queue_size, self.max_batch)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, fail queued jobs with 503, and wait up to `timeout` s for the current batch."""
+        """Refuse new work, fail queued jobs with 503, and wait up to `timeout` s for the current batch.
+
+        The wait matters: a daemon thread still inside a forward pass when the interpreter exits can abort
+        the process (SIGABRT from the native thread pools) instead of letting it exit with code 0.
+        """
         with self._cond:
             self._stopping = True
             pending = list(self._jobs)
@@ -156,23 +180,41 @@ class InferenceWorker:
     def snapshot(self) -> dict[str, Any]:
         """Queue state and counters, for /healthz."""
         with self._cond:
+            service = round(self._service_s, 3) if self._service_s is not None else None
             return {"waiting": self._reserved, "capacity": self.queue_size, "busy": self._busy,
-                    "max_batch": self.max_batch, **self.stats}
+                    "max_batch": self.max_batch, "seconds_per_request": service, **self.stats}
 
     # ------------------------------------------------------------------ admission
     def reserve(self) -> None:
         """Hold one queue slot for a request about to be decoded.
 
         Raises:
-            QueueFullError: `queue_size` requests are waiting already.
+            QueueFullError: `queue_size` requests are waiting already, or the estimated wait is over `max_wait_s`.
             ServiceUnavailableError: the worker is stopping or not running.
         """
         with self._cond:
             if self._stopping or not self.alive:
                 raise ServiceUnavailableError("the inference worker is not running")
+            service = self._service_s
             if self._reserved >= self.queue_size:
                 self.stats["rejected_queue_full"] += 1
-                raise QueueFullError(f"the server is busy: {self.queue_size} requests are already waiting")
+                retry = service * (self._in_batch or 1) if service is not None else None
+                raise QueueFullError(f"the server is busy: {self.queue_size} requests are already waiting; "
+                                     "retry after the Retry-After seconds", retry)
+            ahead = self._reserved + self._in_batch
+            # An idle worker always admits: the average may come from heavier requests than this one, and a
+            # refused request would never refresh it.
+            if self.max_wait_s is not None and service is not None and ahead > 0:
+                # Everything queued and the batch being computed, then this request's own batch, which
+                # requests queued after it may fill up to max_batch (its answer comes when the batch ends).
+                # On a CPU a batch costs about the sum of its images, so a per-request average predicts it.
+                expected = (ahead + self.max_batch) * service
+                if expected > self.max_wait_s:
+                    self.stats["rejected_overloaded"] += 1
+                    raise QueueFullError(
+                        f"the server is busy: about {expected:.0f} s of work is ahead, more than it can finish "
+                        f"within {self.max_wait_s:.0f} s; retry after the Retry-After seconds",
+                        expected - self.max_wait_s + service)
             self._reserved += 1
 
     def release(self) -> None:
@@ -194,6 +236,11 @@ class InferenceWorker:
         with self._cond:
             self.stats["timed_out"] += 1
 
+    def count_shutdown(self) -> None:
+        """Record a request answered 503 because the server is shutting down."""
+        with self._cond:
+            self.stats["shutdown_refused"] += 1
+
     # ------------------------------------------------------------------ the thread
     def _take(self) -> list[Job] | None:
         with self._cond:
@@ -207,6 +254,7 @@ class InferenceWorker:
                     batch.append(self._jobs.popleft())
             self._reserved = max(0, self._reserved - len(batch))
             self._busy = True
+            self._in_batch = len(batch)
             return batch
 
     def _run(self) -> None:
@@ -217,7 +265,9 @@ class InferenceWorker:
             try:
                 live = self._start_jobs(batch)
                 if live and isinstance(live[0], SegmentJob):
+                    started = time.monotonic()
                     self._segment([job for job in live if isinstance(job, SegmentJob)])
+                    self._observe((time.monotonic() - started) / len(live))
                 elif live and isinstance(live[0], EmbedTextJob):
                     self._embed_text(live[0])
             except BaseException as err:  # noqa: BLE001 - the worker must survive anything one batch does
@@ -228,6 +278,13 @@ class InferenceWorker:
             finally:
                 with self._cond:
                     self._busy = False
+                    self._in_batch = 0
+
+    def _observe(self, seconds: float) -> None:
+        """Update the seconds-per-request average used by admission (recent batches weigh more)."""
+        with self._cond:
+            previous = self._service_s
+            self._service_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
 
     def _start_jobs(self, batch: Sequence[Job]) -> list[Job]:
         """Mark jobs running; skip the ones whose handler gave up (cancelled) or whose deadline passed."""
@@ -243,6 +300,10 @@ class InferenceWorker:
         return live
 
     def _finish(self, job: Job, make: Callable[[], dict[str, Any]]) -> None:
+        if self._stopping:
+            # Shutting down: the handler has answered (or will answer) 503; end the batch as soon as possible.
+            job.future.set_exception(ServiceUnavailableError("the server is shutting down"))
+            return
         if time.monotonic() > job.deadline:
             # Nobody waits for the answer any more: skip the rest of the work.
             job.future.set_exception(RequestTimeoutError("the request timed out"))
