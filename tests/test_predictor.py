@@ -102,7 +102,7 @@ def test_preprocessing_keeps_rgb_order(segmenter: Segmenter) -> None:
     """A pure red image reaches the backbone as red (pitfall P1)."""
     red = np.zeros((28, 28, 3), np.uint8)
     red[..., 0] = 255
-    _, _, _, guides = segmenter._prepare(red)
+    guides = segmenter.prepare(red).guides
     x = segmenter._backbone_inputs(guides)
     expected = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225]
     for c in range(3):

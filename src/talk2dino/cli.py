@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -24,31 +25,62 @@ DEFAULT_MODEL = "talk2dino-vitb14-reg"
 def parse_label_list(text: str) -> list[str]:
     """Split a comma-separated label string, trimming spaces around each label.
 
+    Only the splitting is done here; :meth:`Segmenter.check_labels` then checks the labels themselves
+    (duplicates, control characters, length).
+
     Raises:
-        InvalidInputError: when an entry is empty (``"cat,,dog"``) or nothing is given.
+        InvalidInputError: when an entry is empty (``"cat,,dog"``) or nothing is given; the message is one line
+            and quotes the (escaped, shortened) string.
     """
-    from talk2dino.errors import InvalidInputError
+    from talk2dino.errors import InvalidInputError, one_line
 
     parts = [p.strip() for p in text.split(",")]
     for i, part in enumerate(parts, 1):
         if not part:
-            raise InvalidInputError(f"--labels entry {i} of {len(parts)} is empty in {text!r}")
+            raise InvalidInputError(f"--labels entry {i} of {len(parts)} is empty in {one_line(repr(text))}")
     return parts
 
 
+LABEL_FILE_MAX_BYTES = 16 * 1024 * 1024
+"""Largest accepted labels file (16 MiB): far above any real vocabulary, small enough to read safely."""
+
+
 def read_label_file(path: str) -> list[str]:
-    """One label per line; blank lines skipped, surrounding whitespace trimmed.
+    """One label per line (UTF-8, optional byte-order mark, LF or CRLF); blank lines skipped, whitespace trimmed.
 
     Raises:
-        InvalidInputError: unreadable or non-UTF-8 file.
+        InvalidInputError: a missing, unreadable, oversized or non-UTF-8 file, or one without any label; the
+            message is one line naming the file (and the line, for bad bytes).
     """
-    from talk2dino.errors import InvalidInputError
+    from talk2dino.errors import InvalidInputError, one_line
 
+    file_path = Path(path)
+    shown = one_line(file_path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{path}: cannot read labels file ({err})") from err
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        if file_path.is_dir():
+            raise InvalidInputError(f"{shown}: is a folder; --labels-file expects a text file, one label per line")
+        size = file_path.stat().st_size
+        if size > LABEL_FILE_MAX_BYTES:
+            raise InvalidInputError(
+                f"{shown}: labels file is {size:,} bytes, above the limit of {LABEL_FILE_MAX_BYTES:,}; is it a "
+                "labels file?"
+            )
+        data = file_path.read_bytes()
+    except OSError as err:
+        raise InvalidInputError(f"{shown}: cannot read labels file ({one_line(err.strerror or err)})") from err
+    try:
+        # utf-8-sig drops a byte-order mark, which str.strip() would otherwise keep inside the first label.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InvalidInputError(
+            f"{shown}:{line}: labels file is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from err
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise InvalidInputError(f"{shown}: labels file holds no labels; write one label per line")
+    return labels
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +111,9 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                        help="PAMR mask refinement (default on)")
     group.add_argument("--window-batch-size", type=int, default=None, help="windows per backbone forward")
+    group.add_argument("--compile", action="store_true", default=None,
+                       help="run the backbone through torch.compile (slow first call per batch shape; pays off "
+                            "over many images, mostly on GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-overlay", action="store_true", default=None, help="skip the overlay PNG")
     out.add_argument("--overlay-alpha", type=float, default=None, help="overlay opacity in [0, 1] (default 0.5)")
     out.add_argument("--batch-size", type=int, default=None, help="images embedded together (default 4)")
+    out.add_argument("--workers", type=int, default=None,
+                     help="processes decoding and resizing the next images while the model runs (default: 0 on "
+                          "CPU, up to 8 on GPU)")
     out.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
     from talk2dino.config import ExtractConfig, TrainConfig
@@ -206,9 +244,13 @@ def _add_serve_parser(sub: Any) -> None:
     limits.add_argument("--max-label-length", type=int, default=None,
                         help=f"characters per label (default {d.max_label_length})")
     limits.add_argument("--queue-size", type=int, default=None,
-                        help=f"requests waiting for the model before answering 503 (default {d.queue_size})")
+                        help=f"requests waiting for the model before answering 429 (default {d.queue_size})")
     limits.add_argument("--request-timeout", type=float, default=None,
                         help=f"seconds from arrival to answer, then 503 (default {d.request_timeout_s:g})")
+    limits.add_argument("--body-timeout", type=float, default=None,
+                        help=f"seconds to receive a request body, then 408 (default {d.body_timeout_s:g})")
+    limits.add_argument("--shutdown-grace", type=float, default=None,
+                        help=f"seconds in-flight requests get after SIGTERM, then 503 (default {d.shutdown_grace_s:g})")
     limits.add_argument("--max-batch", type=int, default=None,
                         help=f"queued requests whose images share one backbone pass (default {d.max_batch})")
     limits.add_argument("--allow-image-url", action="store_true", default=None,
@@ -295,10 +337,10 @@ def _create_model_from_args(args: argparse.Namespace) -> Any:
 
 def _build_segmenter(args: argparse.Namespace) -> Any:
     """The model of the "Model" flags with the "Inference" flags over its defaults, as a `Segmenter`."""
+    from talk2dino.errors import InvalidInputError
     from talk2dino.predictor import Segmenter
 
     if args.runtime == "onnx":
-        from talk2dino.errors import InvalidInputError
         from talk2dino.models.onnx_runtime import load_onnx_model
 
         if not args.onnx_dir:
@@ -311,6 +353,12 @@ def _build_segmenter(args: argparse.Namespace) -> Any:
         "pamr": args.pamr, "window_batch_size": args.window_batch_size,
     }
     config = dataclasses.replace(model.config.inference, **{k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "compile", None):
+        if args.runtime == "onnx":
+            raise InvalidInputError("--compile applies to the torch runtime, not --runtime onnx")
+        # TALK2DINO_COMPILE_BACKEND picks another torch.compile backend (e.g. aot_eager: tracing without
+        # code generation, for machines without a C++ compiler, and for tests).
+        model.backbone.compile_fast_path(backend=os.environ.get("TALK2DINO_COMPILE_BACKEND", "inductor"))
     return Segmenter(model, config)
 
 
@@ -327,6 +375,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         max_score_values=args.max_score_values, max_labels=args.max_labels, max_label_length=args.max_label_length,
         queue_size=args.queue_size, request_timeout_s=args.request_timeout, max_batch=args.max_batch,
         max_connections=args.max_connections, allow_image_url=args.allow_image_url, url_timeout_s=args.url_timeout,
+        body_timeout_s=args.body_timeout, shutdown_grace_s=args.shutdown_grace,
     )
 
 
@@ -336,18 +385,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     try:
-        import uvicorn
-
-        from talk2dino.server.app import create_app
+        from talk2dino.server.app import create_app, serve  # imports fastapi and uvicorn
     except ImportError as err:
         raise Talk2DinoError(
             f"talk2dino serve needs the 'serve' extra: pip install 'talk2dino[serve]' ({err})") from err
     segmenter = _build_segmenter(args)  # an unknown model or bad weights fail here, before the port opens
     app = create_app(segmenter, config)
-    logger.info("serving %s on http://%s:%d (web page at /, API schema at /openapi.json)",
+    logger.info("serving %s on %s:%d (web page at /, API schema at /openapi.json)",
                 segmenter.model.config.name, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, workers=1, limit_concurrency=config.max_connections,
-                log_level="warning" if args.quiet else "info", log_config=None)
+    # Returns after a graceful stop on SIGTERM/SIGINT (in-flight requests finished or answered 503): exit 0.
+    serve(app, log_level="warning" if args.quiet else "info")
+    logger.info("server stopped")
     return 0
 
 
@@ -355,8 +403,9 @@ def run_segment(args: argparse.Namespace) -> int:
     """The ``segment`` subcommand; returns the exit code."""
     from tqdm import tqdm
 
-    from talk2dino.data.images import list_images, load_image
+    from talk2dino.data.images import list_images
     from talk2dino.errors import InvalidInputError
+    from talk2dino.folder import BackgroundWriter, default_workers, prepared_batches
     from talk2dino.predictor import ImageFeatures
 
     names = parse_label_list(args.labels) if args.labels is not None else read_label_file(args.labels_file)
@@ -369,59 +418,74 @@ def run_segment(args: argparse.Namespace) -> int:
     alpha = args.overlay_alpha if args.overlay_alpha is not None else 0.5
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be >= 1, got {batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise InvalidInputError(f"--workers must be >= 0, got {args.workers}")
     if not 0.0 <= alpha <= 1.0:
         raise InvalidInputError(f"--overlay-alpha must be in [0, 1], got {alpha}")
     segmenter = _build_segmenter(args)
     segmenter.set_classes(names)
+    device = segmenter.model.device
+    workers = args.workers if args.workers is not None else default_workers(device)
 
     out_dir = Path(args.out or "talk2dino-out")
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     failed: list[str] = []
     progress = tqdm(total=len(paths), unit="img", disable=bool(args.quiet or args.no_progress), file=sys.stderr)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        loaded: list[tuple[Path, Any]] = []
-        for path in chunk:
-            try:
-                loaded.append((path, load_image(path)))
-            except InvalidInputError as err:
-                logger.error("%s", err)
-                failed.append(str(path))
+    # Host work overlaps the model: the next batches are decoded by `workers` processes, and each image's
+    # files are written on a background thread while the next batch runs (talk2dino.folder).
+    writer = BackgroundWriter(max_pending=2 * batch_size)
+    batches = prepared_batches(paths, segmenter.config, batch_size=batch_size, workers=workers,
+                               pin_memory=device.type == "cuda")
+    for batch in batches:
+        loaded = []
+        for item in batch:
+            if item.image is None:
+                logger.error("%s", item.error)
+                failed.append(str(item.path))
                 progress.update(1)
+            else:
+                loaded.append(item)
         if not loaded:
             continue
         t0 = time.perf_counter()
         features: list[ImageFeatures | None]
         try:
-            features = list(segmenter.embed_images([rgb for _, rgb in loaded]))
+            features = list(segmenter.embed_images([item.image for item in loaded]))
         except Exception as err:  # noqa: BLE001 - isolate a batch failure, then retry one by one
             logger.debug("batch failed (%s); retrying images one by one", err)
             features = []
-            for path, rgb in loaded:
+            for item in loaded:
                 try:
-                    features.append(segmenter.embed_images([rgb])[0])
+                    features.append(segmenter.embed_images([item.image])[0])
                 except Exception as one:  # noqa: BLE001 - report per file, keep the others
-                    logger.error("%s: %s", path, one)
+                    logger.error("%s: %s", item.path, one)
                     features.append(None)
         embed_time = (time.perf_counter() - t0) / len(loaded)
-        for (path, rgb), feats in zip(loaded, features, strict=True):
+        for item, feats in zip(loaded, features, strict=True):
+            path = item.path
+            if feats is None:
+                failed.append(str(path))
+                progress.update(1)
+                continue
             try:
-                if feats is None:
-                    failed.append(str(path))
-                    continue
                 result = segmenter.predict_features(feats)
                 summary = segmenter.summary(result)
                 summary["timings"]["embed_image"] = round(embed_time, 6)
-                _write_outputs(out_dir, _unique_stem(path, used), path, rgb, result, summary,
-                               save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha,
-                               features=feats, save_heatmaps=bool(args.save_heatmaps),
-                               save_attention=bool(args.save_attention))
             except Exception as err:  # noqa: BLE001 - one bad image must not lose the others' results
                 logger.error("%s: %s", path, err)
                 failed.append(str(path))
-            finally:
                 progress.update(1)
+                continue
+            assert item.image is not None
+            writer.submit(str(path), functools.partial(
+                _write_outputs, out_dir, _unique_stem(path, used), path, item.image.rgb, result, summary,
+                save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha, features=feats,
+                save_heatmaps=bool(args.save_heatmaps), save_attention=bool(args.save_attention)),
+                on_done=lambda: progress.update(1))
+        writer.finish_ready()
+    writer.close()
+    failed.extend(writer.failed)
     progress.close()
     done = len(paths) - len(failed)
     logger.info("wrote %d of %d images to %s", done, len(paths), out_dir)

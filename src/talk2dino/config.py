@@ -79,7 +79,10 @@ class InferenceConfig:
     pamr: bool = True  # PAMR refinement, §4.7 (the paper's best rows use it)
     pamr_iterations: int = 10  # §4.7
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # §4.7
-    window_batch_size: int = 8  # windows per backbone forward; memory only, results are identical
+    # Windows per backbone forward: trades memory for speed. Label maps are identical for any value; scores
+    # may differ by ~1e-7, because CPU matrix products round differently for different row counts
+    # (tests/test_determinism.py).
+    window_batch_size: int = 8
 
     @property
     def effective_bg_clean(self) -> bool:

@@ -34,6 +34,10 @@ from talk2dino.ops.sliding import resized_size, softmax_argmax, stitch, window_g
 logger = logging.getLogger(__name__)
 
 BACKGROUND_NAME = "background"
+MAX_LABEL_CHARS = 1000
+"""Longest accepted label, in characters (CLIP keeps 77 tokens, far fewer characters than this)."""
+# Unicode categories refused in labels: controls (NUL, tab, CR, LF, ...) and line/paragraph separators.
+_BAD_LABEL_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
 ImageLike = Any  # PIL image, HxWx3 uint8 numpy array or [3, H, W] tensor; see data.images.to_rgb_uint8
 _TEXT_CACHE_SIZE = 64
 
@@ -156,6 +160,52 @@ class ImageFeatures:
         return stitch(maps, self.boxes, *self.resized_size).cpu()
 
 
+@dataclass
+class PreparedImage:
+    """An image decoded, resized and cut into windows: the host-side half of `Segmenter.embed_images`.
+
+    Made by :func:`prepare_image` (a plain function of the image and the settings, so DataLoader workers
+    can make these in other processes while the device runs the backbone); `pin_memory` lets a CUDA
+    DataLoader page-lock the windows for an asynchronous copy.
+
+    Attributes:
+        rgb: ``[H, W, 3]`` uint8 RGB, the image as given (outputs are written at this size).
+        resized_size: ``(H', W')`` processing size (method.md §4.3).
+        boxes: window boxes ``(y1, y2, x1, x2)`` on the resized image.
+        guides: ``[n, 3, wh, ww]`` float32 RGB in [0, 255], the windows (backbone input and PAMR guide).
+    """
+
+    rgb: np.ndarray
+    resized_size: tuple[int, int]
+    boxes: list[tuple[int, int, int, int]]
+    guides: torch.Tensor
+
+    def pin_memory(self) -> PreparedImage:
+        """The same image with its windows in page-locked memory (called by DataLoader ``pin_memory``)."""
+        return dataclasses.replace(self, guides=self.guides.pin_memory())
+
+
+def prepare_image(image: ImageLike, config: InferenceConfig) -> PreparedImage:
+    """Convert, resize (uint8, OpenCV; method.md §4.3) and cut the window grid of one image.
+
+    Args:
+        image: a PIL image, ``[H, W, 3]``/``[H, W]`` array or ``[3, H, W]`` tensor (see `to_rgb_uint8`).
+        config: supplies ``short_side``, ``max_long_side``, ``window`` and ``stride``.
+
+    Raises:
+        InvalidInputError: an image that cannot be converted (naming the problem).
+    """
+    rgb = to_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    rh, rw = resized_size(h, w, short_side=config.short_side, max_long_side=config.max_long_side)
+    resized = resize_uint8(rgb, rh, rw)
+    boxes = window_grid(rh, rw, window=config.window, stride=config.stride)
+    # Cast to float only after the uint8 resize (method.md §4.3 step 2).
+    full = torch.from_numpy(resized).permute(2, 0, 1).to(torch.float32)
+    guides = torch.stack([full[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+    return PreparedImage(rgb=rgb, resized_size=(rh, rw), boxes=boxes, guides=guides)
+
+
 def _resize_scores(stitched: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``[C, H', W']`` stitched scores -> ``[C, h, w]`` at the original size: bilinear, align_corners=False
     (method.md §4.8 step 3)."""
@@ -212,22 +262,43 @@ class Segmenter:
         """Validate a vocabulary; names are kept verbatim (method.md §4.2, P25).
 
         Raises:
-            InvalidInputError: empty vocabulary, a non-string, empty or whitespace-only label, a
-                duplicate, or 'background' while the background channel is on.
+            InvalidInputError: empty vocabulary, a non-string, empty or whitespace-only label, a label longer
+                than :data:`MAX_LABEL_CHARS` or holding a control character or line break (NUL, tab, CR, LF,
+                U+2028 ...), a duplicate, or 'background' while the background channel is on. The message is
+                one line and quotes the label (escaped and shortened).
         """
+        import unicodedata
+
+        from talk2dino.errors import one_line
+
         if isinstance(names, str):
             raise InvalidInputError("labels must be a list of strings, not one string; split it first")
         names = list(names)
         if not names:
             raise InvalidInputError("no labels given")
         seen: set[str] = set()
-        for name in names:
+        for index, name in enumerate(names, start=1):
             if not isinstance(name, str):
-                raise InvalidInputError(f"label {name!r} is not a string")
-            if not name.strip():
-                raise InvalidInputError(f"label {name!r} is empty or only whitespace")
+                raise InvalidInputError(f"label {index} ({one_line(repr(name))}) is not a string")
+            shown = one_line(repr(name))
+            # Format characters (zero-width space, byte-order mark ...) are invisible: a label of only those
+            # and whitespace names nothing.
+            if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in name):
+                raise InvalidInputError(f"label {index} {shown} is empty or only whitespace")
+            if len(name) > MAX_LABEL_CHARS:
+                # The text encoder keeps 77 tokens anyway; a huge label only costs tokenizer time and memory.
+                raise InvalidInputError(
+                    f"label {index} {shown} is {len(name):,} characters long; the limit is {MAX_LABEL_CHARS:,}"
+                )
+            # A control character or line break in a label is a parsing mistake upstream (a binary file, a
+            # missed split), never a class name; refuse it instead of embedding garbage.
+            bad = next((ch for ch in name if unicodedata.category(ch) in _BAD_LABEL_CATEGORIES), None)
+            if bad is not None:
+                raise InvalidInputError(
+                    f"label {index} {shown} contains the control character U+{ord(bad):04X}; remove it"
+                )
             if name in seen:
-                raise InvalidInputError(f"duplicate label {name!r}")
+                raise InvalidInputError(f"duplicate label {shown} (label {index})")
             if background and name.strip().lower() == BACKGROUND_NAME:
                 raise InvalidInputError(
                     "label 'background' clashes with the background channel; remove it or turn background off"
@@ -276,23 +347,15 @@ class Segmenter:
         self._classes = names
 
     # ------------------------------------------------------------------ image side
-    def _prepare(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int], list[tuple[int, int, int, int]],
-                                                   torch.Tensor]:
-        cfg = self.config
-        rgb = to_rgb_uint8(image)
-        h, w = rgb.shape[:2]
-        rh, rw = resized_size(h, w, short_side=cfg.short_side, max_long_side=cfg.max_long_side)
-        resized = resize_uint8(rgb, rh, rw)
-        boxes = window_grid(rh, rw, window=cfg.window, stride=cfg.stride)
-        # Cast to float only after the uint8 resize (method.md §4.3 step 2).
-        full = torch.from_numpy(resized).permute(2, 0, 1).to(torch.float32)
-        guides = torch.stack([full[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
-        return rgb, (rh, rw), boxes, guides
+    def prepare(self, image: ImageLike | PreparedImage) -> PreparedImage:
+        """`prepare_image` with this segmenter's settings (a `PreparedImage` is returned as is)."""
+        return image if isinstance(image, PreparedImage) else prepare_image(image, self.config)
 
     def _backbone_inputs(self, guides: torch.Tensor) -> torch.Tensor:
         """``[n, 3, wh, ww]`` 0–255 windows -> ``[n, 3, window, window]`` normalised backbone input."""
         size = self.config.window
-        x = guides.to(self.model.device)
+        # non_blocking: from pinned memory (the CLI's CUDA loader) the copy overlaps host work.
+        x = guides.to(self.model.device, non_blocking=True)
         if x.shape[-2:] != (size, size):
             # Windows smaller than the crop only occur for tiny or extreme-aspect images; the
             # reference stretches them without keeping the aspect ratio (pitfall P23).
@@ -314,34 +377,38 @@ class Segmenter:
             grid=outs[0].grid,
         )
 
-    def embed_images(self, images: Sequence[ImageLike]) -> list[ImageFeatures]:
+    def embed_images(self, images: Sequence[ImageLike | PreparedImage]) -> list[ImageFeatures]:
         """Embed several images, batching the windows of all of them through the backbone.
+
+        Args:
+            images: images in any form `to_rgb_uint8` accepts, or `PreparedImage`s made with the same
+                settings (e.g. by DataLoader workers).
 
         Returns:
             One `ImageFeatures` per image, in order.
         """
-        prepared = [self._prepare(image) for image in images]
+        prepared = [self.prepare(image) for image in images]
         if not prepared:
             return []
         # Windows of different images can be batched only when they have the same size.
         by_size: dict[tuple[int, int], list[int]] = {}
-        for idx, (_, _, _, guides) in enumerate(prepared):
-            by_size.setdefault((int(guides.shape[-2]), int(guides.shape[-1])), []).append(idx)
+        for idx, item in enumerate(prepared):
+            by_size.setdefault((int(item.guides.shape[-2]), int(item.guides.shape[-1])), []).append(idx)
         outputs: dict[int, BackboneOutput] = {}
         for indices in by_size.values():
-            stacked = torch.cat([prepared[i][3] for i in indices])
+            stacked = torch.cat([prepared[i].guides for i in indices])
             out = self._run_backbone(self._backbone_inputs(stacked))
             start = 0
             for i in indices:
-                n = prepared[i][3].shape[0]
+                n = prepared[i].guides.shape[0]
                 sl = slice(start, start + n)
                 outputs[i] = BackboneOutput(out.patch_tokens[sl], out.cls_token[sl], out.register_tokens[sl],
                                             out.attn_logits[sl], out.grid)
                 start += n
         return [
-            ImageFeatures(original_size=rgb.shape[:2], resized_size=size, boxes=boxes,
-                          guides=guides.to(self.model.device), output=outputs[i])
-            for i, (rgb, size, boxes, guides) in enumerate(prepared)
+            ImageFeatures(original_size=item.rgb.shape[:2], resized_size=item.resized_size, boxes=item.boxes,
+                          guides=item.guides.to(self.model.device, non_blocking=True), output=outputs[i])
+            for i, item in enumerate(prepared)
         ]
 
     def set_image(self, image: ImageLike) -> ImageFeatures:

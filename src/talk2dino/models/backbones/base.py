@@ -19,6 +19,7 @@ The small tensor helpers at the bottom are shared by the families.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -108,6 +109,23 @@ class VisionBackbone(nn.Module):
             patch_size = side
         self.patch_size: int = int(patch_size)
         self._reference_lock = threading.Lock()
+        self._compiled_encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def compile_fast_path(self, *, mode: str | None = None, backend: str = "inductor",
+                          dynamic: bool | None = None) -> None:
+        """Run the fast path through ``torch.compile`` from now on (the plain path is never compiled).
+
+        The first call per input shape pays the compilation (tens of seconds on a CPU, cached by torch on
+        disk); later calls reuse it. Windows have one fixed size, so a run sees one shape per batch size.
+
+        Args:
+            mode: ``torch.compile`` mode (None, "reduce-overhead", "max-autotune", ...).
+            backend: ``torch.compile`` backend; "inductor" generates fused kernels (Triton on GPU, C++ on
+                CPU, which needs a C++ compiler); "aot_eager" traces without generating code (tests).
+            dynamic: ``torch.compile``'s dynamic-shape setting (None: specialise, then generalise the
+                batch size when it changes).
+        """
+        self._compiled_encode = torch.compile(self._encode, mode=mode, backend=backend, dynamic=dynamic)
 
     @classmethod
     def from_pretrained(cls, folder: Path, *, dtype: torch.dtype, logits_rope: LogitsRope = "model") -> VisionBackbone:
@@ -159,7 +177,8 @@ class VisionBackbone(nn.Module):
             ValueError: a tensor that is not ``[B, 3, H, W]`` or sides off the patch grid.
         """
         grid = self._check_input(pixel_values)
-        tokens, logits = self._encode(self._cast(pixel_values))
+        encode = self._compiled_encode if self._compiled_encode is not None else self._encode
+        tokens, logits = encode(self._cast(pixel_values))
         return self._split(tokens, logits, grid)
 
     @torch.inference_mode()

@@ -1,0 +1,155 @@
+"""Segmenting many files: host work overlapped with the backbone (issue 6, target 4).
+
+`talk2dino segment` over a folder spends time on three kinds of work: decoding and resizing images (host
+CPU), the backbone and post-processing (the device), and encoding and writing PNG/JSON files (host CPU).
+This module keeps them apart so that they can overlap:
+
+- :func:`prepared_batches` decodes and prepares images (:func:`talk2dino.predictor.prepare_image`) in
+  DataLoader worker processes, a few batches ahead, with page-locked windows when the model is on CUDA,
+  so the copy to the device is asynchronous. With ``workers=0`` the same code runs in-process (the
+  default on a CPU, where the backbone already uses every core).
+- :class:`BackgroundWriter` writes each image's files on one thread while the next batch runs.
+
+A file that cannot be read never stops the others: it comes back as a `PreparedFile` with an `error`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from talk2dino.config import InferenceConfig
+from talk2dino.data.images import load_image
+from talk2dino.errors import Talk2DinoError
+from talk2dino.predictor import PreparedImage, prepare_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BackgroundWriter", "PreparedFile", "default_workers", "prepared_batches"]
+
+_MAX_AUTO_WORKERS = 8
+
+
+@dataclass
+class PreparedFile:
+    """One input file after decoding: its windows, or the one-line reason it could not be read."""
+
+    path: Path
+    image: PreparedImage | None
+    error: str | None = None
+
+    def pin_memory(self) -> PreparedFile:
+        """Page-lock the windows (DataLoader ``pin_memory`` calls this on each item)."""
+        return self if self.image is None else PreparedFile(self.path, self.image.pin_memory(), self.error)
+
+
+class _Files(torch.utils.data.Dataset[PreparedFile]):
+    """Paths -> `PreparedFile` (decode, convert, resize, cut windows), in a worker or in-process."""
+
+    def __init__(self, paths: Sequence[Path], config: InferenceConfig, max_pixels: int | None) -> None:
+        self.paths = list(paths)
+        self.config = config
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> PreparedFile:
+        path = self.paths[index]
+        try:
+            return PreparedFile(path, prepare_image(load_image(path, max_pixels=self.max_pixels), self.config))
+        except Talk2DinoError as err:
+            return PreparedFile(path, None, str(err))
+        except Exception as err:  # noqa: BLE001 - a decoder bug on one file must not end the run
+            return PreparedFile(path, None, f"{path}: cannot prepare the image ({type(err).__name__}: {err})")
+
+
+def _keep_items(batch: list[PreparedFile]) -> list[PreparedFile]:
+    """DataLoader collate function: the batch as a list (windows differ in number per image)."""
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    # One thread per worker process: the parallelism is across workers, and OpenCV's own pool in every
+    # worker would oversubscribe the cores the main process needs.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes for `device`: none on a CPU (the backbone uses every core), else up to 8."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(_MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
+
+
+def prepared_batches(paths: Sequence[Path], config: InferenceConfig, *, batch_size: int, workers: int,
+                     pin_memory: bool = False, max_pixels: int | None = None) -> Iterator[list[PreparedFile]]:
+    """Yield the files in order, `batch_size` at a time, decoded and prepared (by `workers` processes).
+
+    Args:
+        paths: image files.
+        config: the segmenter's settings (resize and window grid).
+        batch_size: files per batch (>= 1).
+        workers: DataLoader worker processes; 0 prepares in this process.
+        pin_memory: page-lock the windows (only useful when the model is on CUDA).
+        max_pixels: refuse images above this many pixels before decoding them (see `load_image`).
+    """
+    loader = torch.utils.data.DataLoader(
+        _Files(paths, config, max_pixels), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_keep_items, pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=2 if workers else None, persistent_workers=False,
+        # spawn, not fork: a child forked after the model ran inherits OpenCV's and OpenMP's thread pools
+        # in a locked state and hangs in its first resize (seen here). Spawning costs ~3 s per run.
+        multiprocessing_context="spawn" if workers else None,
+    )
+    yield from loader
+
+
+class BackgroundWriter:
+    """Run write jobs on one thread, in order, at most `max_pending` ahead of the caller.
+
+    The bound keeps memory flat: each pending job holds one image's results. Failures are collected per
+    job (named by its key), never raised into the caller's loop.
+    """
+
+    def __init__(self, max_pending: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="talk2dino-writer")
+        self._pending: deque[tuple[str, Future[None], Callable[[], None] | None]] = deque()
+        self._max_pending = max(1, max_pending)
+        self.failed: list[str] = []
+
+    def submit(self, key: str, job: Callable[[], None], on_done: Callable[[], None] | None = None) -> None:
+        """Queue `job` (named `key` in errors); `on_done` runs on the caller's thread once it finished."""
+        self._pending.append((key, self._pool.submit(job), on_done))
+        while len(self._pending) > self._max_pending:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        key, future, on_done = self._pending.popleft()
+        try:
+            future.result()
+        except Exception as err:  # noqa: BLE001 - one file's failure is reported, the others go on
+            logger.error("%s: %s", key, err)
+            self.failed.append(key)
+        if on_done is not None:
+            on_done()
+
+    def finish_ready(self) -> None:
+        """Collect the jobs that already finished (in order), without waiting."""
+        while self._pending and self._pending[0][1].done():
+            self._finish_oldest()
+
+    def close(self) -> None:
+        """Wait for every queued job, then stop the thread."""
+        while self._pending:
+            self._finish_oldest()
+        self._pool.shutdown(wait=True)
