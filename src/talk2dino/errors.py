@@ -7,7 +7,10 @@ with the offending value, and what to do next (house-style §11).
 
 from __future__ import annotations
 
-__all__ = ["InvalidInputError", "Talk2DinoError", "WeightsError"]
+__all__ = ["InvalidInputError", "Talk2DinoError", "WeightsError", "one_line"]
+
+MAX_DETAIL_CHARS = 200
+"""Longest quoted value or library reason that :func:`one_line` keeps in a message."""
 
 
 class Talk2DinoError(Exception):
@@ -26,3 +29,19 @@ class InvalidInputError(Talk2DinoError, ValueError):
 
 class WeightsError(Talk2DinoError):
     """Weights are missing, do not match their pinned hash or expected keys/shapes, or cannot be obtained."""
+
+
+def one_line(value: object, max_chars: int = MAX_DETAIL_CHARS) -> str:
+    """Render ``value`` (a user-supplied string, a path, a library's exception text) for an error message.
+
+    Line breaks (Unicode ones included) and other non-printable characters are escaped, so the message stays
+    one line whatever a file held, and long values are cut (a 10 MB label must not become a 10 MB message).
+    """
+    text = str(value)
+    if not text.isprintable():
+        # repr escapes control characters and Unicode line separators; its quotes are stripped so that
+        # callers decide on quoting.
+        text = repr(text)[1:-1]
+    if len(text) > max_chars:
+        text = f"{text[:max_chars]}... ({len(text):,} characters)"
+    return text

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from talk2dino.errors import InvalidInputError
+from talk2dino.errors import InvalidInputError, one_line
 
 __all__ = [
     "BENCHMARKS",
@@ -68,6 +69,11 @@ FOLDER_IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 BACKGROUND_NAME = "background"
 _MAX_LISTED = 5  # missing files named in one error message before "... and N more"
 _INDEX_MODES = frozenset({"P", "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"})
+# What Pillow's format plugins raise on corrupt, truncated or hostile files (see data.images._DECODE_ERRORS).
+_LABEL_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+    NotImplementedError, ZeroDivisionError, OverflowError, struct.error, Image.DecompressionBombError,
+)
 
 
 @dataclass(frozen=True)
@@ -244,21 +250,22 @@ def read_class_names_file(path: str | os.PathLike[str]) -> tuple[str, ...]:
             whitespace-only) line; the message names the file and the line number.
     """
     file_path = Path(path)
-    if not file_path.is_file():
-        raise InvalidInputError(f"{file_path}: class-names file not found (one class name per line)")
+    shown = one_line(file_path, max_chars=1000)
+    if not _is_file(file_path):
+        raise InvalidInputError(f"{shown}: class-names file not found (one class name per line)")
     try:
         text = file_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{file_path}: cannot read class-names file as UTF-8 ({exc})") from exc
+        raise InvalidInputError(f"{shown}: cannot read class-names file as UTF-8 ({one_line(exc)})") from exc
     lines = text.splitlines()
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             raise InvalidInputError(
-                f"{file_path}:{line_number}: empty line in the class-names file; every line must hold one name "
+                f"{shown}:{line_number}: empty line in the class-names file; every line must hold one name "
                 "(remove blank lines)"
             )
     if not lines:
-        raise InvalidInputError(f"{file_path}: class-names file is empty; write one class name per line")
+        raise InvalidInputError(f"{shown}: class-names file is empty; write one class name per line")
     return tuple(lines)
 
 
@@ -378,7 +385,7 @@ def list_samples(spec: BenchmarkSpec, root: str | os.PathLike[str]) -> list[Samp
     missing: list[Path] = []
     for name in sorted(images):
         label = ann_dir / f"{name}{spec.ann_suffix}"
-        if not label.is_file():
+        if not _is_file(label):
             missing.append(label)
             continue
         samples.append(Sample(name=name, image=images[name], label=label))
@@ -407,24 +414,35 @@ def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         InvalidInputError: Missing, unreadable or multi-channel file; the message names the file.
     """
+    from talk2dino.data.images import MAX_IMAGE_PIXELS
+
     file_path = Path(path)
-    if not file_path.is_file():
-        raise InvalidInputError(f"{file_path}: label map not found")
+    shown = one_line(file_path, max_chars=1000)
+    if not _is_file(file_path):
+        raise InvalidInputError(f"{shown}: label map not found")
     try:
         with Image.open(file_path) as image:
             mode = image.mode
             if mode not in _INDEX_MODES:
                 raise InvalidInputError(
-                    f"{file_path}: label map has mode {mode!r}; expected a single-channel PNG of class indices "
-                    "(palette 'P', greyscale 'L' or 16-bit), not a colour rendering"
+                    f"{shown}: label map has mode {one_line(repr(mode))}; expected a single-channel PNG of class "
+                    "indices (palette 'P', greyscale 'L' or 16-bit), not a colour rendering"
+                )
+            width, height = image.size
+            # Same decompression-bomb guard as load_image, checked from the header before decoding.
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidInputError(
+                    f"{shown}: label map is {width}x{height} pixels, above the limit of {MAX_IMAGE_PIXELS:,}; "
+                    "refused without decoding"
                 )
             values = np.array(image)
     except InvalidInputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidInputError(f"{file_path}: cannot read label map ({exc})") from exc
+    except _LABEL_DECODE_ERRORS as exc:
+        reason = one_line(str(exc) or type(exc).__name__)
+        raise InvalidInputError(f"{shown}: cannot read label map ({reason})") from exc
     if values.ndim != 2:
-        raise InvalidInputError(f"{file_path}: label map must be 2-D; got shape {values.shape}")
+        raise InvalidInputError(f"{shown}: label map must be 2-D; got shape {values.shape}")
     return values.astype(np.int64)
 
 
@@ -460,7 +478,7 @@ def load_label(path: str | os.PathLike[str], spec: BenchmarkSpec) -> np.ndarray:
         bad = np.unique(raw[~valid])
         shown = ", ".join(str(int(value)) for value in bad[:10]) + (" ..." if bad.size > 10 else "")
         raise InvalidInputError(
-            f"{path}: label values {shown} are outside the {num_classes} classes of {spec.name}; allowed "
+            f"{one_line(path)}: label values {shown} are outside the {num_classes} classes of {spec.name}; allowed "
             f"{allowed} (ignore). Is this the right annotation file for {spec.name}?"
         )
     if not spec.reduce_zero_label:
@@ -512,8 +530,16 @@ def load_sample(sample: Sample, spec: BenchmarkSpec) -> tuple[np.ndarray, np.nda
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, but False (not an OSError) for names the file system refuses, e.g. too long."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _list_paths(paths: Sequence[Path]) -> str:
-    shown = ", ".join(str(path) for path in paths[:_MAX_LISTED])
+    shown = ", ".join(one_line(path) for path in paths[:_MAX_LISTED])
     more = len(paths) - _MAX_LISTED
     return shown + (f" ... and {more} more" if more > 0 else "")
 
@@ -573,7 +599,7 @@ def _images_from_split(spec: BenchmarkSpec, dataset: Path, image_dir: Path) -> d
     try:
         lines = split_path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{split_path}: cannot read split file ({exc})") from exc
+        raise InvalidInputError(f"{split_path}: cannot read split file ({one_line(exc)})") from exc
     available = _scan_images(spec, image_dir) if spec.image_suffix is None else None
     images: dict[str, Path] = {}
     missing: list[Path] = []
@@ -582,7 +608,12 @@ def _images_from_split(spec: BenchmarkSpec, dataset: Path, image_dir: Path) -> d
         if not stem:
             continue
         if stem in images:
-            raise InvalidInputError(f"{split_path}:{line_number}: stem {stem!r} is listed twice")
+            raise InvalidInputError(f"{split_path}:{line_number}: stem {one_line(repr(stem))} is listed twice")
+        if "\x00" in stem or Path(stem).is_absolute() or ".." in Path(stem).parts:
+            # A stem names a file inside image_dir; anything else would read files outside the dataset.
+            raise InvalidInputError(
+                f"{split_path}:{line_number}: stem {one_line(repr(stem))} is not a relative name inside {image_dir}"
+            )
         if available is not None:
             if stem not in available:
                 missing.append(image_dir / f"{stem}{{{','.join(FOLDER_IMAGE_SUFFIXES)}}}")
@@ -590,7 +621,7 @@ def _images_from_split(spec: BenchmarkSpec, dataset: Path, image_dir: Path) -> d
             images[stem] = available[stem]
             continue
         image = image_dir / f"{stem}{spec.image_suffix}"
-        if not image.is_file():
+        if not _is_file(image):
             missing.append(image)
             continue
         images[stem] = image

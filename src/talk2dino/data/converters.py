@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from talk2dino.data.benchmarks import class_lists, read_label_png
-from talk2dino.errors import InvalidInputError, Talk2DinoError
+from talk2dino.errors import InvalidInputError, Talk2DinoError, one_line
 from talk2dino.outputs import atomic_path
 
 __all__ = [
@@ -121,7 +121,8 @@ _CONTEXT_ANN_DIR = "SegmentationClassContext"
 _CONTEXT_SPLIT = "ImageSets/SegmentationContext/val.txt"
 _VOC_MAIN_VAL = "ImageSets/Main/val.txt"
 _CONTEXT_MAT_FIELD = "LabelMap"
-_NUMBERED_LINE = re.compile(r"^\s*(\d+)(?:\s*:\s*|\s+)(.*?)\s*$")
+# ASCII digits only, and at most 9 of them: int() of a 5,000-digit id raises ValueError (CPython's digit limit).
+_NUMBERED_LINE = re.compile(r"^\s*([0-9]{1,9})(?:\s*:\s*|\s+)(.*?)\s*$")
 
 
 class MissingDependencyError(Talk2DinoError, ImportError):
@@ -284,14 +285,14 @@ def read_numbered_names_file(path: str | os.PathLike[str]) -> dict[int, str]:
     try:
         lines = file_path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{file_path}: cannot read names file ({exc})") from exc
+        raise InvalidInputError(f"{file_path}: cannot read names file ({one_line(exc)})") from exc
     names: dict[int, str] = {}
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         match = _NUMBERED_LINE.match(line)
         if match is None or not match.group(2):
-            raise InvalidInputError(f"{file_path}:{line_number}: expected '<id>: <name>', got {line!r}")
+            raise InvalidInputError(f"{file_path}:{line_number}: expected '<id>: <name>', got {one_line(repr(line))}")
         class_id = int(match.group(1))
         if class_id in names:
             raise InvalidInputError(f"{file_path}:{line_number}: id {class_id} appears twice")
@@ -679,25 +680,50 @@ class CocoStuffThingPainter:
 
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InvalidInputError(f"{path}: cannot read COCO JSON ({exc})") from exc
-            where = str(path)
-        if not isinstance(data, Mapping) or "annotations" not in data:
+            except (OSError, ValueError, RecursionError) as exc:
+                # ValueError: bad JSON, bad UTF-8 or an integer over the 4,300-digit limit (found by atheris);
+                # RecursionError: JSON nested deeper than the json module can parse ("[[[[...").
+                raise InvalidInputError(f"{one_line(path)}: cannot read COCO JSON ({one_line(exc)})") from exc
+            where = one_line(path)
+        if not isinstance(data, Mapping) or not isinstance(data.get("annotations"), list):
             raise InvalidInputError(f"{where}: not a COCO annotation file (no 'annotations' list)")
-        for image in data.get("images", []):
+        images = data.get("images", [])
+        if not isinstance(images, list):
+            raise InvalidInputError(f"{where}: 'images' is a JSON {type(images).__name__}, expected a list")
+        from talk2dino.data.images import MAX_IMAGE_PIXELS
+
+        for index, image in enumerate(images):
             try:
-                image_id, size = int(image["id"]), (int(image["height"]), int(image["width"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InvalidInputError(f"{where}: image entry without id/height/width: {image!r}") from exc
+                image_id, size = _json_int(image["id"]), (_json_int(image["height"]), _json_int(image["width"]))
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                raise InvalidInputError(
+                    f"{where}: images[{index}] lacks an integer id/height/width: {one_line(repr(image))}"
+                ) from exc
+            if size[0] < 1 or size[1] < 1 or size[0] * size[1] > MAX_IMAGE_PIXELS:
+                # paint() allocates height x width; refuse sizes that cannot be a real image.
+                raise InvalidInputError(
+                    f"{where}: images[{index}] (id {image_id}) has size {size[1]}x{size[0]}; expected 1 to "
+                    f"{MAX_IMAGE_PIXELS:,} pixels"
+                )
             if image_id in self._sizes and self._sizes[image_id] != size:
                 raise InvalidInputError(f"{where}: image {image_id} has size {size}, elsewhere {self._sizes[image_id]}")
             self._sizes[image_id] = size
             if "file_name" in image:
                 self._file_names[image_id] = str(image["file_name"])
-        for annotation in data["annotations"]:
-            if "image_id" not in annotation or "segmentation" not in annotation or "category_id" not in annotation:
-                raise InvalidInputError(f"{where}: annotation without image_id/category_id/segmentation")
-            self._annotations.setdefault(int(annotation["image_id"]), []).append(annotation)
+        for index, annotation in enumerate(data["annotations"]):
+            needed = {"image_id", "segmentation", "category_id"}
+            if not isinstance(annotation, Mapping) or not needed <= set(annotation):
+                raise InvalidInputError(
+                    f"{where}: annotations[{index}] is not an object with image_id/category_id/segmentation"
+                )
+            try:
+                image_id, _ = _json_int(annotation["image_id"]), _json_int(annotation["category_id"])
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InvalidInputError(
+                    f"{where}: annotations[{index}] has a non-integer image_id or category_id: "
+                    f"{one_line(repr(annotation))}"
+                ) from exc
+            self._annotations.setdefault(image_id, []).append(dict(annotation))
 
     @property
     def image_ids(self) -> list[int]:
@@ -757,6 +783,15 @@ class CocoStuffThingPainter:
             return np.asarray(api.decode(rle), dtype=bool)
         except Exception as exc:  # pycocotools raises bare Exception (and TypeError, ...) on malformed input
             raise InvalidInputError(f"image {image_id}: bad segmentation ({exc})") from exc
+
+
+def _json_int(value: Any) -> int:
+    """An integer JSON value (``12`` or ``12.0``); TypeError/ValueError for anything else (bools, strings, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    if isinstance(value, float) and not value.is_integer():  # also False for NaN and infinities
+        raise ValueError(f"expected an integer, got {value}")
+    return int(value)
 
 
 def coco_masks_to_stuffthingmap(

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from talk2dino.errors import InvalidInputError
+from talk2dino.errors import InvalidInputError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +70,11 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # e.g. PNG text chunk too large, bad tile descriptors
     EOFError,
     IndexError,
+    KeyError,  # e.g. unknown mode names or tags in crafted headers
+    TypeError,  # e.g. TIFF tags of the wrong type
+    NotImplementedError,  # e.g. DDS: unimplemented pixel format (found by fuzzing)
+    ZeroDivisionError,
+    OverflowError,
     struct.error,
     Image.DecompressionBombError,
 )
@@ -115,15 +120,21 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         change the flag, as it is process-wide state.
     """
     file_path = Path(path)
+    # The path is quoted escaped, so that a file name holding a line break cannot split the message.
+    shown = one_line(file_path, max_chars=1000)
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit < 1:
         raise InvalidInputError(f"max_pixels must be a positive number of pixels; got {limit}")
-    if file_path.is_dir():
+    try:
+        is_dir, exists = file_path.is_dir(), file_path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise InvalidInputError(f"{shown}: cannot open file ({one_line(exc.strerror or exc)})") from exc
+    if is_dir:
         raise InvalidInputError(
-            f"{file_path}: is a folder, not an image file; pass image files, or expand folders with list_images"
+            f"{shown}: is a folder, not an image file; pass image files, or expand folders with list_images"
         )
-    if not file_path.exists():
-        raise InvalidInputError(f"{file_path}: no such file")
+    if not exists:
+        raise InvalidInputError(f"{shown}: no such file")
 
     try:
         # Our own limit (checked below, before decoding) is authoritative; silence Pillow's softer warning for
@@ -133,36 +144,36 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
             opened = Image.open(file_path)
     except UnidentifiedImageError as exc:
         raise InvalidInputError(
-            f"{file_path}: cannot identify image file (not an image, or a format Pillow cannot read)"
+            f"{shown}: cannot identify image file (not an image, or a format Pillow cannot read)"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise InvalidInputError(f"{file_path}: refused as a possible decompression bomb ({exc})") from exc
+        raise InvalidInputError(f"{shown}: refused as a possible decompression bomb ({_reason(exc)})") from exc
     except OSError as exc:
-        raise InvalidInputError(f"{file_path}: cannot open file ({exc.strerror or exc})") from exc
+        raise InvalidInputError(f"{shown}: cannot open file ({one_line(exc.strerror or exc)})") from exc
     except _DECODE_ERRORS as exc:
-        raise InvalidInputError(f"{file_path}: cannot read image header ({exc})") from exc
+        raise InvalidInputError(f"{shown}: cannot read image header ({_reason(exc)})") from exc
 
     with opened as image:
         width, height = image.size
         # Image.open is lazy: only the header has been parsed so far, so these checks cost nothing.
         if width * height > limit:
             raise InvalidInputError(
-                f"{file_path}: image is {width}x{height} pixels ({width * height:,}), above the limit of "
+                f"{shown}: image is {width}x{height} pixels ({width * height:,}), above the limit of "
                 f"{limit:,}; refused without decoding (pass a larger max_pixels if the file is trusted)"
             )
-        _check_min_size(width, height, where=str(file_path))
+        _check_min_size(width, height, where=shown)
         try:
             image.load()
         except _DECODE_ERRORS as exc:
             raise InvalidInputError(
-                f"{file_path}: cannot decode image data, the file may be truncated or corrupt ({exc})"
+                f"{shown}: cannot decode image data, the file may be truncated or corrupt ({_reason(exc)})"
             ) from exc
         try:
             rgb = _pil_to_rgb(image)
         except InvalidInputError as exc:
-            raise InvalidInputError(f"{file_path}: {exc}") from exc
+            raise InvalidInputError(f"{shown}: {exc}") from exc
         except _DECODE_ERRORS as exc:
-            raise InvalidInputError(f"{file_path}: cannot convert image to RGB ({exc})") from exc
+            raise InvalidInputError(f"{shown}: cannot convert image to RGB ({_reason(exc)})") from exc
 
     logger.debug("loaded %s: %dx%d, mode %s", file_path, rgb.shape[1], rgb.shape[0], opened.mode)
     return rgb
@@ -198,7 +209,7 @@ def to_rgb_uint8(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
         try:
             rgb = _pil_to_rgb(image)
         except _DECODE_ERRORS as exc:
-            raise InvalidInputError(f"cannot decode or convert the PIL image to RGB ({exc})") from exc
+            raise InvalidInputError(f"cannot decode or convert the PIL image to RGB ({_reason(exc)})") from exc
     elif isinstance(image, np.ndarray):
         rgb = _numpy_to_rgb(image)
     elif _is_torch_tensor(image):
@@ -284,7 +295,7 @@ def list_images(
         elif path.exists():
             found.append(path)
         else:
-            raise InvalidInputError(f"{path}: no such file or folder")
+            raise InvalidInputError(f"{one_line(path, max_chars=1000)}: no such file or folder")
     return _dedupe(found)
 
 
@@ -317,16 +328,23 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     try:
         converted = image.convert("RGB")
     except ValueError as exc:
-        raise InvalidInputError(f"unsupported image mode {mode!r} ({exc})") from exc
+        raise InvalidInputError(f"unsupported image mode {mode!r} ({_reason(exc)})") from exc
     return np.array(converted, dtype=np.uint8)
+
+
+def _reason(exc: BaseException) -> str:
+    """A library exception as a short one-line reason: its type when its text is empty, escaped and cut."""
+    text = str(exc) or type(exc).__name__
+    return one_line(text)
 
 
 def _exif_transposed(image: Image.Image) -> Image.Image:
     try:
         transposed = ImageOps.exif_transpose(image)
-    except (SyntaxError, ValueError, KeyError, TypeError, struct.error) as exc:
-        # A malformed EXIF block should not make the pixels unusable.
-        logger.warning("ignoring unreadable EXIF orientation (%s)", exc)
+    except _DECODE_ERRORS as exc:
+        # A malformed EXIF block should not make the pixels unusable. (OSError here also covers a truncated
+        # file, which the decode step reports properly right after.)
+        logger.warning("ignoring unreadable EXIF orientation (%s)", _reason(exc))
         return image
     return image if transposed is None else transposed
 
@@ -421,27 +439,35 @@ def _scan_folder(folder: Path, *, recursive: bool) -> list[Path]:
 
 
 def _read_list_file(list_file: Path, *, recursive: bool) -> list[Path]:
+    shown = one_line(list_file, max_chars=1000)
     if not list_file.is_file():
-        raise InvalidInputError(f"{list_file}: list file not found")
+        raise InvalidInputError(f"{shown}: list file not found")
     try:
         lines = list_file.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{list_file}: cannot read list file ({exc})") from exc
+        raise InvalidInputError(f"{shown}: cannot read list file ({_reason(exc)})") from exc
     base = list_file.parent
     found: list[Path] = []
     for line_number, line in enumerate(lines, start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
+        if "\x00" in entry:
+            # pathlib would raise a bare ValueError ("embedded null byte") on the first file-system call.
+            raise InvalidInputError(f"{shown}:{line_number}: entry {one_line(repr(entry))} holds a NUL byte")
         path = Path(entry)
         if not path.is_absolute():
             path = base / path
-        if path.is_dir():
+        try:
+            is_dir, exists = path.is_dir(), path.exists()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise InvalidInputError(f"{shown}:{line_number}: cannot check {one_line(path)} ({_reason(exc)})") from exc
+        if is_dir:
             found.extend(_scan_folder(path, recursive=recursive))
-        elif path.exists():
+        elif exists:
             found.append(path)
         else:
-            raise InvalidInputError(f"{list_file}:{line_number}: {path}: no such file or folder")
+            raise InvalidInputError(f"{shown}:{line_number}: {one_line(path)}: no such file or folder")
     return found
 
 

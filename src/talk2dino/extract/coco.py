@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from talk2dino.errors import InvalidInputError
+from talk2dino.errors import InvalidInputError, one_line
 from talk2dino.fileio import file_sha256
 
 __all__ = ["CocoCaption", "CocoCaptions", "CocoImage", "annotation_path", "image_folder", "read_coco_captions"]
@@ -110,7 +110,9 @@ def _field(entry: Any, key: str, kind: type | tuple[type, ...], *, where: str) -
     value = entry[key]
     # bool is an int subclass; an id of `true` is a broken file, not id 1.
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise InvalidInputError(f"{where}.{key} is {value!r} ({type(value).__name__}), expected {_kind_name(kind)}")
+        raise InvalidInputError(
+            f"{where}.{key} is {one_line(repr(value))} ({type(value).__name__}), expected {_kind_name(kind)}"
+        )
     return value
 
 
@@ -150,8 +152,10 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidInputError(f"{path}: not a readable JSON file ({err})") from err
+    except (OSError, ValueError, RecursionError) as err:
+        # ValueError: bad JSON, bad UTF-8 or an integer over the 4,300-digit limit (found by atheris);
+        # RecursionError: JSON nested deeper than the json module can parse ("[[[[...").
+        raise InvalidInputError(f"{path}: not a readable JSON file ({one_line(err)})") from err
     if not isinstance(data, dict):
         raise InvalidInputError(f"{path}: top level is a {type(data).__name__}, expected an object")
     for key in ("images", "annotations"):
@@ -167,8 +171,10 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
         file_name = _field(entry, "file_name", str, where=where)
         if image_id in images:
             raise InvalidInputError(f"{where}: duplicate image id {image_id}")
-        if not file_name or os.path.isabs(file_name) or ".." in Path(file_name).parts:
-            raise InvalidInputError(f"{where}.file_name {file_name!r} is not a file name inside {folder}")
+        if not file_name or "\x00" in file_name or os.path.isabs(file_name) or ".." in Path(file_name).parts:
+            raise InvalidInputError(
+                f"{where}.file_name {one_line(repr(file_name))} is not a file name inside {folder}"
+            )
         images[image_id] = CocoImage(image_id, file_name, folder / file_name)
 
     captions: dict[int, list[CocoCaption]] = {}

@@ -51,12 +51,14 @@ from typing import Any
 
 import torch
 
-from talk2dino.errors import Talk2DinoError
+from talk2dino.errors import Talk2DinoError, one_line
 
 FEATURE_FORMAT = "talk2dino-features/1"
 MANIFEST_FILE = "manifest.json"
 IMAGE_KEYS = ("image_ids", "heads", "mean_heads", "cls")
 CAPTION_KEYS = ("caption_ids", "image_ids", "text")
+# Number of dimensions of each shard tensor (see the module docstring).
+_KEY_RANKS = {"image_ids": 1, "heads": 3, "mean_heads": 2, "cls": 2, "caption_ids": 1, "text": 2}
 
 
 class FeatureFormatError(Talk2DinoError):
@@ -114,14 +116,79 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
-        raise FeatureFormatError(f"{folder}: no {MANIFEST_FILE}; is this a folder written by `talk2dino extract`?")
+        raise FeatureFormatError(
+            f"{one_line(folder)}: no {MANIFEST_FILE}; is this a folder written by `talk2dino extract`?"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FeatureFormatError(f"{path}: unreadable manifest ({err})") from err
+    except (OSError, ValueError, RecursionError) as err:
+        # ValueError: bad JSON, bad UTF-8 or an integer over the 4,300-digit limit (found by atheris);
+        # RecursionError: deeply nested JSON ("[[[[..."), which the json module cannot parse.
+        raise FeatureFormatError(f"{one_line(path)}: unreadable manifest ({one_line(err)})") from err
+    if not isinstance(manifest, dict):
+        raise FeatureFormatError(f"{one_line(path)}: manifest is a JSON {type(manifest).__name__}, expected an object")
     if manifest.get("format") != FEATURE_FORMAT:
-        raise FeatureFormatError(f"{path}: format {manifest.get('format')!r}, expected {FEATURE_FORMAT!r}")
+        raise FeatureFormatError(
+            f"{one_line(path)}: format {one_line(repr(manifest.get('format')))}, expected {FEATURE_FORMAT!r}"
+        )
     return dict(manifest)
+
+
+def shard_entries(folder: str | os.PathLike[str], manifest: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The manifest's ``image_shards`` or ``caption_shards`` list, each entry checked.
+
+    Every entry must be an object whose ``file`` is a plain file name inside ``folder``: absolute paths,
+    ``..`` components and symlinks that lead out of the folder are refused, so a hostile manifest cannot make
+    the loader read (or hash) arbitrary files. ``rank`` and ``index`` must be integers when present and
+    ``sha256`` a string.
+
+    Raises:
+        FeatureFormatError: naming the manifest entry and the offending value.
+    """
+    root = Path(folder)
+    where = f"{one_line(root / MANIFEST_FILE)}: {key}"
+    entries = manifest.get(key, [])
+    if not isinstance(entries, list):
+        raise FeatureFormatError(f"{where} is a JSON {type(entries).__name__}, expected a list")
+    checked: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        here = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise FeatureFormatError(f"{here} is a JSON {type(entry).__name__}, expected an object")
+        name = entry.get("file")
+        if not isinstance(name, str) or not name:
+            raise FeatureFormatError(f"{here}.file is {one_line(repr(name))}, expected a shard file name")
+        for field_name in ("rank", "index"):
+            value = entry.get(field_name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise FeatureFormatError(f"{here}.{field_name} is {one_line(repr(value))}, expected an integer")
+        digest = entry.get("sha256")
+        if digest is not None and not isinstance(digest, str):
+            raise FeatureFormatError(f"{here}.sha256 is {one_line(repr(digest))}, expected a hex string")
+        _inside(root, name, here)
+        checked.append(entry)
+    return checked
+
+
+def _inside(root: Path, name: str, where: str) -> Path:
+    """``root / name``, refusing names that escape ``root`` (absolute, ``..``, NUL, or a symlink leading out)."""
+    relative = Path(name)
+    if "\x00" in name or relative.is_absolute() or relative.drive or ".." in relative.parts:
+        raise FeatureFormatError(
+            f"{where}.file {one_line(repr(name))} is not a file name inside the features folder; refusing to read it"
+        )
+    path = root / relative
+    try:
+        resolved_root = root.resolve()
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop on older Pythons
+        raise FeatureFormatError(f"{where}.file {one_line(repr(name))}: cannot resolve ({one_line(err)})") from err
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise FeatureFormatError(
+            f"{where}.file {one_line(repr(name))} leads out of the features folder (symlink to {one_line(resolved)}); "
+            "refusing to read it"
+        )
+    return path
 
 
 def read_shard(path: str | os.PathLike[str], keys: tuple[str, ...], *,
@@ -138,40 +205,58 @@ def read_shard(path: str | os.PathLike[str], keys: tuple[str, ...], *,
     """
     from safetensors.torch import load
 
+    shown = one_line(path)
     try:
         data = Path(path).read_bytes()
-    except OSError as err:
-        raise FeatureFormatError(f"{path}: cannot read shard ({err.strerror or err}); resume extraction") from err
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise FeatureFormatError(
+            f"{shown}: cannot read shard ({one_line(getattr(err, 'strerror', None) or err)}); resume extraction"
+        ) from err
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise FeatureFormatError(
-            f"{path}: corrupt or truncated shard (sha256 differs from the manifest); rerun `talk2dino extract` "
+            f"{shown}: corrupt or truncated shard (sha256 differs from the manifest); rerun `talk2dino extract` "
             "on the folder to extract it again"
         )
     try:
         tensors = load(data)
     except Exception as err:  # safetensors raises several types for truncated or corrupt files
         raise FeatureFormatError(
-            f"{path}: corrupt or truncated shard ({err}); rerun `talk2dino extract` on the folder to extract it again"
+            f"{shown}: corrupt or truncated shard ({one_line(err)}); rerun `talk2dino extract` on the folder to "
+            "extract it again"
         ) from err
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise FeatureFormatError(f"{path}: shard lacks {missing}")
+        raise FeatureFormatError(f"{shown}: shard lacks {missing}")
+    for key in keys:
+        tensor = tensors[key]
+        want = _KEY_RANKS[key]
+        if tensor.ndim != want:
+            raise FeatureFormatError(f"{shown}: {key} has shape {list(tensor.shape)}, expected {want} dimensions")
+        ids = key.endswith("_ids")
+        if ids and tensor.dtype != torch.int64:
+            raise FeatureFormatError(f"{shown}: {key} has dtype {tensor.dtype}, expected torch.int64")
+        if not ids and not tensor.is_floating_point():
+            raise FeatureFormatError(f"{shown}: {key} has dtype {tensor.dtype}, expected a float dtype")
     lengths = {k: int(tensors[k].shape[0]) for k in keys}
     if len(set(lengths.values())) != 1:
-        raise FeatureFormatError(f"{path}: inconsistent shard lengths {lengths}")
+        raise FeatureFormatError(f"{shown}: inconsistent shard lengths {lengths}")
     return tensors
 
 
 def _complete_manifest(folder: Path, expect_embed_dim: int | None, expect_num_heads: int | None) -> dict[str, Any]:
     manifest = read_manifest(folder)
-    if not manifest.get("complete", False):
-        raise FeatureFormatError(f"{folder}: extraction did not finish; rerun `talk2dino extract` to resume it")
+    if manifest.get("complete", False) is not True:
+        raise FeatureFormatError(
+            f"{one_line(folder)}: extraction did not finish; rerun `talk2dino extract` to resume it"
+        )
     backbone = manifest.get("backbone", {})
+    if not isinstance(backbone, dict):
+        raise FeatureFormatError(f"{one_line(folder)}: manifest field 'backbone' is not an object")
     for name, expected in (("embed_dim", expect_embed_dim), ("num_heads", expect_num_heads)):
         if expected is not None and backbone.get(name) != expected:
             raise FeatureFormatError(
-                f"{folder}: features have {name}={backbone.get(name)} (backbone {backbone.get('source')}), "
-                f"expected {expected}"
+                f"{one_line(folder)}: features have {name}={one_line(repr(backbone.get(name)))} (backbone "
+                f"{one_line(repr(backbone.get('source')))}), expected {expected}"
             )
     return manifest
 
@@ -197,13 +282,35 @@ def iter_shards(folder: str | os.PathLike[str], *, verify: bool = True, expect_e
     """
     folder = Path(folder)
     manifest = _complete_manifest(folder, expect_embed_dim, expect_num_heads)
-    captions = {(s.get("rank"), s.get("index")): s for s in manifest.get("caption_shards", [])}
-    for entry in manifest.get("image_shards", []):
-        caption = captions.get((entry.get("rank"), entry.get("index")))
+    for entry, caption in _shard_pairs(folder, manifest):
+        images = read_shard(folder / entry["file"], IMAGE_KEYS, sha256=entry.get("sha256") if verify else None)
+        texts = read_shard(folder / caption["file"], CAPTION_KEYS, sha256=caption.get("sha256") if verify else None)
+        known = set(images["image_ids"].tolist())
+        stray = sorted({i for i in texts["image_ids"].tolist() if i not in known})
+        if stray:
+            raise FeatureFormatError(
+                f"{one_line(folder / caption['file'])}: captions refer to {len(stray)} images that are not in "
+                f"{one_line(entry['file'])}, e.g. {stray[:5]}"
+            )
+        yield images, texts
+
+
+def _shard_pairs(folder: Path, manifest: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each image shard entry with the caption shard entry of the same (rank, index); checked, none read."""
+    images = shard_entries(folder, manifest, "image_shards")
+    captions = shard_entries(folder, manifest, "caption_shards")
+    if not images or not captions:
+        raise FeatureFormatError(f"{one_line(folder)}: manifest lists no image or caption shards")
+    by_key = {(s.get("rank"), s.get("index")): s for s in captions}
+    pairs = []
+    for entry in images:
+        caption = by_key.get((entry.get("rank"), entry.get("index")))
         if caption is None:
-            raise FeatureFormatError(f"{folder}: image shard {entry['file']} has no caption shard in the manifest")
-        yield (read_shard(folder / entry["file"], IMAGE_KEYS, sha256=entry.get("sha256") if verify else None),
-               read_shard(folder / caption["file"], CAPTION_KEYS, sha256=caption.get("sha256") if verify else None))
+            raise FeatureFormatError(
+                f"{one_line(folder)}: image shard {one_line(repr(entry['file']))} has no caption shard in the manifest"
+            )
+        pairs.append((entry, caption))
+    return pairs
 
 
 def load_features(folder: str | os.PathLike[str], *, expect_embed_dim: int | None = None,
@@ -225,24 +332,33 @@ def load_features(folder: str | os.PathLike[str], *, expect_embed_dim: int | Non
     def sha(entry: dict[str, Any]) -> str | None:
         return entry.get("sha256") if verify else None
 
-    images = [read_shard(folder / s["file"], IMAGE_KEYS, sha256=sha(s)) for s in manifest.get("image_shards", [])]
+    images = [read_shard(folder / s["file"], IMAGE_KEYS, sha256=sha(s))
+              for s in shard_entries(folder, manifest, "image_shards")]
     captions = [read_shard(folder / s["file"], CAPTION_KEYS, sha256=sha(s))
-                for s in manifest.get("caption_shards", [])]
+                for s in shard_entries(folder, manifest, "caption_shards")]
     if not images or not captions:
-        raise FeatureFormatError(f"{folder}: manifest lists no image or caption shards")
+        raise FeatureFormatError(f"{one_line(folder)}: manifest lists no image or caption shards")
 
     def cat(parts: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+        shapes = {tuple(p[key].shape[1:]) for p in parts}
+        dtypes = {p[key].dtype for p in parts}
+        if len(shapes) != 1 or len(dtypes) != 1:
+            # torch.cat would raise a RuntimeError, or silently promote the dtype.
+            raise FeatureFormatError(
+                f"{one_line(folder)}: shards disagree on {key}: shapes {sorted(shapes)}, "
+                f"dtypes {sorted(map(str, dtypes))}"
+            )
         return torch.cat([p[key] for p in parts])
 
     image_ids = cat(images, "image_ids")
     row_of = {int(i): r for r, i in enumerate(image_ids.tolist())}
     if len(row_of) != len(image_ids):
-        raise FeatureFormatError(f"{folder}: duplicate image ids across shards")
+        raise FeatureFormatError(f"{one_line(folder)}: duplicate image ids across shards")
     caption_image_ids = cat(captions, "image_ids").tolist()
     missing = sorted({i for i in caption_image_ids if i not in row_of})
     if missing:
         raise FeatureFormatError(
-            f"{folder}: captions refer to {len(missing)} images without features, e.g. {missing[:5]}"
+            f"{one_line(folder)}: captions refer to {len(missing)} images without features, e.g. {missing[:5]}"
         )
     return FeatureSet(
         image_ids=image_ids,
