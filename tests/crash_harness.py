@@ -37,8 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 logger = logging.getLogger("crash_harness")
@@ -67,32 +65,10 @@ VOC_STEMS = tuple(f"2007_{i:06d}" for i in range(1, 7))
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _make_voc(root: Path) -> Path:
-    """A VOC2012 folder in the published layout: 6 small images with palette label maps."""
-    from PIL import Image
-
-    voc = root / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (voc / sub).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9)
-    for i, stem in enumerate(VOC_STEMS):
-        h, w = 30 + 4 * i, 44
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{stem}.jpg")
-        label = np.zeros((h, w), np.uint8)
-        label[: h // 2] = 15
-        label[h // 2:, : w // 2] = 8
-        label[-2:] = 255
-        image = Image.fromarray(label, mode="P")
-        image.putpalette(palette)
-        image.save(voc / "SegmentationClass" / f"{stem}.png")
-    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(VOC_STEMS) + "\n")
-    return root
-
-
 def build_inputs(work: Path) -> dict[str, str]:
     """Tiny models (conftest helpers), a tiny COCO (test_extract) and a tiny VOC; returns their paths."""
     from conftest import save_tiny_clip, save_tiny_dinov2, save_tiny_projection
+    from test_eval_runner import make_voc
     from test_extract import make_coco
 
     root = work / "inputs"
@@ -101,7 +77,7 @@ def build_inputs(work: Path) -> dict[str, str]:
     save_tiny_clip(root / "clip")
     save_tiny_projection(root / "psi.pth")
     make_coco(root / "coco")
-    _make_voc(root / "voc")
+    make_voc(root / "voc", stems=VOC_STEMS)
     paths = {"backbone": f"local-dir:{root / 'dino'}", "text_encoder": f"local-dir:{root / 'clip'}",
              "projection": str(root / "psi.pth"), "coco": str(root / "coco"), "voc": str(root / "voc"),
              "features": str(work / "extract" / "ref" / "out")}

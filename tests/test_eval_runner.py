@@ -21,14 +21,14 @@ from talk2dino.evaluation.runner import evaluate_benchmark, inference_config, op
 STEMS = ("2007_000001", "2007_000002", "2007_000003")
 
 
-def make_voc(root: Path, *, bad_label: bool = False) -> Path:
-    """A VOC2012 folder in the published layout with 3 small images and palette label maps."""
+def make_voc(root: Path, *, bad_label: bool = False, stems: tuple[str, ...] = STEMS) -> Path:
+    """A VOC2012 folder in the published layout with small images (one per stem) and palette label maps."""
     voc = root / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (voc / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9)
-    for i, stem in enumerate(STEMS):
+    for i, stem in enumerate(stems):
         h, w = 30 + 4 * i, 44
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{stem}.jpg")
         label = np.zeros((h, w), np.uint8)
@@ -40,7 +40,7 @@ def make_voc(root: Path, *, bad_label: bool = False) -> Path:
         img = Image.fromarray(label, mode="P")
         img.putpalette(palette)
         img.save(voc / "SegmentationClass" / f"{stem}.png")
-    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(STEMS) + "\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(stems) + "\n")
     return root
 
 
