@@ -309,6 +309,10 @@ class Segmenter:
     def class_embeddings(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """Unit class embeddings ``[N, D]`` float32, cached per (names, templates, text weights)."""
         templates = tuple(templates if templates is not None else self.model.config.text.templates)
+        if not templates:
+            # An empty set would average zero prompts (a NaN embedding deep inside torch); found by the HTTP corpus.
+            raise InvalidInputError(
+                "templates must list at least one prompt template with one '{}', e.g. 'a photo of a {}.'")
         for t in templates:
             if t.count("{}") != 1:
                 raise InvalidInputError(f"template {t!r} must contain exactly one '{{}}'")
