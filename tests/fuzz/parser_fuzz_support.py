@@ -92,3 +92,17 @@ def _instrument_package(atheris: Any, package: str) -> None:
                 if isinstance(member, types.FunctionType) and member.__module__ == name and id(member) not in seen:
                     seen.add(id(member))
                     atheris.instrument_func(member)
+
+
+def json_strategies(special: list[str], *, max_size: int, max_leaves: int) -> tuple[Any, Any]:
+    """Hypothesis strategies ``(scalars, documents)`` for JSON-shaped input: every JSON scalar (huge integers,
+    NaN and infinities included) plus the `special` strings (paths and names that parsers must refuse), and
+    nested lists/objects of them (`max_size` items per container, `max_leaves` scalars in all)."""
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
+               | st.text(max_size=8) | st.sampled_from(special))
+    documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=max_size)
+                             | st.dictionaries(st.text(max_size=8), inner, max_size=max_size), max_leaves=max_leaves)
+    return scalars, documents
+

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parser_fuzz_support import mutate, outcome  # noqa: E402
+from parser_fuzz_support import json_strategies, mutate, outcome  # noqa: E402
 
 from talk2dino.data.benchmarks import (  # noqa: E402
     folder_benchmark,
@@ -33,10 +33,8 @@ from talk2dino.errors import InvalidInputError  # noqa: E402
 from talk2dino.extract.coco import read_coco_captions  # noqa: E402
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-JSON_SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
-                | st.text(max_size=8) | st.sampled_from(["../x.jpg", "/abs.jpg", "a\x00b", "", "a.jpg"]))
-JSON = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+JSON_SCALARS, JSON = json_strategies(
+    ["../x.jpg", "/abs.jpg", "a\x00b", "", "a.jpg"], max_size=4, max_leaves=12)
 
 
 @pytest.fixture(scope="module")

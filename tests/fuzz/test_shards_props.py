@@ -21,7 +21,7 @@ from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_corpus import caption_tensors, image_tensors, manifest  # noqa: E402
-from parser_fuzz_support import mutate, outcome  # noqa: E402
+from parser_fuzz_support import json_strategies, mutate, outcome  # noqa: E402
 
 from talk2dino.extract.format import (  # noqa: E402
     CAPTION_KEYS,
@@ -38,10 +38,8 @@ SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[Heal
 VALID_IMAGES = save(image_tensors())
 VALID_CAPTIONS = save(caption_tensors([1, 2]))
 DTYPES = [torch.int64, torch.int32, torch.float16, torch.float32, torch.bfloat16, torch.bool, torch.uint8]
-JSON_SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
-                | st.sampled_from(["../../etc/passwd", "/etc/passwd", "images-000-00000.safetensors", "a\x00"]))
-JSON = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
-                    | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10)
+JSON_SCALARS, JSON = json_strategies(
+    ["../../etc/passwd", "/etc/passwd", "images-000-00000.safetensors", "a\x00"], max_size=3, max_leaves=10)
 
 
 @pytest.fixture(scope="module")
