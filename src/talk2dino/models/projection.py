@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from talk2dino.errors import WeightsError
-from talk2dino.fileio import atomic_path, atomic_write_bytes
+from talk2dino.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,16 @@ def save_projection(folder: str | os.PathLike[str], projection: Projection, meta
     Returns:
         The path of the safetensors file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PROJECTION_FILE
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projection.state_dict().items()}
-    with atomic_path(path, durable=True) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    # Serialised in memory (psi is a few MB) and written by our own atomic writer: safetensors' save_file
+    # goes through a temp file of its own (".tmpXXXXXX") that a kill leaves behind under a name no resume
+    # recognises (found by the SIGKILL harness).
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}), durable=True)
     info = {"in_dim": projection.in_dim, "out_dim": projection.out_dim, **metadata}
     atomic_write_bytes(folder / PROJECTION_CONFIG_FILE,
                        (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), durable=True)
