@@ -7,7 +7,7 @@ with the offending value, and what to do next (house-style §11).
 
 from __future__ import annotations
 
-__all__ = ["InvalidInputError", "Talk2DinoError", "WeightsError", "one_line"]
+__all__ = ["InvalidInputError", "Talk2DinoError", "WeightsError", "error_reason", "error_summary", "one_line"]
 
 MAX_DETAIL_CHARS = 200
 """Longest quoted value or library reason that :func:`one_line` keeps in a message."""
@@ -45,3 +45,17 @@ def one_line(value: object, max_chars: int = MAX_DETAIL_CHARS) -> str:
     if len(text) > max_chars:
         text = f"{text[:max_chars]}... ({len(text):,} characters)"
     return text
+
+
+def error_reason(exc: BaseException) -> str:
+    """A library exception's text as a one-line reason (its type name when the text is empty), escaped and cut
+    by :func:`one_line`."""
+    return one_line(str(exc) or type(exc).__name__)
+
+
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, cut at `limit` characters: for exceptions whose text spans several
+    lines (transformers, torch, safetensors) and whose type says what failed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

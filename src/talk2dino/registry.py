@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from talk2dino.config import BackboneConfig, InferenceConfig, ModelConfig, ProjectionConfig, TextConfig
-from talk2dino.errors import WeightsError
+from talk2dino.errors import WeightsError, error_summary
 from talk2dino.fileio import atomic_write_bytes
 from talk2dino.models import (
     ClipTextEncoder,
@@ -36,7 +36,6 @@ from talk2dino.models.projection import PROJECTION_FILE, projection_dims
 from talk2dino.weights import (
     describe_load_error,
     load_state_dict,
-    one_line,
     parse_source,
     resolve_file,
     resolve_model_dir,
@@ -231,7 +230,7 @@ def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     except (ValueError, KeyError, TypeError, OSError, RecursionError) as err:
         # json/UnicodeDecodeError/InvalidInputError are ValueErrors; RecursionError: absurdly nested JSON.
         raise WeightsError(
-            f"{path}: invalid model configuration ({one_line(err)}); fix or re-export the model folder") from err
+            f"{path}: invalid model configuration ({error_summary(err)}); fix or re-export the model folder") from err
 
 
 def _check_folder_sources(config: ModelConfig, path: Path, *, from_hub: bool) -> None:
@@ -309,7 +308,7 @@ def _load_backbone(source: str, *, dtype: torch.dtype, cache_dir: str | os.PathL
     try:
         hf_config = AutoConfig.from_pretrained(folder)
     except Exception as err:  # transformers raises OSError/ValueError/KeyError for bad folders
-        raise WeightsError(f"backbone: {folder} holds no readable config.json ({one_line(err)})") from err
+        raise WeightsError(f"backbone: {folder} holds no readable config.json ({error_summary(err)})") from err
     family = BACKBONE_FAMILIES.get(hf_config.model_type)
     if family is None:
         raise WeightsError(

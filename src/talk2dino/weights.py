@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from talk2dino.errors import WeightsError
+from talk2dino.errors import WeightsError, error_summary
 from talk2dino.fileio import atomic_path, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,6 @@ _ZIP_SLACK = 2.0
 _ZIP_MIN_ALLOWANCE = 64 << 20
 
 
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, shortened: exception text made fit for a one-line error."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def describe_load_error(err: BaseException) -> str:
     """One line for a failed ``torch.load``: for a refused global, the line that names it.
 
@@ -68,7 +61,7 @@ def describe_load_error(err: BaseException) -> str:
         for line in str(err).splitlines():
             if "GLOBAL" in line or "nsupported" in line:
                 return f"{type(err).__name__}: {line.strip()[:200]}"
-    return one_line(err)
+    return error_summary(err)
 
 
 def check_pin(value: str | None, *, length: int, what: str) -> str | None:
@@ -349,7 +342,8 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "tensors and may run code, so it is not loaded: get the weights from a trusted source or as .safetensors"
         ) from err
     except Exception as err:  # zip, storage and safetensors errors all mean "not a usable checkpoint"
-        raise WeightsError(f"{path}: not a loadable checkpoint ({one_line(err)}); re-download or re-export it") from err
+        raise WeightsError(
+            f"{path}: not a loadable checkpoint ({error_summary(err)}); re-download or re-export it") from err
     check_state_dict(state, origin=str(path))
     return dict(state)
 
@@ -387,7 +381,8 @@ def check_zip_checkpoint(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise WeightsError(f"{path}: corrupt zip checkpoint ({one_line(err)}); re-download or re-export it") from err
+        raise WeightsError(
+            f"{path}: corrupt zip checkpoint ({error_summary(err)}); re-download or re-export it") from err
     if declared > max(_ZIP_SLACK * size, _ZIP_MIN_ALLOWANCE):
         raise WeightsError(f"{path}: zip checkpoint declares {declared} bytes of content in a {size}-byte file "
                            "(a zip bomb or a corrupt file); not loaded")

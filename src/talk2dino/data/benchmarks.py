@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,9 +34,9 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from talk2dino.errors import InvalidInputError, one_line
+from talk2dino.errors import InvalidInputError, error_reason, one_line
 
 __all__ = [
     "BENCHMARKS",
@@ -69,11 +68,6 @@ FOLDER_IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 BACKGROUND_NAME = "background"
 _MAX_LISTED = 5  # missing files named in one error message before "... and N more"
 _INDEX_MODES = frozenset({"P", "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"})
-# What Pillow's format plugins raise on corrupt, truncated or hostile files (see data.images._DECODE_ERRORS).
-_LABEL_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
-    NotImplementedError, ZeroDivisionError, OverflowError, struct.error, Image.DecompressionBombError,
-)
 
 
 @dataclass(frozen=True)
@@ -414,7 +408,7 @@ def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         InvalidInputError: Missing, unreadable or multi-channel file; the message names the file.
     """
-    from talk2dino.data.images import MAX_IMAGE_PIXELS
+    from talk2dino.data.images import DECODE_ERRORS, MAX_IMAGE_PIXELS
 
     file_path = Path(path)
     shown = one_line(file_path, max_chars=1000)
@@ -438,9 +432,8 @@ def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
             values = np.array(image)
     except InvalidInputError:
         raise
-    except _LABEL_DECODE_ERRORS as exc:
-        reason = one_line(str(exc) or type(exc).__name__)
-        raise InvalidInputError(f"{shown}: cannot read label map ({reason})") from exc
+    except DECODE_ERRORS as exc:
+        raise InvalidInputError(f"{shown}: cannot read label map ({error_reason(exc)})") from exc
     if values.ndim != 2:
         raise InvalidInputError(f"{shown}: label map must be 2-D; got shape {values.shape}")
     return values.astype(np.int64)

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from talk2dino.errors import InvalidInputError, one_line
+from talk2dino.errors import InvalidInputError, error_reason, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -63,8 +63,9 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _EXPECTED_FORMS = "expected a PIL image, an RGB uint8 HxWx3 numpy array or an RGB [3,H,W] tensor"
 
 # Errors that Pillow (or one of its format plugins) raises on files that are corrupt, truncated or not
-# images at all. Anything else is a bug and propagates.
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+# images at all. Anything else is a bug and propagates. Every reader of image files (label maps, extraction)
+# catches this one list, so a decoder failure found by fuzzing is handled everywhere at once.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes UnidentifiedImageError and "image file is truncated"
     SyntaxError,  # PNG plugin: broken chunks
     ValueError,  # e.g. PNG text chunk too large, bad tile descriptors
@@ -147,11 +148,11 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
             f"{shown}: cannot identify image file (not an image, or a format Pillow cannot read)"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise InvalidInputError(f"{shown}: refused as a possible decompression bomb ({_reason(exc)})") from exc
+        raise InvalidInputError(f"{shown}: refused as a possible decompression bomb ({error_reason(exc)})") from exc
     except OSError as exc:
         raise InvalidInputError(f"{shown}: cannot open file ({one_line(exc.strerror or exc)})") from exc
-    except _DECODE_ERRORS as exc:
-        raise InvalidInputError(f"{shown}: cannot read image header ({_reason(exc)})") from exc
+    except DECODE_ERRORS as exc:
+        raise InvalidInputError(f"{shown}: cannot read image header ({error_reason(exc)})") from exc
 
     with opened as image:
         width, height = image.size
@@ -164,16 +165,16 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         _check_min_size(width, height, where=shown)
         try:
             image.load()
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise InvalidInputError(
-                f"{shown}: cannot decode image data, the file may be truncated or corrupt ({_reason(exc)})"
+                f"{shown}: cannot decode image data, the file may be truncated or corrupt ({error_reason(exc)})"
             ) from exc
         try:
             rgb = _pil_to_rgb(image)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{shown}: {exc}") from exc
-        except _DECODE_ERRORS as exc:
-            raise InvalidInputError(f"{shown}: cannot convert image to RGB ({_reason(exc)})") from exc
+        except DECODE_ERRORS as exc:
+            raise InvalidInputError(f"{shown}: cannot convert image to RGB ({error_reason(exc)})") from exc
 
     logger.debug("loaded %s: %dx%d, mode %s", file_path, rgb.shape[1], rgb.shape[0], opened.mode)
     return rgb
@@ -208,8 +209,8 @@ def to_rgb_uint8(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(image, Image.Image):
         try:
             rgb = _pil_to_rgb(image)
-        except _DECODE_ERRORS as exc:
-            raise InvalidInputError(f"cannot decode or convert the PIL image to RGB ({_reason(exc)})") from exc
+        except DECODE_ERRORS as exc:
+            raise InvalidInputError(f"cannot decode or convert the PIL image to RGB ({error_reason(exc)})") from exc
     elif isinstance(image, np.ndarray):
         rgb = _numpy_to_rgb(image)
     elif _is_torch_tensor(image):
@@ -328,23 +329,17 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     try:
         converted = image.convert("RGB")
     except ValueError as exc:
-        raise InvalidInputError(f"unsupported image mode {mode!r} ({_reason(exc)})") from exc
+        raise InvalidInputError(f"unsupported image mode {mode!r} ({error_reason(exc)})") from exc
     return np.array(converted, dtype=np.uint8)
-
-
-def _reason(exc: BaseException) -> str:
-    """A library exception as a short one-line reason: its type when its text is empty, escaped and cut."""
-    text = str(exc) or type(exc).__name__
-    return one_line(text)
 
 
 def _exif_transposed(image: Image.Image) -> Image.Image:
     try:
         transposed = ImageOps.exif_transpose(image)
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         # A malformed EXIF block should not make the pixels unusable. (OSError here also covers a truncated
         # file, which the decode step reports properly right after.)
-        logger.warning("ignoring unreadable EXIF orientation (%s)", _reason(exc))
+        logger.warning("ignoring unreadable EXIF orientation (%s)", error_reason(exc))
         return image
     return image if transposed is None else transposed
 
@@ -445,7 +440,7 @@ def _read_list_file(list_file: Path, *, recursive: bool) -> list[Path]:
     try:
         lines = list_file.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{shown}: cannot read list file ({_reason(exc)})") from exc
+        raise InvalidInputError(f"{shown}: cannot read list file ({error_reason(exc)})") from exc
     base = list_file.parent
     found: list[Path] = []
     for line_number, line in enumerate(lines, start=1):
@@ -461,7 +456,8 @@ def _read_list_file(list_file: Path, *, recursive: bool) -> list[Path]:
         try:
             is_dir, exists = path.is_dir(), path.exists()
         except OSError as exc:  # e.g. a name longer than the file system allows
-            raise InvalidInputError(f"{shown}:{line_number}: cannot check {one_line(path)} ({_reason(exc)})") from exc
+            raise InvalidInputError(
+                f"{shown}:{line_number}: cannot check {one_line(path)} ({error_reason(exc)})") from exc
         if is_dir:
             found.extend(_scan_folder(path, recursive=recursive))
         elif exists:

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import re
-import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -50,7 +49,8 @@ import torch
 from PIL import Image
 
 from talk2dino.config import BackboneConfig, ExtractConfig, TextConfig
-from talk2dino.errors import InvalidInputError, Talk2DinoError
+from talk2dino.data.images import DECODE_ERRORS
+from talk2dino.errors import InvalidInputError, Talk2DinoError, error_reason
 from talk2dino.extract.coco import CocoCaptions, CocoImage, read_coco_captions
 from talk2dino.extract.format import FEATURE_FORMAT, MANIFEST_FILE, FeatureFormatError, read_manifest
 from talk2dino.extract.targets import head_targets, mean_head_target
@@ -76,9 +76,6 @@ STORED_DTYPE = torch.float16  # every stored feature, whatever the compute dtype
 _DEFAULT_TEXT_MODEL = "talk2dino-vitb14-reg"  # every registered model uses CLIP ViT-B/16 text, method.md §2.1
 _BARRIER_TIMEOUT = timedelta(hours=12)  # ranks may finish hours apart when one of them resumed more work
 _SHARD_NAME = re.compile(r"^(images|captions)-(\d{3})-(\d{5})\.safetensors$")
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError,
-)
 # Settings a resumed run must share with the folder's manifest (dotted paths into the manifest).
 _IDENTITY_BEFORE_LOAD = (
     "split", "image_size", "shard_size", "limit", "world_size", "compute_dtype", "dtype", "backbone.source",
@@ -115,8 +112,8 @@ def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError as err:
         raise InvalidInputError(f"{path}: no such file") from err
-    except _DECODE_ERRORS as err:
-        raise InvalidInputError(f"{path}: cannot decode image ({err})") from err
+    except DECODE_ERRORS as err:
+        raise InvalidInputError(f"{path}: cannot decode image ({error_reason(err)})") from err
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
