@@ -61,6 +61,15 @@ def fault_point(site: str) -> None:
             os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # SIGTERM: Windows has no SIGKILL
 
 
+def stays_inside(name: str) -> bool:
+    """Whether a file name read from an untrusted file (a manifest, a split list, a COCO JSON) stays inside
+    the folder it is joined to: relative, no drive, no ``..`` component, no NUL byte. Symlinks are not
+    followed here; callers that must also refuse links leading out resolve the joined path themselves.
+    """
+    path = Path(name)
+    return "\x00" not in name and not path.is_absolute() and not path.drive and ".." not in path.parts
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from talk2dino.errors import InvalidInputError, error_reason, one_line
+from talk2dino.fileio import stays_inside
 
 __all__ = [
     "BENCHMARKS",
@@ -602,7 +603,7 @@ def _images_from_split(spec: BenchmarkSpec, dataset: Path, image_dir: Path) -> d
             continue
         if stem in images:
             raise InvalidInputError(f"{split_path}:{line_number}: stem {one_line(repr(stem))} is listed twice")
-        if "\x00" in stem or Path(stem).is_absolute() or ".." in Path(stem).parts:
+        if not stays_inside(stem):
             # A stem names a file inside image_dir; anything else would read files outside the dataset.
             raise InvalidInputError(
                 f"{split_path}:{line_number}: stem {one_line(repr(stem))} is not a relative name inside {image_dir}"

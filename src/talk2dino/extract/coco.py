@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from talk2dino.errors import InvalidInputError, one_line
-from talk2dino.fileio import file_sha256
+from talk2dino.fileio import file_sha256, stays_inside
 
 __all__ = ["CocoCaption", "CocoCaptions", "CocoImage", "annotation_path", "image_folder", "read_coco_captions"]
 
@@ -171,7 +171,7 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
         file_name = _field(entry, "file_name", str, where=where)
         if image_id in images:
             raise InvalidInputError(f"{where}: duplicate image id {image_id}")
-        if not file_name or "\x00" in file_name or os.path.isabs(file_name) or ".." in Path(file_name).parts:
+        if not file_name or not stays_inside(file_name):
             raise InvalidInputError(
                 f"{where}.file_name {one_line(repr(file_name))} is not a file name inside {folder}"
             )

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from talk2dino.errors import Talk2DinoError, one_line
+from talk2dino.fileio import stays_inside
 
 FEATURE_FORMAT = "talk2dino-features/1"
 MANIFEST_FILE = "manifest.json"
@@ -172,12 +173,11 @@ def shard_entries(folder: str | os.PathLike[str], manifest: dict[str, Any], key:
 
 def _inside(root: Path, name: str, where: str) -> Path:
     """``root / name``, refusing names that escape ``root`` (absolute, ``..``, NUL, or a symlink leading out)."""
-    relative = Path(name)
-    if "\x00" in name or relative.is_absolute() or relative.drive or ".." in relative.parts:
+    if not stays_inside(name):
         raise FeatureFormatError(
             f"{where}.file {one_line(repr(name))} is not a file name inside the features folder; refusing to read it"
         )
-    path = root / relative
+    path = root / name
     try:
         resolved_root = root.resolve()
         resolved = path.resolve()
