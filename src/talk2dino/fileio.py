@@ -61,6 +61,12 @@ def fault_point(site: str) -> None:
             os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # SIGTERM: Windows has no SIGKILL
 
 
+# What reading a JSON file from disk can raise on a hostile or broken file: OSError (unreadable); ValueError
+# (bad JSON, bad UTF-8, or an integer over CPython's 4,300-digit limit, found by atheris); RecursionError (JSON
+# nested deeper than the json module can parse, "[[[[...").
+JSON_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RecursionError)
+
+
 def stays_inside(name: str) -> bool:
     """Whether a file name read from an untrusted file (a manifest, a split list, a COCO JSON) stays inside
     the folder it is joined to: relative, no drive, no ``..`` component, no NUL byte. Symlinks are not

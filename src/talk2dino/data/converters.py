@@ -37,6 +37,7 @@ from PIL import Image
 
 from talk2dino.data.benchmarks import class_lists, read_label_png
 from talk2dino.errors import InvalidInputError, Talk2DinoError, one_line
+from talk2dino.fileio import JSON_READ_ERRORS
 from talk2dino.outputs import atomic_path
 
 __all__ = [
@@ -680,9 +681,7 @@ class CocoStuffThingPainter:
 
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError) as exc:
-                # ValueError: bad JSON, bad UTF-8 or an integer over the 4,300-digit limit (found by atheris);
-                # RecursionError: JSON nested deeper than the json module can parse ("[[[[...").
+            except JSON_READ_ERRORS as exc:
                 raise InvalidInputError(f"{one_line(path)}: cannot read COCO JSON ({one_line(exc)})") from exc
             where = one_line(path)
         if not isinstance(data, Mapping) or not isinstance(data.get("annotations"), list):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from talk2dino.errors import InvalidInputError, one_line
-from talk2dino.fileio import file_sha256, stays_inside
+from talk2dino.fileio import JSON_READ_ERRORS, file_sha256, stays_inside
 
 __all__ = ["CocoCaption", "CocoCaptions", "CocoImage", "annotation_path", "image_folder", "read_coco_captions"]
 
@@ -152,9 +152,7 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, ValueError, RecursionError) as err:
-        # ValueError: bad JSON, bad UTF-8 or an integer over the 4,300-digit limit (found by atheris);
-        # RecursionError: JSON nested deeper than the json module can parse ("[[[[...").
+    except JSON_READ_ERRORS as err:
         raise InvalidInputError(f"{path}: not a readable JSON file ({one_line(err)})") from err
     if not isinstance(data, dict):
         raise InvalidInputError(f"{path}: top level is a {type(data).__name__}, expected an object")

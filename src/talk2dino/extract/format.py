@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from talk2dino.errors import Talk2DinoError, one_line
-from talk2dino.fileio import stays_inside
+from talk2dino.fileio import JSON_READ_ERRORS, stays_inside
 
 FEATURE_FORMAT = "talk2dino-features/1"
 MANIFEST_FILE = "manifest.json"
@@ -122,9 +122,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        # ValueError: bad JSON, bad UTF-8 or an integer over the 4,300-digit limit (found by atheris);
-        # RecursionError: deeply nested JSON ("[[[[..."), which the json module cannot parse.
+    except JSON_READ_ERRORS as err:
         raise FeatureFormatError(f"{one_line(path)}: unreadable manifest ({one_line(err)})") from err
     if not isinstance(manifest, dict):
         raise FeatureFormatError(f"{one_line(path)}: manifest is a JSON {type(manifest).__name__}, expected an object")
