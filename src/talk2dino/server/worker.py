@@ -130,12 +130,11 @@ class InferenceWorker:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._service_s: float | None = None  # moving average of seconds per segmentation request
-        self._in_batch = 0  # requests in the batch being computed
+        self._in_batch = 0  # requests in the batch being computed (0: the worker is idle)
         self._jobs: deque[Job] = deque()
         self._reserved = 0
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = False
         self._thread: threading.Thread | None = None
         self.stats: dict[str, int] = {
             "completed": 0, "failed": 0, "timed_out": 0, "rejected_queue_full": 0, "rejected_overloaded": 0,
@@ -181,7 +180,7 @@ class InferenceWorker:
         """Queue state and counters, for /healthz."""
         with self._cond:
             service = round(self._service_s, 3) if self._service_s is not None else None
-            return {"waiting": self._reserved, "capacity": self.queue_size, "busy": self._busy,
+            return {"waiting": self._reserved, "capacity": self.queue_size, "busy": self._in_batch > 0,
                     "max_batch": self.max_batch, "seconds_per_request": service, **self.stats}
 
     # ------------------------------------------------------------------ admission
@@ -253,7 +252,6 @@ class InferenceWorker:
                 while self._jobs and isinstance(self._jobs[0], SegmentJob) and len(batch) < self.max_batch:
                     batch.append(self._jobs.popleft())
             self._reserved = max(0, self._reserved - len(batch))
-            self._busy = True
             self._in_batch = len(batch)
             return batch
 
@@ -277,7 +275,6 @@ class InferenceWorker:
                         job.future.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))
             finally:
                 with self._cond:
-                    self._busy = False
                     self._in_batch = 0
 
     def _observe(self, seconds: float) -> None:
