@@ -724,14 +724,14 @@ def _tidy_openapi(app: FastAPI) -> None:
             content = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
             ref = content.get("schema", {}).get("$ref", "")
             form = components.get(ref.rsplit("/", 1)[-1], {})
-            for name, field in form.get("properties", {}).items():
+            for field in form.get("properties", {}).values():
                 branches = [b for b in field.get("anyOf", []) if b.get("type") != "null"]
                 if len(branches) == 1 and len(field.get("anyOf", [])) == 2:
                     del field["anyOf"]
                     field.update(branches[0])
                 if field.get("contentMediaType") == "application/octet-stream":
                     field["format"] = "binary"
-                form["properties"][name] = field
+        # FastAPI's generator cached this same dict in app.openapi_schema, so the edits above are kept.
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
