@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from talk2dino.compat import transformers_dtype_kwargs
 from talk2dino.config import IMAGENET_MEAN, IMAGENET_STD
 from talk2dino.errors import WeightsError
+from talk2dino.models.backbones.layouts import attention_projections
 
 LogitsRope = Literal["model", "none"]  # see DinoV3Backbone and BackboneConfig.logits_rope (method.md §2.4)
 
@@ -196,6 +198,10 @@ class VisionBackbone(nn.Module):
         # The model's attention setting is shared state; the lock keeps two reference calls from
         # interleaving their switch and restore (the fast path does not read the setting at all).
         with self._reference_lock:
+            if not hasattr(self.model, "set_attn_implementation"):
+                # transformers < 4.56 fixes the attention class when the model is built; its SDPA forward is
+                # the same computation, equal to eager up to float rounding.
+                return self._split(*self._encode_reference(x), grid)
             previous = self.model.config._attn_implementation
             self.model.set_attn_implementation("eager")
             try:
@@ -258,9 +264,10 @@ class VisionBackbone(nn.Module):
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _qkv(self, attention: Any, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v ``[B, M, T, d_h]`` from a transformers attention module's q_proj/k_proj/v_proj (with bias)."""
-        return (self._heads(attention.q_proj(normed)), self._heads(attention.k_proj(normed)),
-                self._heads(attention.v_proj(normed)))
+        """q, k, v ``[B, M, T, d_h]`` from a transformers attention module's projections (with bias), in
+        whichever layout the installed transformers uses (`layouts.attention_projections`)."""
+        q_proj, k_proj, v_proj = attention_projections(attention)
+        return self._heads(q_proj(normed)), self._heads(k_proj(normed)), self._heads(v_proj(normed))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Fused attention over all tokens, scaled by 1/sqrt(d_h). Returns ``[B, T, M·d_h]``."""
@@ -298,8 +305,8 @@ def load_transformers_model(model_class: Any, folder: Path, *, dtype: torch.dtyp
     Raises:
         WeightsError: the folder lacks some of the model's weights.
     """
-    model, info = model_class.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype,
-                                              output_loading_info=True, **kwargs)
+    model, info = model_class.from_pretrained(folder, attn_implementation="sdpa", output_loading_info=True,
+                                              **transformers_dtype_kwargs(dtype), **kwargs)
     if info.get("missing_keys"):
         raise WeightsError(f"backbone: {folder} lacks {what} weights {sorted(info['missing_keys'])[:8]}")
     return model

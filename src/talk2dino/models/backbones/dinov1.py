@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from talk2dino.models.backbones.base import LogitsRope, VisionBackbone, load_transformers_model
+from talk2dino.models.backbones.layouts import attention_output, block_list, vit_attention_dropout, vit_mlp
 
 
 class DinoV1Backbone(VisionBackbone):
@@ -59,13 +60,13 @@ class DinoV1Backbone(VisionBackbone):
         q, k, v = self._qkv(attention, self._norm(layer.layernorm_before, hidden))
         context = self._sdpa(q, k, v)
         logits = self._cls_logits(q, k) if cls_logits else None
-        hidden = self._residual(hidden, layer.dropout(attention.o_proj(context)))
-        hidden = self._residual(hidden, layer.dropout(layer.mlp(self._norm(layer.layernorm_after, hidden))))
+        hidden = self._residual(hidden, vit_attention_dropout(layer, attention_output(attention, context)))
+        hidden = self._residual(hidden, vit_mlp(layer, self._norm(layer.layernorm_after, hidden)))
         return hidden, logits
 
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self._stream(self.model.embeddings(pixel_values, interpolate_pos_encoding=True))
-        layers = self.model.layers
+        layers = block_list(self.model)
         for layer in layers[:-1]:
             hidden, _ = self._block(layer, hidden, cls_logits=False)
         hidden, logits = self._block(layers[-1], hidden, cls_logits=True)
@@ -74,7 +75,7 @@ class DinoV1Backbone(VisionBackbone):
 
     def _encode_reference(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)
-        last = self.model.layers[-1]
+        last = block_list(self.model)[-1]
         # hidden_states = (embeddings, block 1 output, ..., block L output): [-2] is the last block's input.
         q, k, _ = self._qkv(last.attention, last.layernorm_before(out.hidden_states[-2]))
         return out.last_hidden_state, self._full_cls_logits(q, k)

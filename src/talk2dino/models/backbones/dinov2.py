@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from talk2dino.models.backbones.base import LogitsRope, VisionBackbone, load_transformers_model, rotate_patches
+from talk2dino.models.backbones.layouts import attention_output, block_list
 
 
 def layerscale_block(backbone: VisionBackbone, layer: Any, hidden: torch.Tensor, *, cls_logits: bool,
@@ -20,8 +21,8 @@ def layerscale_block(backbone: VisionBackbone, layer: Any, hidden: torch.Tensor,
                      logits_rope: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One pre-norm block with layer scale (the DINOv2 / DINOv3 layout) and fused SDPA attention.
 
-    Reads the transformers layer's own ``norm1``, ``attention.{q,k,v,o}_proj``, ``layer_scale1``,
-    ``norm2``, ``mlp`` and ``layer_scale2`` (and ``drop_path``, the identity in eval mode), so it is
+    Reads the transformers layer's own ``norm1``, attention projections (either layout, see `layouts`),
+    ``layer_scale1``, ``norm2``, ``mlp`` and ``layer_scale2`` (and ``drop_path``, the identity in eval mode), so it is
     independent of the model's attention setting.
 
     Args:
@@ -48,7 +49,7 @@ def layerscale_block(backbone: VisionBackbone, layer: Any, hidden: torch.Tensor,
     logits = None
     if cls_logits:
         logits = backbone._cls_logits(q, k) if logits_rope else backbone._cls_logits(plain_q, plain_k)
-    hidden = backbone._residual(hidden, layer.drop_path(layer.layer_scale1(attention.o_proj(context))))
+    hidden = backbone._residual(hidden, layer.drop_path(layer.layer_scale1(attention_output(attention, context))))
     branch = layer.drop_path(layer.layer_scale2(layer.mlp(backbone._norm(layer.norm2, hidden))))
     hidden = backbone._residual(hidden, branch)
     return hidden, logits
@@ -83,7 +84,7 @@ class DinoV2Backbone(VisionBackbone):
 
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self._stream(self.model.embeddings(pixel_values))
-        layers = self.model.encoder.layer
+        layers = block_list(self.model)
         for layer in layers[:-1]:
             hidden, _ = layerscale_block(self, layer, hidden, cls_logits=False)
         hidden, logits = layerscale_block(self, layers[-1], hidden, cls_logits=True)
@@ -92,7 +93,7 @@ class DinoV2Backbone(VisionBackbone):
 
     def _encode_reference(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(pixel_values, output_hidden_states=True)
-        last = self.model.encoder.layer[-1]
+        last = block_list(self.model)[-1]
         # hidden_states = (embeddings, block 1 output, ..., block L output): [-2] is the last block's input.
         q, k, _ = self._qkv(last.attention, last.norm1(out.hidden_states[-2]))
         return out.last_hidden_state, self._full_cls_logits(q, k)

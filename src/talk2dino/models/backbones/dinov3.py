@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from talk2dino.compat import require
 from talk2dino.models.backbones.base import LogitsRope, VisionBackbone, load_transformers_model, rotate_patches
 from talk2dino.models.backbones.dinov2 import layerscale_block
+from talk2dino.models.backbones.layouts import block_list
 
 LOGITS_ROPE_CHOICES: tuple[LogitsRope, ...] = ("model", "none")
 
@@ -56,7 +58,12 @@ class DinoV3Backbone(VisionBackbone):
 
     @classmethod
     def from_pretrained(cls, folder: Path, *, dtype: torch.dtype, logits_rope: LogitsRope = "model") -> DinoV3Backbone:
-        """Load a ``DINOv3ViTModel`` folder (the hub's ``facebook/dinov3-vit*-pretrain-*`` repositories)."""
+        """Load a ``DINOv3ViTModel`` folder (the hub's ``facebook/dinov3-vit*-pretrain-*`` repositories).
+
+        Raises:
+            Talk2DinoError: transformers older than 4.56, the first release with DINOv3.
+        """
+        require("transformers", "4.56.0", "DINOv3 backbones")
         from transformers import DINOv3ViTModel
 
         return cls(load_transformers_model(DINOv3ViTModel, folder, dtype=dtype, what="DINOv3"),
@@ -75,7 +82,7 @@ class DinoV3Backbone(VisionBackbone):
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self._stream(self.model.embeddings(pixel_values))
         rope = self._rope(pixel_values)
-        layers = self.model.model.layer
+        layers = block_list(self.model)
         for layer in layers[:-1]:
             hidden, _ = layerscale_block(self, layer, hidden, cls_logits=False, rope=rope)
         hidden, logits = layerscale_block(self, layers[-1], hidden, cls_logits=True, rope=rope,
@@ -85,7 +92,7 @@ class DinoV3Backbone(VisionBackbone):
 
     def _encode_reference(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(pixel_values, output_hidden_states=True)
-        last = self.model.model.layer[-1]
+        last = block_list(self.model)[-1]
         # hidden_states = (embeddings, block 1 output, ..., block L output): [-2] is the last block's input.
         q, k, _ = self._qkv(last.attention, last.norm1(out.hidden_states[-2]))
         if self.logits_rope == "model":
