@@ -10,7 +10,9 @@ This module keeps them apart so that they can overlap:
   default on a CPU, where the backbone already uses every core).
 - :class:`BackgroundWriter` writes each image's files on one thread while the next batch runs.
 
-A file that cannot be read never stops the others: it comes back as a `PreparedFile` with an `error`.
+A file that cannot be read (an :class:`~talk2dino.errors.InvalidInputError`) never stops the others: it comes
+back as a `PreparedFile` with an `error`. Any other failure while preparing a file is not that file's fault (a
+bug, a library version) and propagates, so the run stops at the first one (issue 12).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from talk2dino.config import InferenceConfig
 from talk2dino.data.images import load_image
-from talk2dino.errors import Talk2DinoError
+from talk2dino.errors import InvalidInputError, is_input_error
 from talk2dino.predictor import PreparedImage, prepare_image
 
 logger = logging.getLogger(__name__)
@@ -65,10 +67,8 @@ class _Files(torch.utils.data.Dataset[PreparedFile]):
         path = self.paths[index]
         try:
             return PreparedFile(path, prepare_image(load_image(path, max_pixels=self.max_pixels), self.config))
-        except Talk2DinoError as err:
+        except InvalidInputError as err:  # the loaders wrap decoder errors in it; anything else stops the run
             return PreparedFile(path, None, str(err))
-        except Exception as err:  # noqa: BLE001 - a decoder bug on one file must not end the run
-            return PreparedFile(path, None, f"{path}: cannot prepare the image ({type(err).__name__}: {err})")
 
 
 def _keep_items(batch: list[PreparedFile]) -> list[PreparedFile]:
@@ -117,8 +117,10 @@ def prepared_batches(paths: Sequence[Path], config: InferenceConfig, *, batch_si
 class BackgroundWriter:
     """Run write jobs on one thread, in order, at most `max_pending` ahead of the caller.
 
-    The bound keeps memory flat: each pending job holds one image's results. Failures are collected per
-    job (named by its key), never raised into the caller's loop.
+    The bound keeps memory flat: each pending job holds one image's results. A job failing with an input error
+    or an ``OSError`` (that file could not be written) is collected per job (named by its key) and the others
+    go on; any other failure is a bug and is raised into the caller's loop (from `submit`, `finish_ready` or
+    `close`), which stops the run.
     """
 
     def __init__(self, max_pending: int = 8) -> None:
@@ -137,7 +139,9 @@ class BackgroundWriter:
         key, future, on_done = self._pending.popleft()
         try:
             future.result()
-        except Exception as err:  # noqa: BLE001 - one file's failure is reported, the others go on
+        except Exception as err:
+            if not (is_input_error(err) or isinstance(err, OSError)):
+                raise  # not this file's fault: stop the run
             logger.error("%s: %s", key, err)
             self.failed.append(key)
         if on_done is not None:
@@ -150,6 +154,16 @@ class BackgroundWriter:
 
     def close(self) -> None:
         """Wait for every queued job, then stop the thread."""
-        while self._pending:
-            self._finish_oldest()
-        self._pool.shutdown(wait=True)
+        try:
+            while self._pending:
+                self._finish_oldest()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the queued jobs that have not started, wait for the running one, and stop the thread; no error
+        is raised or collected (the caller is already stopping on one)."""
+        for _, future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -35,7 +35,7 @@ from talk2dino.data.benchmarks import (
     list_samples,
     load_sample,
 )
-from talk2dino.errors import InvalidInputError, Talk2DinoError
+from talk2dino.errors import InvalidInputError, Talk2DinoError, internal_error_guard
 from talk2dino.evaluation.metric import ConfusionMatrix
 from talk2dino.fileio import FAULT_ENV, atomic_write_bytes, fault_point, temp_target
 from talk2dino.predictor import Segmenter
@@ -56,6 +56,8 @@ _SWEEP_FIELDS = {"bg_threshold": "bg_threshold", "bg_clean_lambda": "clean_lambd
                  "window": "window", "stride": "stride"}
 _SWEPT = tuple(_SWEEP_FIELDS.values())
 _GEOMETRY = ("short_side", "window", "stride")
+# Evaluation embeds one image at a time; what is left to shrink is the backbone's precision.
+_EVAL_MEMORY_HINT = "try --dtype bfloat16, or a device with more free memory"
 
 
 @dataclass
@@ -277,9 +279,12 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
             options, cfg, _, folder, cache, matrix = combos[i]
             geometry = tuple(getattr(cfg, g) for g in _GEOMETRY)
             segmenter.config = cfg
-            if geometry not in features_by_geometry:
-                features_by_geometry = {geometry: segmenter.embed_images([image])[0]}
-            result = segmenter.predict_features(features_by_geometry[geometry])
+            # Only an unreadable sample is skipped (above, with skip_bad); a failure of the model is no sample's
+            # fault and stops the run as one InternalError line (issue 12).
+            with internal_error_guard(memory_hint=_EVAL_MEMORY_HINT):
+                if geometry not in features_by_geometry:
+                    features_by_geometry = {geometry: segmenter.embed_images([image])[0]}
+                result = segmenter.predict_features(features_by_geometry[geometry])
             pred = result.labels
             counts = _sparse_counts(pred, target, spec.num_classes, spec.ignore_index)
             if config.save_predictions:  # before the cache line: a resume never revisits a cached image

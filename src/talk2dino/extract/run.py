@@ -50,7 +50,7 @@ from PIL import Image
 
 from talk2dino.config import BackboneConfig, ExtractConfig, TextConfig
 from talk2dino.data.images import DECODE_ERRORS
-from talk2dino.errors import InvalidInputError, Talk2DinoError, error_reason
+from talk2dino.errors import InvalidInputError, Talk2DinoError, error_reason, internal_error_guard
 from talk2dino.extract.coco import CocoCaptions, CocoImage, read_coco_captions
 from talk2dino.extract.format import FEATURE_FORMAT, MANIFEST_FILE, FeatureFormatError, read_manifest
 from talk2dino.extract.targets import head_targets, mean_head_target
@@ -739,8 +739,11 @@ def _extract_shards(extractor: _Extractor, todo: list[_Shard], device: torch.dev
     pending: dict[int, tuple[list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]], list[tuple[int, str]]]] = {}
     total = sum(s.stop - s.start for s in todo)
     failures = 0
-    with tqdm(total=total, unit="img", desc=f"extract {config.split}", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar, torch.inference_mode():
+    # Only an unreadable image is skipped (the dataset's InvalidInputError); a failure of the models (or of a
+    # decoding worker) is no image's fault and stops the run as one InternalError line (issue 12).
+    with internal_error_guard(memory_hint="try a smaller --batch-size (or --text-batch-size)"), \
+            tqdm(total=total, unit="img", desc=f"extract {config.split}", disable=not progress, file=sys.stderr,
+                 dynamic_ncols=True) as bar, torch.inference_mode():
         for positions, crops, failed in loader:
             first = min(positions + [p for p, _ in failed])
             shard = shard_of[first // config.shard_size]

@@ -11,6 +11,12 @@ Overload policy: a request is admitted only if the queue has a free slot *and* t
 estimated from the measured seconds per request, would let it finish within `max_wait_s` (a share of
 ``--request-timeout``). Otherwise it is refused at once with `QueueFullError` (HTTP 429 + Retry-After, a
 client error that well-behaved clients retry later) instead of being admitted only to time out with a 503.
+
+Failures: an input error (`InvalidInputError`, e.g. an image the model cannot take) fails that request alone
+(HTTP 400) and the batch's other requests go on. Anything else (a bug, an unsupported torch/transformers
+version, the device out of memory) is no request's fault: it ends the batch, every request of that batch
+still waiting gets one `InternalError` line (HTTP 500), it is logged with its traceback, and the worker goes
+on with the next batch (issue 12).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from talk2dino.errors import InvalidInputError
+from talk2dino.errors import InternalError, InvalidInputError, internal_error_message
 from talk2dino.predictor import ImageFeatures, Segmenter
 
 __all__ = [
@@ -43,6 +49,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RleFormat = Literal["none", "compressed", "uncompressed"]
+
+# What an internal-error line suggests: the server's own batching options, and where the traceback went.
+MEMORY_HINT = "try a smaller --max-batch (TALK2DINO_SERVE_MAX_BATCH) or --window-batch-size"
+TRACEBACK_HINT = "the traceback is in the server log"
 
 
 class ServiceUnavailableError(Exception):
@@ -269,10 +279,15 @@ class InferenceWorker:
                 elif live and isinstance(live[0], EmbedTextJob):
                     self._embed_text(live[0])
             except BaseException as err:  # noqa: BLE001 - the worker must survive anything one batch does
-                logger.exception("inference batch failed")
+                # Not an input error (those are answered per request below): no request's fault, so the
+                # batch ends and each request still waiting gets the same one line (HTTP 500).
+                message = internal_error_message(err, memory_hint=MEMORY_HINT, traceback_hint=TRACEBACK_HINT)
+                logger.error("inference batch of %d request(s) failed: %s", len(batch), message, exc_info=err)
+                failure = InternalError(message)
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))
+                        self.stats["failed"] += 1
+                        job.future.set_exception(failure)
             finally:
                 with self._cond:
                     self._in_batch = 0
@@ -308,11 +323,7 @@ class InferenceWorker:
         try:
             job.future.set_result(make())
             self.stats["completed"] += 1
-        except InvalidInputError as err:
-            job.future.set_exception(err)
-        except Exception as err:  # noqa: BLE001 - reported to this request only
-            logger.exception("request failed")
-            self.stats["failed"] += 1
+        except InvalidInputError as err:  # this request's fault only; anything else ends the batch in _run
             job.future.set_exception(err)
 
     def _segment(self, jobs: list[SegmentJob]) -> None:
@@ -323,16 +334,13 @@ class InferenceWorker:
         try:
             # The throughput path: all windows of all images in shared backbone batches.
             features = list(self.segmenter.embed_images([job.image for job in jobs]))
-        except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
+        except InvalidInputError:  # one image's fault: find which, keep the others (anything else: see _run)
             logger.debug("batch embedding failed; retrying the images one by one", exc_info=True)
             features = []
             for job in jobs:
                 try:
                     features.append(self.segmenter.embed_images([job.image])[0])
-                except Exception as one:  # noqa: BLE001 - reported to that request
-                    if not isinstance(one, InvalidInputError):
-                        logger.exception("embedding one image failed")
-                        self.stats["failed"] += 1
+                except InvalidInputError as one:
                     job.future.set_exception(one)
                     features.append(None)
         embed_s = (time.monotonic() - started) / max(len(jobs), 1)
