@@ -13,7 +13,7 @@ from typing import Any
 
 from talk2dino.errors import Talk2DinoError
 
-__all__ = ["installed_version", "require", "transformers_dtype_kwargs", "version_tuple", "versions_line"]
+__all__ = ["installed_version", "require", "transformers_dtype_kwargs", "version_tuple"]
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -54,11 +54,6 @@ def require(distribution: str, minimum: str, feature: str) -> None:
             f"{feature} needs {distribution}>={minimum} (installed: {found or 'none'}); "
             f"upgrade with: pip install -U '{distribution}>={minimum}'"
         )
-
-
-def versions_line() -> str:
-    """``"torch 2.13.0+cpu, transformers 5.25.0"``: the versions that matter for an internal failure."""
-    return ", ".join(f"{name} {installed_version(name) or 'not installed'}" for name in ("torch", "transformers"))
 
 
 # transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56 (the old name warns from then on).

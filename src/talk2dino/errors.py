@@ -126,16 +126,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def _installed_versions() -> str:
     """``talk2dino 0.1.0, torch 2.13.0, transformers 5.25.0`` from the package metadata (nothing imported)."""
-    import importlib.metadata  # only when a failure is reported: it costs start-up time otherwise
+    from talk2dino.compat import installed_version  # compat imports this module: resolved at call time
 
-    parts = []
-    for name in _REPORTED_PACKAGES:
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed"
-        parts.append(f"{name} {version}")
-    return ", ".join(parts)
+    return ", ".join(f"{name} {installed_version(name) or 'not installed'}" for name in _REPORTED_PACKAGES)
 
 
 def _failure_summary(exc: BaseException) -> str:

@@ -55,12 +55,19 @@ def describe_load_error(err: BaseException) -> str:
     """One line for a failed ``torch.load``: for a refused global, the line that names it.
 
     torch's weights_only message spans several lines and opens with advice to turn the check off;
-    only the line naming the culprit (``unsupported GLOBAL posix.system``) is worth showing.
+    only the line naming the culprit (``unsupported GLOBAL posix.system``) is worth showing. transformers
+    before 5.0 re-raises the refusal as a generic OSError ("Unable to load weights ... TF 2.0 checkpoint"),
+    so the chain of causes is searched for it.
     """
-    if isinstance(err, pickle.UnpicklingError):
-        for line in str(err).splitlines():
-            if "GLOBAL" in line or "nsupported" in line:
-                return f"{type(err).__name__}: {line.strip()[:200]}"
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, pickle.UnpicklingError):
+            for line in str(cause).splitlines():
+                if "GLOBAL" in line or "nsupported" in line:
+                    return f"{type(cause).__name__}: {line.strip()[:200]}"
+        cause = cause.__cause__ or cause.__context__
     return error_summary(err)
 
 

@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 VERIFY_RTOL = 1e-4  # ONNX vs PyTorch: max |onnx − torch| / max |torch| per output (issue 6 item 7)
 # Protobuf caps one file at 2 GiB; above this many parameter bytes the weights go to a side file.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
+# The largest window batch an exported image encoder accepts. A bounded range: torch 2.6's exporter turns an
+# unbounded batch into a guard (batch != 2**63 - 1) that it then reports as a violated constraint.
+MAX_EXPORT_BATCH = 4096
 # Example prompts of different lengths, so the traced token length is not specialised.
 _EXAMPLE_PROMPTS = ("a photo of a cat.", "itap of a large red car in a video game.")
 _VERIFY_PROMPTS = ("a bad photo of a dog.", "art of the sofa.", "a origami aeroplane.")
@@ -276,7 +279,7 @@ def export_onnx(model: Talk2DINO, out_dir: str | os.PathLike[str], *, image_size
     # Batch 2 for a dynamic batch: torch.export specialises a dimension traced at size 1.
     example_batch = 2 if dynamic_batch else 1
     pixels = torch.randn(example_batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    image_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    image_shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)},) if dynamic_batch else None
     _export_graph(_ImageGraph(backbone), (pixels.to(device),), folder / IMAGE_ENCODER_FILE,
                   input_names=IMAGE_INPUTS, output_names=IMAGE_OUTPUTS, dynamic_shapes=image_shapes, opset=opset)
 
