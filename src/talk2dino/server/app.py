@@ -15,7 +15,9 @@ generated from the handler signatures, so the documented API and the code cannot
 Errors are JSON ``{"error": "<one line>"}``: 400 bad input (unreadable image, empty or duplicate label), 403
 ``image_url`` disabled, 404 unknown model or route, 408 body not received within ``--body-timeout``, 413 body,
 image or score volume over its limit, 422 wrong field type or a count/length limit, 429 overloaded (queue
-full, or the work ahead would not finish in time; with ``Retry-After``), 503 timeout or shutdown (with
+full, or the work ahead would not finish in time; with ``Retry-After``), 500 an internal failure that is no
+input's fault (a bug, an unsupported torch/transformers version, the device out of memory: one line naming the
+exception and the installed versions; the traceback is in the server log), 503 timeout or shutdown (with
 ``Retry-After``).
 
 `serve` runs the app with uvicorn and a graceful stop: on SIGTERM/SIGINT the port closes, requests in
@@ -59,7 +61,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from talk2dino import Segmenter, __version__
 from talk2dino.data.images import load_image
-from talk2dino.errors import InvalidInputError
+from talk2dino.errors import InternalError, InvalidInputError, error_reason, one_line
 from talk2dino.outputs import (
     DEFAULT_OVERLAY_ALPHA,
     attention_tiles,
@@ -229,6 +231,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
                        (408, "body not received within --body-timeout"), (413, "over a size limit"),
                        (422, "wrong type or over a count/length limit"),
                        (429, "overloaded: queue full or the work ahead would not finish in time; see Retry-After"),
+                       (500, "internal failure, not the input's fault (bug, library version, out of memory)"),
                        (503, "timed out or shutting down; see Retry-After"))
 }
 
@@ -710,7 +713,7 @@ def _tidy_openapi(app: FastAPI) -> None:
     """Make the multipart form schemas say what a client can actually send.
 
     FastAPI documents an optional form field as ``anyOf: [X, null]``, but a multipart field cannot be null
-    (it is present or absent), and documents a file without ``format: binary``, so generated clients
+    (it is present or absent), and documents a file in only one of the two OpenAPI dialects, so generated clients
     (schemathesis found this) send ``null`` text or the image as a plain text field, and get 422.
     """
     generate = app.openapi
@@ -729,8 +732,11 @@ def _tidy_openapi(app: FastAPI) -> None:
                 if len(branches) == 1 and len(field.get("anyOf", [])) == 2:
                     del field["anyOf"]
                     field.update(branches[0])
-                if field.get("contentMediaType") == "application/octet-stream":
+                # A file in both dialects: 3.1's contentMediaType (FastAPI >= 0.112 writes only this) and
+                # 3.0's format: binary (older FastAPI writes only this); clients read one or the other.
+                if field.get("contentMediaType") == "application/octet-stream" or field.get("format") == "binary":
                     field["format"] = "binary"
+                    field["contentMediaType"] = "application/octet-stream"
         # FastAPI's generator cached this same dict in app.openapi_schema, so the edits above are kept.
         return schema
 
@@ -749,7 +755,14 @@ def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's generic text for a body its parser rejected (older Starlette versions say nothing
+            # more): name the expected format and the parser's own reason.
+            kind = request.headers.get("content-type", "none").split(";")[0].strip() or "none"
+            reason = f": {error_reason(exc.__cause__)}" if exc.__cause__ is not None else ""
+            message = f"cannot parse the {one_line(kind)} body; send multipart/form-data{reason}"
+        return error(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -772,6 +785,10 @@ def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
         retry = max(cfg.retry_after_s, math.ceil(estimate))
         return error(429, str(exc), headers={"Retry-After": str(retry)})
 
+    async def internal_failure(request: Request, exc: Exception) -> JSONResponse:
+        # The inference worker already logged it with its traceback; the one line says what and which versions.
+        return error(500, str(exc))
+
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error(500, "internal server error; see the server log")
@@ -782,6 +799,7 @@ def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
         InvalidInputError: invalid_input,
         ServiceUnavailableError: unavailable,
         QueueFullError: overloaded,
+        InternalError: internal_failure,
         Exception: internal,
     }
     for kind, handler in handlers.items():
