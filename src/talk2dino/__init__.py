@@ -26,13 +26,14 @@ _LAZY = {
     "SegmentationResult": "talk2dino.predictor",
     "Segmenter": "talk2dino.predictor",
     "create_model": "talk2dino.registry",
-    "list_models": "talk2dino.registry",
+    "list_models": "talk2dino.catalog",  # names only: no torch
 }
 
 if TYPE_CHECKING:
+    from talk2dino.catalog import list_models
     from talk2dino.config import InferenceConfig, ModelConfig
     from talk2dino.predictor import SegmentationResult, Segmenter
-    from talk2dino.registry import create_model, list_models
+    from talk2dino.registry import create_model
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,13 @@
 """The ``talk2dino`` command (house-style §6). ``main(argv)`` is callable in-process; tests do that.
 
 Exit codes: 0 every image succeeded (``serve``: stopped cleanly); 1 some images failed (the others are
-written); 2 the command could not start (bad arguments, labels, limits, model or weights, missing extra).
+written); 2 the command could not start (bad arguments, labels, limits, model or weights, missing extra);
+3 the run stopped on an internal failure that is no image's fault (a bug, an unsupported torch or
+transformers version, or the device out of memory), reported as one line naming the exception and the
+installed versions (``-v`` adds the traceback); 130 interrupted.
+
+Only input errors (``errors.is_input_error``: an unreadable, corrupt or oversized image) fail one image and let
+the others go on; any other failure stops the run at its first occurrence (issue 12).
 """
 
 from __future__ import annotations
@@ -259,13 +265,20 @@ def _add_serve_parser(sub: Any) -> None:
                         help=f"image_url fetch timeout in seconds (default {d.url_timeout_s:g})")
 
 
-def _configure_logging(verbose: bool, quiet: bool) -> None:
+# Commands that load no model. They do not import transformers (over a second) or torch, so they start fast
+# (benchmarks/bench_startup.py, tests/test_startup.py); None: no command, the help.
+MODEL_FREE_COMMANDS = (None, "models", "convert")
+
+
+def _configure_logging(verbose: bool, quiet: bool, command: str | None) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     if not verbose:
         # Third-party INFO chatter (hub downloads, weight loading) is noise for a CLI user.
         for name in ("transformers", "huggingface_hub", "urllib3", "httpx"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        if command in MODEL_FREE_COMMANDS:
+            return
         try:
             from transformers.utils import logging as hf_logging
 
@@ -404,7 +417,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from talk2dino.data.images import list_images
-    from talk2dino.errors import InvalidInputError
+    from talk2dino.errors import InvalidInputError, internal_error_guard
     from talk2dino.folder import BackgroundWriter, default_workers, prepared_batches
     from talk2dino.predictor import ImageFeatures
 
@@ -437,56 +450,65 @@ def run_segment(args: argparse.Namespace) -> int:
     writer = BackgroundWriter(max_pending=2 * batch_size)
     batches = prepared_batches(paths, segmenter.config, batch_size=batch_size, workers=workers,
                                pin_memory=device.type == "cuda")
-    for batch in batches:
-        loaded = []
-        for item in batch:
-            if item.image is None:
-                logger.error("%s", item.error)
-                failed.append(str(item.path))
-                progress.update(1)
-            else:
-                loaded.append(item)
-        if not loaded:
-            continue
-        t0 = time.perf_counter()
-        features: list[ImageFeatures | None]
-        try:
-            features = list(segmenter.embed_images([item.image for item in loaded]))
-        except Exception as err:  # noqa: BLE001 - isolate a batch failure, then retry one by one
-            logger.debug("batch failed (%s); retrying images one by one", err)
-            features = []
-            for item in loaded:
+    # Per image only input errors (InvalidInputError); anything else becomes one InternalError and stops
+    # the run here, instead of being reported against every image (issue 12; main() exits 3).
+    try:
+        with internal_error_guard():
+            for batch in batches:
+                loaded = []
+                for item in batch:
+                    if item.image is None:
+                        logger.error("%s", item.error)
+                        failed.append(str(item.path))
+                        progress.update(1)
+                    else:
+                        loaded.append(item)
+                if not loaded:
+                    continue
+                t0 = time.perf_counter()
+                features: list[ImageFeatures | None]
                 try:
-                    features.append(segmenter.embed_images([item.image])[0])
-                except Exception as one:  # noqa: BLE001 - report per file, keep the others
-                    logger.error("%s: %s", item.path, one)
-                    features.append(None)
-        embed_time = (time.perf_counter() - t0) / len(loaded)
-        for item, feats in zip(loaded, features, strict=True):
-            path = item.path
-            if feats is None:
-                failed.append(str(path))
-                progress.update(1)
-                continue
-            try:
-                result = segmenter.predict_features(feats)
-                summary = segmenter.summary(result)
-                summary["timings"]["embed_image"] = round(embed_time, 6)
-            except Exception as err:  # noqa: BLE001 - one bad image must not lose the others' results
-                logger.error("%s: %s", path, err)
-                failed.append(str(path))
-                progress.update(1)
-                continue
-            assert item.image is not None
-            writer.submit(str(path), functools.partial(
-                _write_outputs, out_dir, _unique_stem(path, used), path, item.image.rgb, result, summary,
-                save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha, features=feats,
-                save_heatmaps=bool(args.save_heatmaps), save_attention=bool(args.save_attention)),
-                on_done=lambda: progress.update(1))
-        writer.finish_ready()
-    writer.close()
+                    features = list(segmenter.embed_images([item.image for item in loaded]))
+                except InvalidInputError as err:  # one image's fault: find which, keep the others
+                    logger.debug("batch failed (%s); retrying images one by one", err)
+                    features = []
+                    for item in loaded:
+                        try:
+                            features.append(segmenter.embed_images([item.image])[0])
+                        except InvalidInputError as one:
+                            logger.error("%s: %s", item.path, one)
+                            features.append(None)
+                embed_time = (time.perf_counter() - t0) / len(loaded)
+                for item, feats in zip(loaded, features, strict=True):
+                    path = item.path
+                    if feats is None:
+                        failed.append(str(path))
+                        progress.update(1)
+                        continue
+                    try:
+                        result = segmenter.predict_features(feats)
+                        summary = segmenter.summary(result)
+                        summary["timings"]["embed_image"] = round(embed_time, 6)
+                    except InvalidInputError as err:
+                        logger.error("%s: %s", path, err)
+                        failed.append(str(path))
+                        progress.update(1)
+                        continue
+                    assert item.image is not None
+                    writer.submit(str(path), functools.partial(
+                        _write_outputs, out_dir, _unique_stem(path, used), path, item.image.rgb, result, summary,
+                        save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha,
+                        features=feats, save_heatmaps=bool(args.save_heatmaps),
+                        save_attention=bool(args.save_attention)),
+                        on_done=lambda: progress.update(1))
+                writer.finish_ready()
+            writer.close()
+    except BaseException:
+        writer.abort()  # the run stops: queued writes are dropped, none is reported as a failed image
+        raise
+    finally:
+        progress.close()
     failed.extend(writer.failed)
-    progress.close()
     done = len(paths) - len(failed)
     logger.info("wrote %d of %d images to %s", done, len(paths), out_dir)
     if failed:
@@ -607,7 +629,7 @@ def run_convert_command(args: argparse.Namespace) -> int:
 
 def run_models() -> int:
     """The ``models`` subcommand: print registered names and descriptions to stdout."""
-    from talk2dino.registry import describe_models
+    from talk2dino.catalog import describe_models  # pure data: no torch, no transformers
 
     for name, description in describe_models().items():
         sys.stdout.write(f"{name}\t{description}\n")
@@ -623,11 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.stdout.write(f"talk2dino {__version__}\n")
         return 0
-    _configure_logging(args.verbose, args.quiet)
+    _configure_logging(args.verbose, args.quiet, args.command)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from talk2dino.errors import Talk2DinoError
+    from talk2dino.errors import InternalError, Talk2DinoError, internal_error_message
 
     try:
         if args.command == "segment":
@@ -645,9 +667,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return run_serve(args)
         return run_models()
+    except InternalError as err:  # a run stopped on a failure that is no input's fault (issue 12)
+        logger.debug("traceback of the internal error", exc_info=err.__cause__ or err)
+        logger.error("%s", err)
+        return 3
     except (Talk2DinoError, ValueError) as err:
         logger.error("%s", err)
         return 2
+    except Exception as err:  # an unexpected failure outside the guarded loops: one line too, not a traceback
+        if isinstance(err, OSError):
+            raise  # a file or system problem (permissions, a full disk), not a bug to report
+        logger.debug("traceback of the internal error", exc_info=err)
+        logger.error("%s", internal_error_message(err))
+        return 3
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130
