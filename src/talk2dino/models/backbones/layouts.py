@@ -112,8 +112,9 @@ def vit_attention_dropout(layer: Any, branch: torch.Tensor) -> torch.Tensor:
     return layer.dropout(branch) if hasattr(layer, "mlp") else branch
 
 
-def block_list(model: Any) -> nn.ModuleList:
-    """The transformer blocks of a backbone model, first to last, in any layout of the table above.
+def block_list(model: Any) -> Any:
+    """The transformer blocks (an ``nn.ModuleList``) of a backbone model, first to last, in any layout of the
+    table above. Typed loosely, as the model is: the blocks' submodules are read by name.
 
     Raises:
         WeightsError: no known attribute holds the blocks.
