@@ -649,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from talk2dino.errors import InternalError, Talk2DinoError, internal_error_message
+    from talk2dino.errors import InternalError, Talk2DinoError, internal_error_message, one_line
 
     try:
         if args.command == "segment":
@@ -673,6 +673,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except (Talk2DinoError, ValueError) as err:
         logger.error("%s", err)
+        return 2
+    except ImportError as err:
+        # An optional extra that is not installed (onnxruntime, fastapi, ...): the command cannot start, and
+        # the message (ours where we import it, names the extra) is the whole story.
+        logger.error("%s", one_line(err))
         return 2
     except Exception as err:  # an unexpected failure outside the guarded loops: one line too, not a traceback
         if isinstance(err, OSError):

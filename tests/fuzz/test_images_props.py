@@ -17,6 +17,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from talk2dino.compat import installed_version, version_tuple
+
+PILLOW_VERSION = version_tuple(installed_version("pillow") or "0")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_corpus import png_with_header, seed_images  # noqa: E402
 from parser_fuzz_support import check_message, mutate, outcome  # noqa: E402
@@ -94,8 +98,10 @@ def test_every_mode_format_and_orientation(scratch: Path, mode: str, fmt: str, w
         assert isinstance(result, InvalidInputError)
         return
     if isinstance(result, InvalidInputError):
-        # Only modes without an RGB conversion may be refused.
-        assert mode in ("HSV", "LAB", "La", "RGBa", "PA"), (mode, fmt, str(result))
+        # Only modes without an RGB conversion may be refused, and (Pillow before 13 cannot read back the
+        # YCbCr TIFFs it writes: seen with 10.0 to 12.0 at the floor, fixed in 13) such a TIFF, cleanly.
+        old_pillow_tiff = mode == "YCbCr" and fmt == "TIFF" and PILLOW_VERSION < (13,)
+        assert mode in ("HSV", "LAB", "La", "RGBa", "PA") or old_pillow_tiff, (mode, fmt, str(result))
         return
     check_rgb(result)
     swapped = orientation in (5, 6, 7, 8) and fmt in ("JPEG", "TIFF", "WEBP", "PNG")
