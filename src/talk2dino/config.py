@@ -108,11 +108,22 @@ class InferenceConfig:
                 raise ValueError(message)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the settings, with cleaning resolved to its effective value."""
-        d = dataclasses.asdict(self)
-        d["bg_clean"] = self.effective_bg_clean
-        d["pamr_dilations"] = list(self.pamr_dilations)
-        return d
+        """JSON-ready dict of every setting, exactly: `from_dict` gives this config back.
+
+        ``bg_clean=None`` stays None ("follow `background`"); `effective_dict` is for records.
+        """
+        return _to_json(self)
+
+    def effective_dict(self) -> dict[str, Any]:
+        """`to_dict` with cleaning resolved to what runs: for result records, never for saving."""
+        return {**self.to_dict(), "bg_clean": self.effective_bg_clean}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InferenceConfig:
+        """Inverse of `to_dict`; missing keys take their defaults, unknown keys are errors."""
+        if not isinstance(d, dict):
+            raise InvalidInputError(f"InferenceConfig must be a mapping, got {type(d).__name__}")
+        return cls(**check_fields(cls, d))
 
 
 @dataclass(frozen=True)
@@ -127,11 +138,9 @@ class ModelConfig:
     profile: Profile = "2025"  # result-table profile the weights belong to, method.md §6
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["inference"] = self.inference.to_dict()
-        d["text"]["templates"] = list(self.text.templates)
-        return d
+        """JSON-ready dict of every setting, nested configs included (tuples become lists); exact:
+        `from_dict` gives this config back, ``inference.bg_clean=None`` included."""
+        return _to_json(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -150,15 +159,21 @@ class ModelConfig:
         missing = [k for k in ("name", "backbone", "text", "projection") if k not in top]
         if missing:
             raise InvalidInputError(f"model configuration lacks {missing}")
-        check_fields(cls, {"name": top["name"], "profile": top.get("profile", "2025")})
-        config = cls(
-            name=top["name"],
-            backbone=build(BackboneConfig, top["backbone"]),
-            text=build(TextConfig, top["text"]),
-            projection=build(ProjectionConfig, top["projection"]),
-            inference=build(InferenceConfig, top.get("inference", {})),
-            profile=top.get("profile", "2025"),
-        )
+        # Every field, found by `dataclasses.fields`: a field added later is read back too. Absent
+        # optional fields (older files) take their defaults. Files written before issue 13 hold
+        # `inference.bg_clean` resolved (false for "follow background"); they cannot be told apart from
+        # a deliberate false and load as they are.
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in top:
+                continue
+            kind = hints[f.name]
+            if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+                values[f.name] = build(kind, top[f.name])
+            else:
+                values.update(check_fields(cls, {f.name: top[f.name]}))
+        config = cls(**values)
         _check_file_limits(config)
         return config
 
@@ -268,6 +283,18 @@ def _check_file_limits(config: ModelConfig) -> None:
         config.inference.validate()
     except ValueError as err:
         raise InvalidInputError(f"InferenceConfig: {err}") from err
+
+
+def _to_json(value: Any) -> Any:
+    """`value` as JSON-native data: dataclasses become dicts of all their fields, tuples become lists;
+    nothing is resolved or dropped (None stays None)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
 
 
 def _describe(tp: Any) -> str:

@@ -545,7 +545,7 @@ class Segmenter:
             "size": list(result.labels.shape),
             "labels": result.shares(),
             "background_index": result.background_index,
-            "settings": result.config.to_dict(),
+            "settings": result.config.effective_dict(),
             "model": {"name": self.model.config.name, "profile": self.model.config.profile,
                       "weights": self.model.weights_info},
             "timings": {k: round(v, 6) for k, v in result.timings.items()},

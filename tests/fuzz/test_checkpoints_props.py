@@ -54,7 +54,7 @@ def load_config_file(path: Path) -> ModelConfig | None:
             message = str(err)
             assert message and "\n" not in message, f"multi-line error for {path.name}: {message!r}"
             return None
-    # A loaded config is fully valid: it round-trips (to_dict resolves bg_clean, so compare dicts).
+    # A loaded config is fully valid: it round-trips.
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))).to_dict() == config.to_dict()
     assert all(math.isfinite(v) for v in config.backbone.image_mean)
     return config

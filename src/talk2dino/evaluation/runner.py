@@ -241,7 +241,7 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
     combos = []
     for options in grid:
         cfg = inference_config(base, spec, config, options)
-        settings = {"inference": cfg.to_dict(), "model": model.config.name, "profile": model.config.profile,
+        settings = {"inference": cfg.effective_dict(), "model": model.config.name, "profile": model.config.profile,
                     "weights": model.weights_info, "benchmark": spec.name, "limit": config.limit}
         key = _settings_key(settings)
         folder = Path(config.out) / f"{spec.name}-{key}"

@@ -462,7 +462,7 @@ def _make_renderer(base_threshold: float) -> Callable[[Segmenter, SegmentJob, Im
             "size": [int(labels.shape[0]), int(labels.shape[1])],
             "labels": [{**entry, "color": [int(c) for c in colors[entry["index"]]]} for entry in result.shares()],
             "background_index": result.background_index,
-            "settings": result.config.to_dict(),
+            "settings": result.config.effective_dict(),
         }
         options = job.outputs
         if options.label_png:
@@ -603,7 +603,7 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
 
         served = check_model(request, None)
         return {
-            "loaded": {**_model_info(served), "defaults": request.app.state.defaults.to_dict()},
+            "loaded": {**_model_info(served), "defaults": request.app.state.defaults.effective_dict()},
             "limits": {k: getattr(cfg, k) for k in (
                 "max_upload_bytes", "max_pixels", "max_score_values", "max_labels", "max_label_length",
                 "queue_size", "request_timeout_s", "max_batch", "allow_image_url")},
@@ -617,7 +617,7 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
 
         served = check_model(request, None)
         if name == served.model.config.name:
-            return {**_model_info(served), "loaded": True, "defaults": request.app.state.defaults.to_dict()}
+            return {**_model_info(served), "loaded": True, "defaults": request.app.state.defaults.effective_dict()}
         known = describe_models()
         if name in known:
             return {"name": name, "loaded": False, "description": known[name]}
