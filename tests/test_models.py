@@ -206,7 +206,8 @@ def test_url_download_is_cached_verified_and_bad_files_deleted(tmp_path: Path, m
 
 def test_hub_source_offline_error_names_repo_and_remedy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TALK2DINO_OFFLINE", "1")
-    with pytest.raises(WeightsError, match=r"facebook/dinov2-with-registers-base.*huggingface-cli download"):
+    with pytest.raises(WeightsError, match=r"facebook/dinov2-with-registers-base.*"
+                                           r"`hf download facebook/dinov2-with-registers-base --cache-dir "):
         create_model("talk2dino-vitb14-reg", cache_dir=tmp_path, device="cpu")
 
 

@@ -35,7 +35,7 @@ BACKBONES: dict[str, str] = {
     # DINO v1 ViT-S/B at patch 8 and 16, no registers: the paper's "DINO instead of DINOv2" ablation.
     **{f"dino-vit{size}{patch}": f"hf-hub:facebook/dino-vit{size}{patch}" for size in ("s", "b") for patch in (8, 16)},
     # DINOv3 ViT-S/B/L/H+ at patch 16 with 4 registers (method.md §2.4). These hub repositories are
-    # gated: accept Meta's licence on the model page and log in (`huggingface-cli login`) before the
+    # gated: accept Meta's licence on the model page and log in (`hf auth login`) before the
     # first download.
     **{f"dinov3-{arch}": f"hf-hub:facebook/dinov3-{arch}-pretrain-lvd1689m"
        for arch in ("vits16", "vitb16", "vitl16", "vith16plus")},

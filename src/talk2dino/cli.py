@@ -54,6 +54,9 @@ LABEL_FILE_MAX_BYTES = 16 * 1024 * 1024
 def read_label_file(path: str) -> list[str]:
     """One label per line (UTF-8, optional byte-order mark, LF or CRLF); blank lines skipped, whitespace trimmed.
 
+    A line whose first non-blank character is ``#`` is a comment and skipped; a ``#`` later in a line belongs to
+    the label (``C# code`` is the label ``C# code``).
+
     Raises:
         InvalidInputError: a missing, unreadable, oversized or non-UTF-8 file, or one without any label; the
             message is one line naming the file (and the line, for bad bytes).
@@ -83,7 +86,7 @@ def read_label_file(path: str) -> list[str]:
             f"{shown}:{line}: labels file is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
             "save it as UTF-8"
         ) from err
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    labels = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not labels:
         raise InvalidInputError(f"{shown}: labels file holds no labels; write one label per line")
     return labels
@@ -139,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("inputs", nargs="+", help="image files, folders, or list files (@list.txt, one path per line)")
     labels = seg.add_argument_group("Labels").add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", default=None, help='comma-separated labels, e.g. "cat, sofa, window"')
-    labels.add_argument("--labels-file", default=None, help="a text file with one label per line")
+    labels.add_argument("--labels-file", default=None,
+                        help="a text file with one label per line; blank lines and lines starting with '#' "
+                             "(comments) are skipped, a '#' inside a label is kept")
     seg.add_argument("--underscores-to-spaces", action="store_true", default=None,
                      help="read '_' in labels as spaces (as the reference demo does)")
     _add_model_args(seg)
@@ -218,7 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
 
     sub.add_parser("models", help="list the registered models")
+    for command_parser in sub.choices.values():
+        _add_verbosity_args(command_parser)
     return parser
+
+
+def _add_verbosity_args(parser: argparse.ArgumentParser) -> None:
+    """-v/-q after the subcommand too (``talk2dino segment x.jpg -v``). SUPPRESS: when not given there, the
+    value parsed before the subcommand stands (argparse copies only what the subparser set)."""
+    verbosity = parser.add_argument_group("Logging").add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                           help="errors only, no progress bar")
 
 
 def _add_serve_parser(sub: Any) -> None:
@@ -288,12 +304,19 @@ def _configure_logging(verbose: bool, quiet: bool, command: str | None) -> None:
             pass
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
+def _unique_stem(path: Path, used: dict[str, Path]) -> str:
+    """An output stem not yet in `used` (stem -> the input written under it): ``x``, else ``x_1``, ``x_2``, ...
+
+    A renamed output is logged as one warning naming both inputs, so ``a/x.jpg b/x.jpg`` do not silently
+    become ``x.*`` and ``x_1.*``.
+    """
     stem, n = path.stem, 1
     while stem in used:
         stem = f"{path.stem}_{n}"
         n += 1
-    used.add(stem)
+    if stem != path.stem:
+        logger.warning("%s is written as %s.* because %s already took %s.*", path, stem, used[path.stem], path.stem)
+    used[stem] = path
     return stem
 
 
@@ -348,6 +371,71 @@ def _create_model_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+# The "Inference" flags and the `InferenceConfig` fields they set: a value refused by the config's own checks
+# (`check_fields`, `InferenceConfig.validate`) is reported under its flag name.
+_INFERENCE_FLAGS = {"background": "--background", "bg_threshold": "--bg-threshold", "bg_clean": "--bg-clean",
+                    "pamr": "--pamr", "window_batch_size": "--window-batch-size"}
+
+
+def _inference_config(args: argparse.Namespace, base: Any = None) -> Any:
+    """The effective `InferenceConfig`: the "Inference" flags over `base`, validated.
+
+    `base` is the loaded model's defaults; None (before loading) takes the registered model's defaults, which
+    are plain data, or the dataclass defaults for a model folder, a composed model or ``--runtime onnx``. The
+    flags' ranges do not depend on the base, so a bad flag fails here before any weights are resolved.
+
+    Raises:
+        InvalidInputError: an impossible value, worded with its flag (``--bg-threshold must be in (0, 1), got 2.0``).
+    """
+    import re
+
+    from talk2dino.config import InferenceConfig, check_fields
+    from talk2dino.errors import InvalidInputError
+
+    if base is None:
+        from talk2dino.catalog import registered_config
+
+        registered = None if args.runtime == "onnx" else registered_config(args.model or DEFAULT_MODEL)
+        base = registered.inference if registered is not None else InferenceConfig()
+    overrides = {k: getattr(args, k) for k in _INFERENCE_FLAGS if getattr(args, k, None) is not None}
+    try:
+        config = dataclasses.replace(base, **check_fields(InferenceConfig, overrides))
+        config.validate()
+    except ValueError as err:  # InvalidInputError is a ValueError too
+        message = str(err).removeprefix("InferenceConfig.")
+        field = re.match(r"\w+", message)
+        if field is not None and field.group() in _INFERENCE_FLAGS:
+            raise InvalidInputError(_INFERENCE_FLAGS[field.group()] + message[field.end():]) from err
+        raise InvalidInputError(f"InferenceConfig: {message}") from err
+    return config
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """The "Model" flags that can be checked without loading anything (fail in a second, not after loading).
+
+    Raises:
+        InvalidInputError: --runtime onnx without --onnx-dir or with --compile; a --projection file that is no
+            checkpoint (``it looks like a JPEG image``).
+        WeightsError: a malformed --projection source.
+    """
+    from talk2dino.errors import InvalidInputError, one_line
+
+    if args.command != "export-onnx" and args.runtime == "onnx":
+        if not args.onnx_dir:
+            raise InvalidInputError("--runtime onnx needs --onnx-dir (a folder written by `talk2dino export-onnx`)")
+        if getattr(args, "compile", None):
+            raise InvalidInputError("--compile applies to the torch runtime, not --runtime onnx")
+        return
+    if args.projection:
+        from talk2dino.weights import parse_source, sniff_not_checkpoint
+
+        source = parse_source(args.projection)
+        looks_like = sniff_not_checkpoint(source.location) if source.kind == "file" else None
+        if looks_like is not None:
+            raise InvalidInputError(f"--projection {one_line(args.projection)} is not a projection checkpoint "
+                                    f"(.pth/.safetensors): it looks like {looks_like}")
+
+
 def _build_segmenter(args: argparse.Namespace) -> Any:
     """The model of the "Model" flags with the "Inference" flags over its defaults, as a `Segmenter`."""
     from talk2dino.errors import InvalidInputError
@@ -361,11 +449,7 @@ def _build_segmenter(args: argparse.Namespace) -> Any:
         model = load_onnx_model(args.onnx_dir, device=args.device or "cpu")
     else:
         model = _create_model_from_args(args)
-    overrides = {
-        "background": args.background, "bg_threshold": args.bg_threshold, "bg_clean": args.bg_clean,
-        "pamr": args.pamr, "window_batch_size": args.window_batch_size,
-    }
-    config = dataclasses.replace(model.config.inference, **{k: v for k, v in overrides.items() if v is not None})
+    config = _inference_config(args, model.config.inference)
     if getattr(args, "compile", None):
         if args.runtime == "onnx":
             raise InvalidInputError("--compile applies to the torch runtime, not --runtime onnx")
@@ -397,6 +481,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from talk2dino.errors import Talk2DinoError
 
     config = serve_config(args)
+    _inference_config(args)  # the "Inference" and "Model" flags fail now, not after the model loaded
+    _check_model_flags(args)
     try:
         from talk2dino.server.app import create_app, serve  # imports fastapi and uvicorn
     except ImportError as err:
@@ -435,6 +521,11 @@ def run_segment(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--workers must be >= 0, got {args.workers}")
     if not 0.0 <= alpha <= 1.0:
         raise InvalidInputError(f"--overlay-alpha must be in [0, 1], got {alpha}")
+    # Every flag is checked before any weights are resolved or loaded (seconds to minutes): a typo fails at once.
+    from talk2dino.predictor import Segmenter
+
+    Segmenter.check_labels(names, background=_inference_config(args).background)
+    _check_model_flags(args)
     segmenter = _build_segmenter(args)
     segmenter.set_classes(names)
     device = segmenter.model.device
@@ -442,7 +533,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out or "talk2dino-out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
+    used: dict[str, Path] = {}
     failed: list[str] = []
     progress = tqdm(total=len(paths), unit="img", disable=bool(args.quiet or args.no_progress), file=sys.stderr)
     # Host work overlaps the model: the next batches are decoded by `workers` processes, and each image's
@@ -603,6 +694,7 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     """The ``export-onnx`` subcommand."""
     from talk2dino.export import export_onnx
 
+    _check_model_flags(args)
     paths = export_onnx(_create_model_from_args(args), args.out, image_size=args.image_size, opset=args.opset)
     logger.info("exported %s", ", ".join(f"{k}={v}" for k, v in paths.items()))
     return 0

@@ -51,6 +51,43 @@ _ZIP_SLACK = 2.0
 _ZIP_MIN_ALLOWANCE = 64 << 20
 
 
+# Leading bytes of common files that are not checkpoints (a photo passed where psi is expected): recognised
+# before any unpickling, so that the user reads "not a checkpoint" rather than "unsafe pickle".
+_NOT_CHECKPOINT_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", 0, "a PNG image"),
+    (b"GIF87a", 0, "a GIF image"),
+    (b"GIF89a", 0, "a GIF image"),
+    (b"WEBP", 8, "a WebP image"),
+    (b"II*\x00", 0, "a TIFF image"),
+    (b"MM\x00*", 0, "a TIFF image"),
+    (b"BM", 0, "a BMP image"),
+    (b"%PDF-", 0, "a PDF document"),
+    (b"\x1f\x8b", 0, "a gzip archive"),
+    (b"\x00\x00\x00\x0cjP  ", 0, "a JPEG 2000 image"),
+    (b"ftypavif", 4, "an AVIF image"),
+    (b"ftypheic", 4, "a HEIC image"),
+    (b"ONNX", 0, "an ONNX file"),
+)
+
+
+def sniff_not_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """What a file looks like when its first bytes show it is no checkpoint (``"a JPEG image"``), else None.
+
+    Only well-known signatures of other formats count; zip (torch), pickle (legacy torch) and safetensors files,
+    and anything unrecognised, give None and are left to the loaders (which refuse unsafe pickles themselves).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    for magic, offset, what in _NOT_CHECKPOINT_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            return what
+    return None
+
+
 def describe_load_error(err: BaseException) -> str:
     """One line for a failed ``torch.load``: for a refused global, the line that names it.
 
@@ -315,8 +352,9 @@ def resolve_model_dir(
         raise WeightsError(
             f"{what}: cannot get hub repository {source.location} into {cache_root(cache_dir) / 'hf'} "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); on a connected machine run "
-            f"`huggingface-cli download {source.location}` with the same cache, or pass local-dir:PATH to a "
-            "folder with its config.json and model.safetensors"
+            f"`hf download {source.location}{f' --revision {source.revision}' if source.revision else ''} "
+            f"--cache-dir {cache_root(cache_dir) / 'hf'}`, or pass local-dir:PATH to a folder with its "
+            "config.json and model.safetensors"
         ) from err
     logger.info("%s: %s -> %s", what, source, path)
     return Path(path)
@@ -331,6 +369,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint file does not exist (or is not a regular file)")
+    looks_like = sniff_not_checkpoint(path)
+    if looks_like is not None:
+        raise WeightsError(f"{path} is not a checkpoint (.pth/.safetensors): it looks like {looks_like}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -23,7 +23,7 @@ from talk2dino.predictor import MAX_LABEL_CHARS, Segmenter  # noqa: E402
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 NASTY = st.sampled_from(["\x00", "\r", "\n", "\r\n", "\t", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\ufeff",
-                         "\u200b", "\u00a0", "\u3000", ",", " ", "background", "\ud800", "\U0001f431", "cat"])
+                         "\u200b", "\u00a0", "\u3000", ",", " ", "background", "\ud800", "\U0001f431", "cat", "#"])
 LABEL_TEXT = st.lists(st.text(max_size=12) | NASTY, max_size=12).map("".join)
 
 
@@ -68,7 +68,8 @@ def test_label_files(scratch: Path, data: bytes, bom: bool) -> None:
         return
     # One leading byte-order mark is dropped (and only one: a second one is data, refused by check_labels).
     text = data.decode("utf-8") if bom else data.decode("utf-8-sig")
-    assert labels == [line.strip() for line in text.splitlines() if line.strip()]
+    # Lines starting with '#' (after blanks) are comments.
+    assert labels == [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     result = outcome(lambda: Segmenter.check_labels(labels, background=False))
     if not isinstance(result, InvalidInputError):
         check_vocabulary(result)
