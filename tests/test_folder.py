@@ -83,7 +83,7 @@ def test_segment_with_workers_writes_the_same_files(tiny_sources: dict[str, str]
                      "--batch-size", "2", "--workers", workers, "--out", str(out), *_model_args(tiny_sources)])
         assert code == 1  # the broken file fails, every other image is written
         outs[workers] = _digests(out)
-    assert len(outs["0"]) == 10  # 5 images x (labels, overlay)
+    assert len(outs["0"]) == 15  # 5 images x (labels, legend, overlay)
     assert outs["0"] == outs["2"]
 
 

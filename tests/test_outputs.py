@@ -101,7 +101,7 @@ def test_atomic_path_temp_keeps_suffix_and_replaces_on_success(tmp_path: Path) -
 def test_label_png_round_trip(tmp_path: Path) -> None:
     labels = np.array([[0, 1, 2], [20, 3, 0]], dtype=np.int64)
     path = tmp_path / "labels.png"
-    save_label_png(path, labels, num_classes=21)
+    save_label_png(path, labels, num_classes=21, background_index=0)  # with a background: the VOC colour map
     with Image.open(path) as image:
         assert image.mode == "P"
         np.testing.assert_array_equal(np.array(image), labels)
@@ -162,10 +162,11 @@ def test_overlay_exact_values_with_background() -> None:
 def test_overlay_without_background_colours_every_pixel() -> None:
     image = np.full((2, 2, 3), 200, dtype=np.uint8)
     labels = np.zeros((2, 2), dtype=np.int64)
-    np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.5), np.full((2, 2, 3), 100))
+    # No background: label 0 is a real label and gets VOC colour 1 (128, 0, 0), never black; label 1 VOC colour 2.
+    np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.5)[0, 0], [164, 100, 100])
     np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.0), image)
-    np.testing.assert_array_equal(overlay(image, labels + 1, 2, alpha=1.0)[0, 0], [128, 0, 0])
-    np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.25), np.full((2, 2, 3), 150))
+    np.testing.assert_array_equal(overlay(image, labels + 1, 2, alpha=1.0)[0, 0], [0, 128, 0])
+    np.testing.assert_array_equal(overlay(image, labels, 2, alpha=0.25), np.tile([182, 150, 150], (2, 2, 1)))
 
 
 @pytest.mark.parametrize(

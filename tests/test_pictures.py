@@ -18,9 +18,9 @@ from talk2dino.outputs import (
     heatmap_grid,
     heatmap_tiles,
     image_grid,
+    label_colors,
     label_png_bytes,
     label_rles,
-    palette,
     rle_decode,
     rle_encode,
     save_attention_png,
@@ -86,7 +86,8 @@ def test_label_png_bytes_is_the_palette_png() -> None:
     image = Image.open(io.BytesIO(label_png_bytes(labels, 4)))
     assert image.mode == "P"
     np.testing.assert_array_equal(np.array(image), labels)
-    np.testing.assert_array_equal(np.array(image.convert("RGB"))[1, 0], palette(4)[3])
+    np.testing.assert_array_equal(np.array(image.convert("RGB"))[1, 0], label_colors(4)[3])
+    assert label_colors(4)[3].tolist() == [0, 0, 128]  # no background: label k gets VOC colour k + 1
 
 
 # ---------------------------------------------------------------------------------------------- pictures

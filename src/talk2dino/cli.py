@@ -111,7 +111,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Inference (defaults: the model's benchmark protocol, method.md §4)")
+    group = parser.add_argument_group("Inference (defaults: the model's benchmark settings)")
     group.add_argument("--background", action=argparse.BooleanOptionalAction, default=None,
                        help="add a background class: pixels whose every label scores below the threshold")
     group.add_argument("--bg-threshold", type=float, default=None, help="background threshold (0.55 ViT-B, 0.54 ViT-L)")
@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="segment images with free-form labels",
                          description="Segment images, folders or list files (@list.txt) with free-form labels. "
-                                     "Writes per image a palette PNG label map, a colour overlay PNG and a JSON "
-                                     "summary.")
+                                     "Writes per image a palette PNG label map, a colour overlay PNG, a colour "
+                                     "legend PNG and a JSON summary.")
     seg.add_argument("inputs", nargs="+", help="image files, folders, or list files (@list.txt, one path per line)")
     labels = seg.add_argument_group("Labels").add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", default=None, help='comma-separated labels, e.g. "cat, sofa, window"')
@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
     train = sub.add_parser("train", help="train psi on extracted features",
-                           description="Max-head InfoNCE training of psi (method.md §3). The run folder loads as a "
-                                       "model: talk2dino segment ... --model local-dir:RUN")
+                           description="Max-head InfoNCE training of psi (the text-to-DINO projection). The run "
+                                       "folder loads as a model: talk2dino segment ... --model local-dir:RUN")
     train.add_argument("--recipe", default=None, help="YAML file of settings (flags override it)")
     add_dataclass_arguments(train.add_argument_group("Training"), TrainConfig)
     train.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
@@ -318,41 +318,6 @@ def _unique_stem(path: Path, used: dict[str, Path]) -> str:
         logger.warning("%s is written as %s.* because %s already took %s.*", path, stem, used[path.stem], path.stem)
     used[stem] = path
     return stem
-
-
-def _write_outputs(out_dir: Path, stem: str, image_path: Path, rgb: Any, result: Any, summary: dict[str, Any],
-                   *, save_scores: bool, overlay: bool, alpha: float, features: Any = None,
-                   save_heatmaps: bool = False, save_attention: bool = False) -> None:
-    from talk2dino.outputs import (
-        save_attention_png,
-        save_heatmaps_png,
-        save_json,
-        save_label_png,
-        save_overlay_png,
-        save_scores_npz,
-    )
-
-    labels = result.labels.numpy()
-    num = len(result.class_names)
-    save_label_png(out_dir / f"{stem}_labels.png", labels, num)
-    files = {"labels": f"{stem}_labels.png"}
-    if overlay:
-        save_overlay_png(out_dir / f"{stem}_overlay.png", rgb, labels, num, alpha=alpha,
-                         background_index=result.background_index)
-        files["overlay"] = f"{stem}_overlay.png"
-    if save_scores:
-        save_scores_npz(out_dir / f"{stem}_scores.npz", result.scores, result.class_names)
-        files["scores"] = f"{stem}_scores.npz"
-    if save_heatmaps:
-        # The stitched maps at the processing size: the same values as the scores before the final resize.
-        maps = result.stitched if result.stitched is not None else result.scores
-        save_heatmaps_png(out_dir / f"{stem}_heatmaps.png", maps, result.class_names,
-                          background_index=result.background_index)
-        files["heatmaps"] = f"{stem}_heatmaps.png"
-    if save_attention and features is not None:
-        save_attention_png(out_dir / f"{stem}_attention.png", features.attention_maps())
-        files["attention"] = f"{stem}_attention.png"
-    save_json(out_dir / f"{stem}.json", {"image": str(image_path), "files": files, **summary})
 
 
 def _create_model_from_args(args: argparse.Namespace) -> Any:
@@ -505,6 +470,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from talk2dino.data.images import list_images
     from talk2dino.errors import InvalidInputError, internal_error_guard
     from talk2dino.folder import BackgroundWriter, default_workers, prepared_batches
+    from talk2dino.outputs import write_result_files
     from talk2dino.predictor import ImageFeatures
 
     names = parse_label_list(args.labels) if args.labels is not None else read_label_file(args.labels_file)
@@ -587,7 +553,7 @@ def run_segment(args: argparse.Namespace) -> int:
                         continue
                     assert item.image is not None
                     writer.submit(str(path), functools.partial(
-                        _write_outputs, out_dir, _unique_stem(path, used), path, item.image.rgb, result, summary,
+                        write_result_files, out_dir, _unique_stem(path, used), path, item.image.rgb, result, summary,
                         save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha,
                         features=feats, save_heatmaps=bool(args.save_heatmaps),
                         save_attention=bool(args.save_attention)),

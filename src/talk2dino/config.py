@@ -186,12 +186,12 @@ class ExtractConfig:
     """Feature extraction from COCO Captions (method.md §3.1–3.3)."""
 
     coco_root: str  # folder with train2014/, val2014/ and annotations/captions_<split>2014.json
-    split: Literal["train", "val"] = "train"  # COCO Captions 2014 split, §3.1
+    split: Literal["train", "val"] = "train"  # COCO Captions 2014 split
     out: str = "features"  # output folder: shards + manifest.json
     backbone: str = "dinov2-vitb14-reg"  # backbone name (registry.BACKBONES) or a DINOv2 source (hf-hub:/local-dir:)
-    text_encoder: str = "clip-vitb16"  # text encoder name (registry.TEXT_ENCODERS) or a CLIP source, §2.1
-    logits_rope: Literal["model", "none"] | None = None  # DINOv3 logits with/without RoPE; None: the model's, §2.4
-    image_size: int = 448  # shorter side (bicubic) then centre crop, §3.2
+    text_encoder: str = "clip-vitb16"  # text encoder name (registry.TEXT_ENCODERS) or a CLIP source
+    logits_rope: Literal["model", "none"] | None = None  # DINOv3 logits with/without RoPE; None: the model's
+    image_size: int = 448  # shorter side (bicubic) then centre crop
     shard_size: int = 1024  # images per shard file
     batch_size: int = 32  # images per backbone forward
     text_batch_size: int = 256  # captions per text forward
@@ -207,18 +207,18 @@ class TrainConfig:
     """Training psi with the max-head InfoNCE recipe (method.md §3.4–3.6)."""
 
     features: str  # folder written by `talk2dino extract` (train split)
-    out: str  # run folder; becomes a loadable model folder (never a released file, pitfall P5)
-    val_features: str | None = None  # folder of the val split for recall@K logging, §3.1
-    target_strategy: TargetStrategy = "max"  # image embedding: max over heads (the method) or an ablation, §3.6
-    epochs: int = 100  # §3.5
-    batch_size: int = 128  # §3.5; the last partial batch is kept
-    lr: float = 1e-4  # Adam, constant, §3.5
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas, §3.5
-    eps: float = 1e-8  # Adam epsilon, §3.5
-    weight_decay: float = 0.0  # §3.5: none
-    temperature: float = 0.07  # fixed tau, never trained (pitfall P11), §3.4
-    loss_divide_by_batch_squared: bool = True  # the reference divides the loss by B^2 (pitfall P12), §3.4
-    seed: int = 123  # Python, NumPy and torch seeds, §3.5
+    out: str  # run folder; becomes a loadable model folder (must be new or empty: never a released file)
+    val_features: str | None = None  # folder of the val split for recall@K logging
+    target_strategy: TargetStrategy = "max"  # image embedding: max over heads (the method) or an ablation
+    epochs: int = 100  # passes over the training captions
+    batch_size: int = 128  # captions per step; the last partial batch is kept
+    lr: float = 1e-4  # Adam learning rate, constant
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # Adam weight decay (the recipe uses none)
+    temperature: float = 0.07  # InfoNCE temperature tau, fixed (never trained)
+    loss_divide_by_batch_squared: bool = True  # divide the loss by B^2 as the reference code does
+    seed: int = 123  # Python, NumPy and torch seeds
     device: str | None = None  # auto: CUDA when available
     on_device: bool | None = None  # keep all features on the device (None: when they fit)
     eval_every: int = 1  # epochs between validation recall@K evaluations
@@ -230,9 +230,9 @@ class TrainConfig:
 class EvalConfig:
     """Benchmark evaluation (method.md §5). Model defaults (θ, dtype) come from the registry entry."""
 
-    dataset: str | None = None  # one benchmark (voc20, voc21, context59, ..., ade20k) or `folder`, §5.1
+    dataset: str | None = None  # one benchmark (voc20, voc21, context59, ..., ade20k) or `folder`
     root: str | None = None  # that dataset's folder (e.g. /data/VOCdevkit/VOC2012); default: data_root/<standard place>
-    data_root: str | None = None  # folder holding every dataset in the mmsegmentation layout, §5.2
+    data_root: str | None = None  # folder holding every dataset in the mmsegmentation layout
     suite: Literal["all", "background", "no-background"] | None = None  # several benchmarks in the paper's order
     classes_file: str | None = None  # class names, one per line, for the `folder` dataset
     folder_background: bool = False  # `folder` dataset: class 0 is background (threshold channel)
@@ -241,15 +241,15 @@ class EvalConfig:
     text_encoder: str | None = None  # override of the model's text-encoder source
     projection: str | None = None  # override of the model's psi
     device: str | None = None  # auto: CUDA when available
-    dtype: DType = "float32"  # backbone dtype, recorded in the results (P24)
+    dtype: DType = "float32"  # backbone dtype, recorded in the results
     cache_dir: str | None = None  # weight download cache
-    pamr: bool = False  # the "+ PAMR" rows of the paper's table, §6.1
-    bg_clean: bool | None = None  # None: the benchmark's published setting, §5.1
-    bg_threshold: tuple[float, ...] = ()  # θ values to sweep; empty: the model's θ, §4.6
-    bg_clean_lambda: tuple[float, ...] = ()  # λ values to sweep; empty: 0.2, §4.5
-    short_side: tuple[int, ...] = ()  # resize values to sweep; empty: 448, §4.3
-    window: tuple[int, ...] = ()  # window sizes to sweep; empty: 448, §4.3
-    stride: tuple[int, ...] = ()  # strides to sweep; empty: 224, §4.3
+    pamr: bool = False  # the "+ PAMR" rows of the paper's table
+    bg_clean: bool | None = None  # background cleaning; None: the benchmark's published setting
+    bg_threshold: tuple[float, ...] = ()  # background thresholds to sweep; empty: the model's
+    bg_clean_lambda: tuple[float, ...] = ()  # background-cleaning weights (lambda) to sweep; empty: 0.2
+    short_side: tuple[int, ...] = ()  # resized shorter sides to sweep; empty: 448
+    window: tuple[int, ...] = ()  # window sizes to sweep; empty: 448
+    stride: tuple[int, ...] = ()  # strides to sweep; empty: 224
     limit: int | None = None  # only the first N images of each split (a quick look)
     out: str = "results"  # results folder: JSON records, Markdown tables, resume caches
     save_predictions: bool = False  # write palette PNG predictions next to the records

@@ -125,12 +125,13 @@ class BackgroundWriter:
 
     def __init__(self, max_pending: int = 8) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="talk2dino-writer")
-        self._pending: deque[tuple[str, Future[None], Callable[[], None] | None]] = deque()
+        self._pending: deque[tuple[str, Future[object], Callable[[], None] | None]] = deque()
         self._max_pending = max(1, max_pending)
         self.failed: list[str] = []
 
-    def submit(self, key: str, job: Callable[[], None], on_done: Callable[[], None] | None = None) -> None:
-        """Queue `job` (named `key` in errors); `on_done` runs on the caller's thread once it finished."""
+    def submit(self, key: str, job: Callable[[], object], on_done: Callable[[], None] | None = None) -> None:
+        """Queue `job` (named `key` in errors; its return value is ignored); `on_done` runs on the caller's thread
+        once it finished."""
         self._pending.append((key, self._pool.submit(job), on_done))
         while len(self._pending) > self._max_pending:
             self._finish_oldest()

@@ -9,7 +9,10 @@ Every file is written atomically: to a temporary file in the destination folder,
 destination with :func:`os.replace`. A reader therefore sees either the old file or the complete new one, and
 a failed write leaves the old file untouched.
 
-Label colours follow the PASCAL VOC colour map, so index 0 is black and class ``k`` always gets the same colour.
+Label colours follow the PASCAL VOC colour map (:func:`palette`), whose colour 0 is black. Black means "no
+label", so only a background class gets it: :func:`label_colors` gives real labels the VOC colours from 1 on
+(without a background class, label ``k`` gets VOC colour ``k + 1``). Label maps keep the class indices as pixel
+values either way; only their palette follows :func:`label_colors`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TILE_SIZE",
+    "LEGEND_ROW_HEIGHT",
     "MAX_PALETTE_COLORS",
     "atomic_path",
     "atomic_write_bytes",
@@ -41,7 +46,9 @@ __all__ = [
     "heatmap_grid",
     "heatmap_tiles",
     "image_grid",
+    "label_colors",
     "label_image",
+    "legend_image",
     "label_png_bytes",
     "label_rles",
     "overlay",
@@ -53,9 +60,11 @@ __all__ = [
     "save_heatmaps_png",
     "save_json",
     "save_label_png",
+    "save_legend_png",
     "save_overlay_png",
     "save_scores_npz",
     "summarize",
+    "write_result_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +93,15 @@ _GRID_BACKGROUND = (255, 255, 255)
 _GRID_TEXT = (0, 0, 0)
 _COLORBAR_HEIGHT = 12
 
+LEGEND_ROW_HEIGHT = 20
+"""Pixels per class row in :func:`legend_image`."""
+LEGEND_SWATCH = 14
+"""Side of each colour swatch in :func:`legend_image`, in pixels."""
+LEGEND_PADDING = 6
+"""Margin around the legend and between swatch and name, in pixels."""
+LEGEND_MAX_TEXT_WIDTH = 400
+"""Longer names are cut with "..." (pixels)."""
+
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _SHARE_DECIMALS = 6
 _BACKGROUND_NAME = "background"
@@ -99,7 +117,8 @@ def palette(num_colors: int) -> np.ndarray:
 
     Colour ``k`` spreads the bits of ``k`` over the high bits of the three channels (bit 0 -> red, bit 1 ->
     green, bit 2 -> blue, then the next bit plane one position lower), so index 0 is black, 1 is (128, 0, 0),
-    2 is (0, 128, 0), 3 is (128, 128, 0) and all 256 colours are distinct.
+    2 is (0, 128, 0), 3 is (128, 128, 0) and all 256 colours are distinct. This is the raw colour map; label
+    maps are coloured with :func:`label_colors`, which keeps black for a background class only.
 
     Args:
         num_colors: Number of colours, in [0, 256].
@@ -116,67 +135,171 @@ def palette(num_colors: int) -> np.ndarray:
         )
     colors = np.zeros((num_colors, 3), dtype=np.uint8)
     for index in range(num_colors):
-        code = index
-        red = green = blue = 0
-        for bit_plane in range(8):
-            red |= ((code >> 0) & 1) << (7 - bit_plane)
-            green |= ((code >> 1) & 1) << (7 - bit_plane)
-            blue |= ((code >> 2) & 1) << (7 - bit_plane)
-            code >>= 3
-        colors[index] = (red, green, blue)
+        colors[index] = _voc_color(index)
     return colors
 
 
-def save_label_png(path: str | os.PathLike[str], labels: np.ndarray, num_classes: int) -> None:
+def _voc_color(index: int) -> tuple[int, int, int]:
+    """Colour ``index`` of the PASCAL VOC colour map (any index >= 0; distinct for indices below 2**24)."""
+    code = index
+    red = green = blue = 0
+    for bit_plane in range(8):
+        red |= ((code >> 0) & 1) << (7 - bit_plane)
+        green |= ((code >> 1) & 1) << (7 - bit_plane)
+        blue |= ((code >> 2) & 1) << (7 - bit_plane)
+        code >>= 3
+    return red, green, blue
+
+
+def label_colors(num_classes: int, *, background_index: int | None = None) -> np.ndarray:
+    """The colour of each class of a label map: black for the background class only.
+
+    The background class (if any) gets VOC colour 0 (black); the real labels, in index order, get the VOC
+    colours 1, 2, 3, ... So without a background class label ``k`` gets ``palette`` colour ``k + 1`` and no
+    real label is ever black; with the background at index 0 this is exactly :func:`palette`. The label PNG's
+    palette, the overlay, the server's ``color`` fields and the CLI's JSON all use these colours.
+
+    Args:
+        num_classes: Number of classes C (background included), in [0, 256].
+        background_index: Index of the background class, or None when every class is a real label.
+
+    Returns:
+        ``[num_classes, 3]`` uint8, RGB.
+
+    Raises:
+        InvalidInputError: ``num_classes`` outside [0, 256] or ``background_index`` outside [0, num_classes).
+    """
+    if not 0 <= num_classes <= MAX_PALETTE_COLORS:
+        raise InvalidInputError(
+            f"label colours exist for 0 to {MAX_PALETTE_COLORS} classes (a palette PNG's limit); got {num_classes}"
+        )
+    if background_index is not None and not 0 <= background_index < num_classes:
+        raise InvalidInputError(f"background_index must be in [0, {num_classes}); got {background_index}")
+    colors = np.zeros((num_classes, 3), dtype=np.uint8)
+    for index in range(num_classes):
+        if index == background_index:
+            continue  # black
+        shifted = index + 1 if background_index is None or index < background_index else index
+        colors[index] = _voc_color(shifted)
+    return colors
+
+
+def save_label_png(
+    path: str | os.PathLike[str], labels: np.ndarray, num_classes: int, *, background_index: int | None = None
+) -> None:
     """Save a label map as a palette ("P" mode) PNG, atomically.
 
     Pixel values in the file are the class indices themselves; the PNG palette gives them the colours of
-    :func:`palette`, so the file is both viewable and machine-readable (``np.array(Image.open(path))``).
+    :func:`label_colors`, so the file is both viewable and machine-readable (``np.array(Image.open(path))``).
 
     Args:
         path: Destination ``.png`` file; its parent folder must exist.
         labels: ``[H, W]`` integer class indices in [0, num_classes).
         num_classes: Number of classes C (score channels, background included), in [1, 256].
+        background_index: Index of the background class (coloured black), or None when there is none.
 
     Raises:
         InvalidInputError: ``labels`` is not a 2-D integer array, holds values outside [0, num_classes), or
             ``num_classes`` is outside [1, 256].
     """
-    image = label_image(labels, num_classes)
+    image = label_image(labels, num_classes, background_index=background_index)
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
 
 
-def label_image(labels: np.ndarray, num_classes: int) -> Image.Image:
+def label_image(labels: np.ndarray, num_classes: int, *, background_index: int | None = None) -> Image.Image:
     """The palette ("P" mode) image behind :func:`save_label_png`: pixel values are class indices.
 
     Args:
         labels: ``[H, W]`` integer class indices in [0, num_classes).
         num_classes: Number of classes C (background included), in [1, 256].
+        background_index: Index of the background class, or None when there is none.
 
     Returns:
-        A "P" mode PIL image whose palette is :func:`palette` ``(num_classes)``.
+        A "P" mode PIL image whose palette is :func:`label_colors` ``(num_classes, background_index=...)``.
 
     Raises:
         InvalidInputError: As :func:`save_label_png`.
     """
     indices = _validated_labels(labels, num_classes)
     image = Image.fromarray(indices)  # mode "L"; putpalette turns it into "P"
-    image.putpalette(palette(num_classes).tobytes())
+    image.putpalette(label_colors(num_classes, background_index=background_index).tobytes())
     return image
 
 
-def label_png_bytes(labels: np.ndarray, num_classes: int) -> bytes:
+def label_png_bytes(labels: np.ndarray, num_classes: int, *, background_index: int | None = None) -> bytes:
     """:func:`save_label_png` to bytes instead of a file (the server's ``label_png``).
 
     Args:
         labels: ``[H, W]`` integer class indices in [0, num_classes).
         num_classes: Number of classes C (background included), in [1, 256].
+        background_index: Index of the background class, or None when there is none.
 
     Returns:
         The PNG file content.
     """
-    return png_bytes(label_image(labels, num_classes))
+    return png_bytes(label_image(labels, num_classes, background_index=background_index))
+
+
+def legend_image(names: Sequence[str], colors: np.ndarray, *, shares: Sequence[float] | None = None) -> Image.Image:
+    """A legend: one row per class, top to bottom in index order, a colour swatch then the class name.
+
+    Row ``k`` spans pixels ``[LEGEND_PADDING + k * LEGEND_ROW_HEIGHT, ... + LEGEND_ROW_HEIGHT)``; its swatch is
+    filled with ``colors[k]`` inside a grey outline (so that a white or black swatch still shows). Names are
+    drawn with PIL's default font and cut with "..." past :data:`LEGEND_MAX_TEXT_WIDTH` pixels.
+
+    Args:
+        names: The class names, in index order.
+        colors: ``[len(names), 3]`` uint8 RGB colours, e.g. :func:`label_colors`.
+        shares: Optional fraction of the image per class, written after the name as a percentage.
+
+    Returns:
+        An RGB PIL image on a white background.
+
+    Raises:
+        InvalidInputError: ``colors`` or ``shares`` do not match ``names``.
+    """
+    rgb = np.asarray(colors)
+    if rgb.ndim != 2 or rgb.shape != (len(names), 3):
+        raise InvalidInputError(f"legend colours must be [{len(names)}, 3]; got shape {rgb.shape}")
+    if shares is not None and len(shares) != len(names):
+        raise InvalidInputError(f"legend got {len(shares)} shares for {len(names)} names")
+    font = ImageFont.load_default()
+    texts = [str(name) if shares is None else f"{name}  {100 * float(shares[k]):.1f}%" for k, name in enumerate(names)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = min(LEGEND_MAX_TEXT_WIDTH, max([int(measure.textlength(t, font=font)) + 1 for t in texts] + [60]))
+    text_left = LEGEND_PADDING + LEGEND_SWATCH + LEGEND_PADDING
+    width = text_left + text_width + LEGEND_PADDING
+    height = 2 * LEGEND_PADDING + LEGEND_ROW_HEIGHT * len(names)
+    canvas = Image.new("RGB", (width, height), _GRID_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    inset = (LEGEND_ROW_HEIGHT - LEGEND_SWATCH) // 2
+    for k, text in enumerate(texts):
+        top = LEGEND_PADDING + k * LEGEND_ROW_HEIGHT
+        box = (LEGEND_PADDING, top + inset, LEGEND_PADDING + LEGEND_SWATCH - 1, top + inset + LEGEND_SWATCH - 1)
+        draw.rectangle(box, fill=tuple(int(c) for c in rgb[k]), outline=(128, 128, 128))
+        draw.text((text_left, top + LEGEND_ROW_HEIGHT // 2), _fit_text(draw, text, font, text_width),
+                  fill=_GRID_TEXT, font=font, anchor="lm")
+    return canvas
+
+
+def save_legend_png(
+    path: str | os.PathLike[str], names: Sequence[str], colors: np.ndarray, *, shares: Sequence[float] | None = None
+) -> None:
+    """Save :func:`legend_image` as an RGB PNG, atomically.
+
+    Args:
+        path: Destination ``.png`` file; its parent folder must exist.
+        names: The class names, in index order.
+        colors: ``[len(names), 3]`` uint8 RGB colours.
+        shares: Optional fraction of the image per class.
+
+    Raises:
+        InvalidInputError: As :func:`legend_image`.
+    """
+    image = legend_image(names, colors, shares=shares)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 def png_bytes(image: np.ndarray | Image.Image) -> bytes:
@@ -204,15 +327,16 @@ def overlay(
 ) -> np.ndarray:
     """Blend class colours over an image.
 
-    Each pixel becomes ``floor((1 - alpha) * image + alpha * palette(num_classes)[label] + 0.5)`` (rounded to
-    the nearest integer, halves up); pixels labelled ``background_index`` keep the image's value exactly.
+    Each pixel becomes ``floor((1 - alpha) * image + alpha * colors[label] + 0.5)`` with ``colors =
+    label_colors(num_classes, background_index=background_index)`` (rounded to the nearest integer, halves
+    up); pixels labelled ``background_index`` keep the image's value exactly.
 
     Args:
         image: ``[H, W, 3]`` uint8, RGB, values in [0, 255].
         labels: ``[H, W]`` integer class indices in [0, num_classes), same H and W as ``image``.
         num_classes: Number of classes C (background included), in [1, 256].
         alpha: Weight of the class colour, in [0, 1].
-        background_index: Class index left uncoloured, or None to colour every class.
+        background_index: Class index left uncoloured, or None to colour every class (none of them black).
 
     Returns:
         ``[H, W, 3]`` uint8, RGB, a new array.
@@ -232,7 +356,7 @@ def overlay(
         raise InvalidInputError(f"overlay alpha must be in [0, 1]; got {alpha}")
     if background_index is not None and not 0 <= background_index < num_classes:
         raise InvalidInputError(f"background_index must be in [0, {num_classes}); got {background_index}")
-    colors = palette(num_classes).astype(np.float64)[indices]
+    colors = label_colors(num_classes, background_index=background_index).astype(np.float64)[indices]
     blended = np.floor((1.0 - alpha) * image.astype(np.float64) + alpha * colors + 0.5)
     result = np.clip(blended, 0, 255).astype(np.uint8)
     if background_index is not None:
@@ -675,6 +799,64 @@ def label_rles(labels: np.ndarray | torch.Tensor, class_names: Sequence[str], *,
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------
+
+
+def write_result_files(out_dir: str | os.PathLike[str], stem: str, image_path: str | os.PathLike[str] | None,
+                       rgb: np.ndarray | None, result: Any, summary: dict[str, Any], *, save_scores: bool,
+                       overlay: bool, alpha: float, features: Any = None, save_heatmaps: bool = False,
+                       save_attention: bool = False) -> dict[str, str]:
+    """Write one image's result files, as ``talk2dino segment`` and ``SegmentationResult.save`` do.
+
+    ``<stem>_labels.png`` (palette PNG, pixel = class index), ``<stem>_legend.png``, with `overlay`
+    ``<stem>_overlay.png``, with `save_scores` ``<stem>_scores.npz``, with `save_heatmaps` / `save_attention`
+    the pictures, and ``<stem>.json`` (`summary` plus each label's RGB colour, the image path and the files).
+
+    Args:
+        out_dir: an existing folder.
+        stem: the file name stem.
+        image_path: recorded in the JSON (None: the image did not come from a file).
+        rgb: ``[H, W, 3]`` uint8 image for the overlay (needed when `overlay`).
+        result: a `SegmentationResult` (labels ``[H, W]``, scores ``[C, H, W]``, class names, background index).
+        summary: its JSON summary (``SegmentationResult.summary()``).
+        features: the image's features, for the attention picture.
+
+    Returns:
+        The written file names by kind, as listed in the JSON's ``files``.
+    """
+    out_dir = Path(out_dir)
+    labels = result.labels.numpy()
+    num = len(result.class_names)
+    background = result.background_index
+    colors = label_colors(num, background_index=background)
+    # Each label's colour in the JSON: the same RGB as the label PNG's palette entry and the overlay.
+    summary = {**summary, "labels": [{**entry, "color": [int(c) for c in colors[entry["index"]]]}
+                                     for entry in summary["labels"]]}
+    save_label_png(out_dir / f"{stem}_labels.png", labels, num, background_index=background)
+    files = {"labels": f"{stem}_labels.png"}
+    save_legend_png(out_dir / f"{stem}_legend.png", [entry["name"] for entry in summary["labels"]], colors,
+                    shares=[entry["share"] for entry in summary["labels"]])
+    files["legend"] = f"{stem}_legend.png"
+    if overlay:
+        if rgb is None:
+            raise InvalidInputError("an overlay needs the image: pass rgb, or overlay=False")
+        save_overlay_png(out_dir / f"{stem}_overlay.png", rgb, labels, num, alpha=alpha,
+                         background_index=background)
+        files["overlay"] = f"{stem}_overlay.png"
+    if save_scores:
+        save_scores_npz(out_dir / f"{stem}_scores.npz", result.scores, result.class_names)
+        files["scores"] = f"{stem}_scores.npz"
+    if save_heatmaps:
+        # The stitched maps at the processing size: the same values as the scores before the final resize.
+        maps = result.stitched if result.stitched is not None else result.scores
+        save_heatmaps_png(out_dir / f"{stem}_heatmaps.png", maps, result.class_names,
+                          background_index=result.background_index)
+        files["heatmaps"] = f"{stem}_heatmaps.png"
+    if save_attention and features is not None:
+        save_attention_png(out_dir / f"{stem}_attention.png", features.attention_maps())
+        files["attention"] = f"{stem}_attention.png"
+    image = None if image_path is None else str(image_path)
+    save_json(out_dir / f"{stem}.json", {"image": image, "files": files, **summary})
+    return files
 
 
 def _validated_labels(

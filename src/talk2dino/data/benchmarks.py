@@ -197,15 +197,15 @@ _PREPARE_HINTS: dict[str, str] = {
     "voc20": "the VOC2012 trainval archive holds JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/",
     "voc21": "the VOC2012 trainval archive holds JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/",
     "context59": "build SegmentationClassContext/ and ImageSets/SegmentationContext/val.txt with "
-    "talk2dino.data.converters.convert_context (method.md §5.2)",
+    "`talk2dino convert context` (or talk2dino.data.converters.convert_context)",
     "context60": "build SegmentationClassContext/ and ImageSets/SegmentationContext/val.txt with "
-    "talk2dino.data.converters.convert_context (method.md §5.2)",
+    "`talk2dino convert context` (or talk2dino.data.converters.convert_context)",
     "coco_stuff": "build the *_labelTrainIds.png maps from the raw stuffthingmaps with "
-    "talk2dino.data.converters.convert_coco_stuff (method.md §5.2)",
+    "`talk2dino convert coco-stuff` (or talk2dino.data.converters.convert_coco_stuff)",
     "coco_object": "build the *_instanceTrainIds.png maps from the raw stuffthingmaps with "
-    "talk2dino.data.converters.convert_coco_object (method.md §5.3)",
+    "`talk2dino convert coco-object` (or talk2dino.data.converters.convert_coco_object)",
     "cityscapes": "build the *_gtFine_labelTrainIds.png maps from *_gtFine_labelIds.png with "
-    "talk2dino.data.converters.convert_cityscapes (method.md §5.2)",
+    "`talk2dino convert cityscapes` (or talk2dino.data.converters.convert_cityscapes)",
     "ade20k": "the ADEChallengeData2016 archive holds images/validation/ and annotations/validation/",
 }
 

@@ -292,7 +292,7 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
 
                 out = folder / "predictions" / f"{sample.name}.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                save_label_png(out, pred.numpy(), spec.num_classes)
+                save_label_png(out, pred.numpy(), spec.num_classes, background_index=0 if spec.background else None)
             _apply(matrix, counts)
             cache.add({"name": sample.name, "counts": counts})
         fault_point("eval-image")
@@ -342,7 +342,7 @@ def markdown_table(results: Sequence[BenchmarkResult], *, pamr: bool) -> str:
     size = _size_key(str(results[0].settings["model"]), results[0].settings["weights"])
     paper = PAPER_MIOU.get((size, pamr), {}) if size else {}
     swept = _varying(results)
-    header = ["benchmark", *swept, "mIoU (ours)", "mIoU (paper, §6.1)", "images", "img/s"]
+    header = ["benchmark", *swept, "mIoU (ours)", "mIoU (paper)", "images", "img/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         rec = r.record()

@@ -70,7 +70,7 @@ def _check_inputs(image: Tensor, masks: Tensor, iterations: int, dilations: Sequ
     if masks.shape[0] != image.shape[0] or masks.shape[2:] != image.shape[2:]:
         raise ValueError(
             f"image {tuple(image.shape)} and masks {tuple(masks.shape)} must share B, H and W; "
-            "upsample the masks to the window size first (method.md §4.4 step 7)"
+            "upsample the masks to the window size first"
         )
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0; got {iterations}")

@@ -66,10 +66,10 @@ from talk2dino.outputs import (
     DEFAULT_OVERLAY_ALPHA,
     attention_tiles,
     heatmap_tiles,
+    label_colors,
     label_png_bytes,
     label_rles,
     overlay,
-    palette,
     png_bytes,
 )
 from talk2dino.predictor import ImageFeatures
@@ -151,7 +151,7 @@ class LabelInfo(BaseModel):
 
     index: int = Field(description="value of this label in the label map (0 is background when requested)")
     name: str
-    color: list[int] = Field(description="RGB legend and overlay colour (outputs.palette)")
+    color: list[int] = Field(description="RGB legend, overlay and label_png palette colour (outputs.label_colors)")
     pixels: int
     share: float = Field(description="fraction of the image's pixels; shares sum to 1")
 
@@ -456,7 +456,7 @@ def _make_renderer(base_threshold: float) -> Callable[[Segmenter, SegmentJob, Im
         labels = result.labels.numpy()
         names = result.class_names
         count = len(names)
-        colors = palette(count)
+        colors = label_colors(count, background_index=result.background_index)
         answer: dict[str, Any] = {
             "model": _model_info(segmenter),
             "size": [int(labels.shape[0]), int(labels.shape[1])],
@@ -466,7 +466,7 @@ def _make_renderer(base_threshold: float) -> Callable[[Segmenter, SegmentJob, Im
         }
         options = job.outputs
         if options.label_png:
-            answer["label_png"] = _b64(label_png_bytes(labels, count))
+            answer["label_png"] = _b64(label_png_bytes(labels, count, background_index=result.background_index))
         if options.overlay:
             blended = overlay(job.image, labels, count, alpha=options.alpha,
                               background_index=result.background_index)

@@ -491,7 +491,7 @@ def _inspect_out(out: Path, *, resume: bool) -> tuple[bool, dict[str, Any] | Non
     if foreign:
         raise TrainingError(
             f"--out {out} holds files not written by `talk2dino train` ({', '.join(foreign[:5])}); "
-            "training never writes next to released weights or other data (pitfall P5): choose a new or empty folder"
+            "training never writes next to released weights or other data: choose a new or empty folder"
         )
     holds_run = (out / TRAIN_CONFIG_FILE).is_file()
     if not holds_run:
