@@ -11,18 +11,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from talk2dino.config import InferenceConfig
-from talk2dino.data.images import resize_uint8, to_rgb_uint8
+from talk2dino.data.images import as_rgb_image, resize_uint8, to_rgb_uint8
 from talk2dino.errors import InvalidInputError
 from talk2dino.models import BackboneOutput, Talk2DINO
 from talk2dino.ops.cleaning import clean_background
@@ -38,7 +41,7 @@ MAX_LABEL_CHARS = 1000
 """Longest accepted label, in characters (CLIP keeps 77 tokens, far fewer characters than this)."""
 # Unicode categories refused in labels: controls (NUL, tab, CR, LF, ...) and line/paragraph separators.
 _BAD_LABEL_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
-ImageLike = Any  # PIL image, HxWx3 uint8 numpy array or [3, H, W] tensor; see data.images.to_rgb_uint8
+ImageLike = Any  # path, PIL image, HxWx3 uint8 numpy array, [3, H, W] or [H, W, 3] tensor; see data.images.as_rgb_image
 _TEXT_CACHE_SIZE = 64
 
 
@@ -84,6 +87,11 @@ class SegmentationResult:
         timings: seconds per stage of this prediction.
         stitched: ``[C, H', W']`` float32 window average at the resized (processing) size, before the
             final resize (method.md §4.8 step 1).
+        model_info: ``{"name", "profile", "weights"}`` of the model that made it (set by `Segmenter`;
+            None for a result built by hand). Written into :meth:`save`'s JSON.
+
+    Helpers: :meth:`shares` (pixels per class), :meth:`summary` (the CLI's JSON fields), :meth:`overlay`
+    (class colours over the image, a PIL image) and :meth:`save` (the CLI's files).
     """
 
     labels: torch.Tensor
@@ -92,13 +100,15 @@ class SegmentationResult:
     config: InferenceConfig
     timings: dict[str, float] = field(default_factory=dict)
     stitched: torch.Tensor | None = None
+    model_info: dict[str, Any] | None = None
     # Last among the fields only so that its descriptor may stand where a default would; the constructor
     # below keeps the original argument order (labels, scores, class_names, ...).
     scores: _LazyScores = _LazyScores()
 
     def __init__(self, labels: torch.Tensor, scores: torch.Tensor | Callable[[], torch.Tensor],
                  class_names: list[str], background_index: int | None, config: InferenceConfig,
-                 timings: dict[str, float] | None = None, stitched: torch.Tensor | None = None) -> None:
+                 timings: dict[str, float] | None = None, stitched: torch.Tensor | None = None,
+                 model_info: dict[str, Any] | None = None) -> None:
         self.labels = labels
         self.scores = scores
         self.class_names = class_names
@@ -106,6 +116,7 @@ class SegmentationResult:
         self.config = config
         self.timings = {} if timings is None else timings
         self.stitched = stitched
+        self.model_info = model_info
 
     def shares(self) -> list[dict[str, Any]]:
         """Per channel: index, name, pixel count and share of the image (shares sum to 1)."""
@@ -115,6 +126,88 @@ class SegmentationResult:
             {"index": i, "name": n, "pixels": int(c), "share": round(c / total, 6)}
             for i, (n, c) in enumerate(zip(self.class_names, counts, strict=True))
         ]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description, the fields of the CLI's ``<stem>.json`` after ``image`` and ``files``:
+        size, labels with pixel shares, background index, effective settings, model and timings."""
+        return {
+            "size": list(self.labels.shape),
+            "labels": self.shares(),
+            "background_index": self.background_index,
+            "settings": self.config.effective_dict(),
+            "model": self.model_info,
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+
+    def overlay(self, image: ImageLike, *, alpha: float | None = None) -> Image.Image:
+        """The class colours blended over `image`, as the CLI's ``<stem>_overlay.png`` (`outputs.overlay`).
+
+        Args:
+            image: the segmented image, in any form `Segmenter.set_image` accepts (a path included); it
+                must have the size of ``labels``.
+            alpha: weight of the class colour in [0, 1] (None: `outputs.DEFAULT_OVERLAY_ALPHA`, the CLI's 0.5).
+                Background pixels keep the image's colour.
+
+        Returns:
+            An RGB PIL image of the image's size.
+
+        Raises:
+            InvalidInputError: an unreadable image, a size other than the labels', alpha outside [0, 1].
+        """
+        from talk2dino import outputs
+
+        blended = outputs.overlay(as_rgb_image(image), self.labels.numpy(), len(self.class_names),
+                                  alpha=outputs.DEFAULT_OVERLAY_ALPHA if alpha is None else alpha,
+                                  background_index=self.background_index)
+        return Image.fromarray(blended)
+
+    def save(self, directory: str | os.PathLike[str], *, stem: str | None = None, image: ImageLike | None = None,
+             alpha: float | None = None, scores: bool = False, heatmaps: bool = False) -> dict[str, Path]:
+        """Write the files ``talk2dino segment`` writes for one image, with the CLI's own writer.
+
+        Files in `directory` (created if missing), exactly as the CLI names and writes them:
+        ``<stem>_labels.png`` (palette PNG whose pixel values are class indices) and the CLI's other per-image
+        pictures, ``<stem>_overlay.png`` when `image` is given, ``<stem>_scores.npz`` with `scores`,
+        ``<stem>_heatmaps.png`` with `heatmaps`, and ``<stem>.json``: ``image`` (the path when `image` is one,
+        else ``""``), ``files`` (kind -> file name), then :meth:`summary`.
+
+        Args:
+            directory: output folder.
+            stem: file name stem; None: the stem of `image` when it is a path, else ``"segmentation"``.
+            image: the segmented image (any `Segmenter.set_image` form), for the overlay; None: no overlay.
+            alpha: overlay colour weight in [0, 1] (None: the CLI's default, 0.5).
+            scores: also write the ``[C, H, W]`` scores as float16 ``.npz`` (the CLI's ``--save-scores``).
+            heatmaps: also write the per-class score maps picture (the CLI's ``--save-heatmaps``).
+
+        Returns:
+            The written paths by kind (``labels``, ``overlay``, ``scores``, ... as listed in the JSON's
+            ``files``), plus ``json``.
+
+        Raises:
+            InvalidInputError: a stem that is empty or holds a path separator, a bad `image` or `alpha`;
+                both are checked before any file is written.
+        """
+        import json
+
+        from talk2dino import outputs
+
+        path = image if isinstance(image, (str, os.PathLike)) else None
+        if stem is None:
+            stem = Path(path).stem if path is not None else "segmentation"
+        if not stem or stem in (".", "..") or any(sep in stem for sep in ("/", "\\", os.sep)):
+            raise InvalidInputError(f"stem {stem!r} must be a plain file name stem, without a folder")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise InvalidInputError(f"overlay alpha must be in [0, 1]; got {alpha}")
+        rgb = None if image is None else as_rgb_image(image)
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        # The CLI's own writer: the same files, by construction.
+        outputs.write_result_files(out, stem, path, rgb, self, self.summary(),
+                       save_scores=scores, overlay=rgb is not None,
+                       alpha=outputs.DEFAULT_OVERLAY_ALPHA if alpha is None else alpha, save_heatmaps=heatmaps)
+        json_path = out / f"{stem}.json"
+        files = json.loads(json_path.read_text(encoding="utf-8"))["files"]
+        return {**{kind: out / name for kind, name in files.items()}, "json": json_path}
 
 
 @dataclass
@@ -241,14 +334,33 @@ class Segmenter:
         self._features: ImageFeatures | None = None
 
     @classmethod
-    def from_pretrained(cls, name: str = "talk2dino-vitb14-reg", *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
+    def from_pretrained(cls, name: str | None = "talk2dino-vitb14-reg", *, pretrained: bool = True,
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, backbone: str | None = None,
+                        text_encoder: str | None = None, projection: str | None = None,
                         **overrides: Any) -> Segmenter:
-        """Build the model by name and a segmenter with its defaults, overridden by `overrides`
-        (any `InferenceConfig` field, e.g. ``pamr=False``)."""
+        """Build the model with `create_model` and a segmenter with its inference defaults.
+
+        Args:
+            name, pretrained, device, dtype, cache_dir, backbone, text_encoder, projection: passed to
+                `talk2dino.create_model` as they are: a registry name or ``local-dir:``/``hf-hub:`` folder,
+                and sources replacing the model's parts (``name=None`` composes a model from all three).
+            overrides: `InferenceConfig` fields replacing the model's defaults, e.g. ``pamr=False``;
+                names are checked before any weights load.
+
+        Raises:
+            TypeError: an override that is not an `InferenceConfig` field.
+            WeightsError, ValueError: as `create_model`.
+        """
         from talk2dino.registry import create_model
 
-        model = create_model(name, device=device, dtype=dtype, cache_dir=cache_dir)
+        known = {f.name for f in dataclasses.fields(InferenceConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"from_pretrained got unknown inference setting(s) {', '.join(unknown)}; "
+                            f"expected create_model arguments or InferenceConfig fields ({', '.join(sorted(known))})")
+        model = create_model(name, pretrained=pretrained, device=device, dtype=dtype, cache_dir=cache_dir,
+                             backbone=backbone, text_encoder=text_encoder, projection=projection)
         return cls(model, dataclasses.replace(model.config.inference, **overrides))
 
     def _check_window(self, config: InferenceConfig) -> None:
@@ -352,8 +464,15 @@ class Segmenter:
 
     # ------------------------------------------------------------------ image side
     def prepare(self, image: ImageLike | PreparedImage) -> PreparedImage:
-        """`prepare_image` with this segmenter's settings (a `PreparedImage` is returned as is)."""
-        return image if isinstance(image, PreparedImage) else prepare_image(image, self.config)
+        """`prepare_image` with this segmenter's settings (a `PreparedImage` is returned as is).
+
+        `image` may be any form `talk2dino.data.images.as_rgb_image` accepts: a file path (decoded as the CLI
+        decodes it), a PIL image, an RGB uint8 ``H×W×3`` numpy array, or a ``[3, H, W]`` / ``[H, W, 3]``
+        tensor (uint8, or float in [0, 1]; a leading dimension of 3 means channel-first).
+        """
+        if isinstance(image, PreparedImage):
+            return image
+        return prepare_image(as_rgb_image(image), self.config)
 
     def _backbone_inputs(self, guides: torch.Tensor) -> torch.Tensor:
         """``[n, 3, wh, ww]`` 0–255 windows -> ``[n, 3, window, window]`` normalised backbone input."""
@@ -416,7 +535,18 @@ class Segmenter:
         ]
 
     def set_image(self, image: ImageLike) -> ImageFeatures:
-        """Embed one image (resize, windows, backbone) and cache the result for `predict`."""
+        """Embed one image (resize, windows, backbone) and cache the result for `predict`.
+
+        Args:
+            image: a path (``str`` / ``os.PathLike``, decoded with EXIF orientation as the CLI does), a PIL
+                image, an RGB uint8 ``H×W×3`` numpy array, or an RGB tensor ``[3, H, W]`` or ``[H, W, 3]``:
+                uint8 in [0, 255], or floating point with every value in [0, 1] (the dtype decides). A tensor
+                whose first dimension is 3 is channel-first, so a ``3×3×3`` one is ``[3, H, W]``.
+                See `talk2dino.data.images.as_rgb_image`.
+
+        Raises:
+            InvalidInputError: one line naming what is wrong with the image.
+        """
         self._features = self.embed_images([image])[0]
         return self._features
 
@@ -522,7 +652,7 @@ class Segmenter:
         lap("resize_argmax")
         return SegmentationResult(labels=labels.cpu(), scores=scores_out, class_names=names,
                                   background_index=background_index, config=cfg, timings=timings,
-                                  stitched=stitched.cpu())
+                                  stitched=stitched.cpu(), model_info=self._model_info())
 
     def predict(self, *, pamr: bool | None = None, clean: bool | None = None, background: bool | None = None,
                 threshold: float | None = None) -> SegmentationResult:
@@ -535,18 +665,24 @@ class Segmenter:
     def predict_batch(self, images: Sequence[ImageLike], **options: Any) -> list[SegmentationResult]:
         """Throughput path: windows of all `images` share backbone batches; one result per image.
 
-        Does not touch the `set_image` cache. Options as in `predict_features`.
+        `images` is a list (or other sequence) of images in any form `set_image` accepts, paths included; a
+        4-D ``[N, ...]`` array or tensor is a batch of its N images. Does not touch the `set_image` cache.
+        Options as in `predict_features`.
+
+        Raises:
+            InvalidInputError: `images` is one image rather than a sequence of them, or an image is bad.
         """
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
+                isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim != 4):
+            raise InvalidInputError("predict_batch takes a sequence of images (a list, or a 4-D batch); "
+                                    "for one image use set_image and predict, or pass [image]")
         return [self.predict_features(f, **options) for f in self.embed_images(images)]
 
+    def _model_info(self) -> dict[str, Any]:
+        return {"name": self.model.config.name, "profile": self.model.config.profile,
+                "weights": self.model.weights_info}
+
     def summary(self, result: SegmentationResult) -> dict[str, Any]:
-        """JSON-ready description: labels with pixel shares, effective settings, model and weights."""
-        return {
-            "size": list(result.labels.shape),
-            "labels": result.shares(),
-            "background_index": result.background_index,
-            "settings": result.config.effective_dict(),
-            "model": {"name": self.model.config.name, "profile": self.model.config.profile,
-                      "weights": self.model.weights_info},
-            "timings": {k: round(v, 6) for k, v in result.timings.items()},
-        }
+        """JSON-ready description: labels with pixel shares, effective settings, model and weights
+        (`SegmentationResult.summary`, with this segmenter's model)."""
+        return {**result.summary(), "model": self._model_info()}

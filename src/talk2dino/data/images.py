@@ -5,6 +5,8 @@ This module is the one place where images enter the package (house-style §5 "In
 - :func:`load_image` decodes a file into an ``[H, W, 3]`` uint8 RGB array.
 - :func:`to_rgb_uint8` converts the accepted API inputs (a PIL image, an RGB uint8 ``H×W×3`` numpy array, an
   RGB ``[3, H, W]`` tensor) into the same form.
+- :func:`as_rgb_image` is what `Segmenter` calls: :func:`to_rgb_uint8`'s forms plus a file path (decoded by
+  :func:`load_image`) and an ``[H, W, 3]`` tensor.
 - :func:`resize_uint8` is the benchmark resize of method.md §4.3 (OpenCV ``INTER_LINEAR`` on uint8).
 - :func:`list_images` expands the CLI's file, folder and list-file arguments.
 
@@ -36,6 +38,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE",
+    "as_rgb_image",
     "list_images",
     "load_image",
     "resize_uint8",
@@ -61,6 +64,8 @@ _SIXTEEN_BIT_MAX = 65535
 _UINT8_MAX = 255
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _EXPECTED_FORMS = "expected a PIL image, an RGB uint8 HxWx3 numpy array or an RGB [3,H,W] tensor"
+_API_FORMS = ("expected an image file path, a PIL image, an RGB uint8 HxWx3 numpy array, or an RGB [3,H,W] "
+              "or [H,W,3] tensor")
 
 # Errors that Pillow (or one of its format plugins) raises on files that are corrupt, truncated or not
 # images at all. Anything else is a bug and propagates. Every reader of image files (label maps, extraction)
@@ -219,6 +224,65 @@ def to_rgb_uint8(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
         raise InvalidInputError(f"{_EXPECTED_FORMS}; got {_describe(image)}")
     _check_min_size(rgb.shape[1], rgb.shape[0], where=None)
     return rgb
+
+
+def as_rgb_image(
+    image: str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor, *, max_pixels: int | None = None
+) -> np.ndarray:
+    """Convert a `Segmenter` image input into an RGB uint8 array: :func:`to_rgb_uint8`'s forms, a path, HWC tensors.
+
+    Accepted forms, all documented here (house-style §5 "Inputs"):
+
+    - a file path, ``str`` or ``os.PathLike``: decoded by :func:`load_image` exactly as the CLI decodes it (EXIF
+      orientation applied, alpha dropped, ...), so a path gives the same pixels as ``PIL.Image.open(path)``;
+    - everything :func:`to_rgb_uint8` accepts: a PIL image, a uint8 ``[H, W, 3]`` (or greyscale / RGBA) numpy
+      array, a ``[3, H, W]`` tensor;
+    - a tensor ``[H, W, 3]``, with the same dtype rule as ``[3, H, W]`` ones: uint8 is read as [0, 255]; a
+      floating-point tensor must hold every value in [0, 1] and is scaled by 255 and rounded (ties to even).
+      The dtype decides, never the values: a float tensor of [0, 255] data is refused, not guessed.
+
+    Layout of a 3-D tensor: a **leading dimension of 3 always means channel-first** ``[3, H, W]`` (as before
+    HWC tensors were accepted); only a tensor whose first dimension is not 3 and whose last one is 3 is read
+    as ``[H, W, 3]``. So an ambiguous ``3×3×3`` (or any ``3×W×3``) tensor is channel-first; to pass such an
+    image channel-last, pass ``tensor.permute(2, 0, 1)``.
+
+    Bytes are refused (they could be a path or encoded file content); decode content with
+    ``PIL.Image.open(io.BytesIO(data))``.
+
+    Args:
+        image: The input image, in one of the forms above.
+        max_pixels: For paths: the decompression-bomb guard of :func:`load_image` (None: its default).
+
+    Returns:
+        ``[H, W, 3]`` uint8 array, RGB, C-contiguous and writable, sharing no memory with the input.
+
+    Raises:
+        InvalidInputError: One line naming the problem: a missing or undecodable file, an unsupported type,
+            shape or dtype (the message lists the accepted forms), out-of-range values, a side below
+            :data:`MIN_IMAGE_SIDE`.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, max_pixels=max_pixels)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(
+            f"{_API_FORMS}; got {_describe(image)} (for encoded file content pass PIL.Image.open(io.BytesIO(data)))"
+        )
+    if _is_torch_tensor(image):
+        import torch  # already imported by the caller: `image` is a tensor
+
+        assert isinstance(image, torch.Tensor)
+        shape = tuple(image.shape)
+        if len(shape) == 3 and shape[0] != 3 and shape[2] == 3:
+            # Checked before permuting, so that the message shows the shape the caller passed.
+            if not (image.dtype == torch.uint8 or image.is_floating_point()):
+                raise InvalidInputError(f"{_API_FORMS} (uint8, or float in [0, 1]); got {_describe(image)}")
+            image = image.permute(2, 0, 1)
+        elif len(shape) != 3 or shape[0] != 3:
+            raise InvalidInputError(f"{_API_FORMS}; got {_describe(image)}")
+        return to_rgb_uint8(image)
+    if isinstance(image, (Image.Image, np.ndarray)):
+        return to_rgb_uint8(image)
+    raise InvalidInputError(f"{_API_FORMS}; got {_describe(image)}")
 
 
 def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
