@@ -211,6 +211,7 @@ class TrainConfig:
     val_features: str | None = None  # folder of the val split for recall@K logging
     target_strategy: TargetStrategy = "max"  # image embedding: max over heads (the method) or an ablation
     epochs: int = 100  # passes over the training captions
+    max_steps: int | None = None  # stop after this many optimiser steps in all (a quick run); None: every epoch
     batch_size: int = 128  # captions per step; the last partial batch is kept
     lr: float = 1e-4  # Adam learning rate, constant
     betas: tuple[float, float] = (0.9, 0.999)  # Adam betas

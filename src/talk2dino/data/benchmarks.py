@@ -43,6 +43,7 @@ __all__ = [
     "BENCHMARKS",
     "DEFAULT_IGNORE_INDEX",
     "FOLDER_IMAGE_SUFFIXES",
+    "FOLDER_LAYOUT_HELP",
     "BenchmarkSpec",
     "Sample",
     "benchmark_names",
@@ -50,6 +51,7 @@ __all__ = [
     "class_lists",
     "dataset_root",
     "folder_benchmark",
+    "folder_layout_hint",
     "get_benchmark",
     "list_samples",
     "load_label",
@@ -326,6 +328,22 @@ def folder_benchmark(
     )
 
 
+FOLDER_LAYOUT_HELP = (
+    "a `folder` dataset is ROOT/images/<name>.jpg|.jpeg|.png with ROOT/labels/<name>.png (single-channel PNG "
+    "whose pixel values are class indices, 255 = ignore), plus a classes file with one class name per line in "
+    "label order (--classes-file)"
+)
+"""The layout of a user dataset (:func:`folder_benchmark` with its default folders), in one sentence."""
+
+
+def folder_layout_hint(spec: BenchmarkSpec) -> str:
+    """:data:`FOLDER_LAYOUT_HELP` for `spec`'s own image and label folders."""
+    if (spec.image_dir, spec.ann_dir) == ("images", "labels"):
+        return FOLDER_LAYOUT_HELP
+    return FOLDER_LAYOUT_HELP.replace("ROOT/images/", f"ROOT/{spec.image_dir}/").replace(
+        "ROOT/labels/", f"ROOT/{spec.ann_dir}/")
+
+
 def dataset_root(spec: BenchmarkSpec, data_root: str | os.PathLike[str]) -> Path:
     """The dataset folder of ``spec`` under ``data_root`` (e.g. ``<data_root>/VOCdevkit/VOC2012``).
 
@@ -356,7 +374,7 @@ def list_samples(spec: BenchmarkSpec, root: str | os.PathLike[str]) -> list[Samp
             two suffixes, or an empty split.
     """
     dataset = Path(root)
-    hint = _PREPARE_HINTS.get(spec.name, "")
+    hint = _PREPARE_HINTS.get(spec.name, "") if spec.name != "folder" else folder_layout_hint(spec)
     hint_text = f"; {hint}" if hint else ""
     if not dataset.is_dir():
         raise InvalidInputError(f"{dataset}: dataset folder of {spec.name} not found{hint_text}")

@@ -137,6 +137,14 @@ class ConversionCounts:
     written: int  # output files written
     skipped: int  # outputs that already existed and were kept (overwrite=False)
 
+    def describe(self) -> str:
+        """One sentence for people, e.g. ``wrote 118 label maps; kept 2 that already existed (--overwrite ...)``."""
+        text = f"wrote {self.written} label map{'' if self.written == 1 else 's'}"
+        if self.skipped:
+            text += (f"; kept {self.skipped} that already existed (pass --overwrite to rewrite "
+                     f"{'it' if self.skipped == 1 else 'them'})")
+        return text
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Pure label mappings

@@ -9,6 +9,7 @@ under ``torchrun`` each rank takes every world-th image and the matrices are sum
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ import torch
 from talk2dino.config import EvalConfig, InferenceConfig
 from talk2dino.data.benchmarks import (
     BENCHMARKS,
+    FOLDER_LAYOUT_HELP,
     BenchmarkSpec,
     Sample,
     dataset_root,
@@ -56,6 +58,8 @@ _SWEEP_FIELDS = {"bg_threshold": "bg_threshold", "bg_clean_lambda": "clean_lambd
                  "window": "window", "stride": "stride"}
 _SWEPT = tuple(_SWEEP_FIELDS.values())
 _GEOMETRY = ("short_side", "window", "stride")
+_AXIS_LABELS = {"bg_threshold": "background threshold", "clean_lambda": "background-cleaning lambda",
+                "short_side": "short side (px)", "window": "window (px)", "stride": "stride (px)"}
 # Evaluation embeds one image at a time; what is left to shrink is the backbone's precision.
 _EVAL_MEMORY_HINT = "try --dtype bfloat16, or a device with more free memory"
 
@@ -71,6 +75,18 @@ class BenchmarkResult:
     images: int
     skipped: list[dict[str, str]]
     seconds: float
+    split_images: int | None = None  # images the split lists on disk (before --limit); None: unknown
+
+    @property
+    def expected_images(self) -> int | None:
+        """The full split's size: the published one (method.md §5.1), else what the folder lists."""
+        return self.spec.num_images if self.spec.num_images is not None else self.split_images
+
+    @property
+    def partial(self) -> bool:
+        """Fewer images were evaluated than the full split holds (--limit, skipped images, a short folder)."""
+        expected = self.expected_images
+        return expected is not None and self.images < expected
 
     def record(self) -> dict[str, Any]:
         """JSON-ready record: mIoU ×100 to one decimal, per-class IoU, effective settings, timing."""
@@ -90,6 +106,8 @@ class BenchmarkResult:
             "options": self.options,
             "settings": self.settings,
             "images": self.images,
+            "split_images": self.expected_images,
+            "partial": self.partial,
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images / self.seconds, 3) if self.seconds > 0 else None,
@@ -118,9 +136,16 @@ def benchmarks_for(config: EvalConfig) -> list[BenchmarkSpec]:
         return [BENCHMARKS[n] for n in names]
     if config.dataset == "folder":
         if not config.root or not config.classes_file:
-            raise InvalidInputError("the folder dataset needs --root and --classes-file")
+            raise InvalidInputError(f"the folder dataset needs --root and --classes-file; {FOLDER_LAYOUT_HELP}")
         return [folder_benchmark(config.root, config.classes_file, background=config.folder_background)]
+    if config.dataset not in BENCHMARKS:
+        raise InvalidInputError(f"unknown --dataset {config.dataset!r}; choose one of {', '.join(dataset_names())}")
     return [get_benchmark(str(config.dataset))]
+
+
+def dataset_names() -> list[str]:
+    """Every valid ``--dataset`` value: the eight benchmarks, then ``folder`` (the user's own data)."""
+    return [*BENCHMARKS, "folder"]
 
 
 def _root_of(spec: BenchmarkSpec, config: EvalConfig) -> Path:
@@ -232,6 +257,7 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
     rank, world = _dist()
     root = _root_of(spec, config)
     samples: list[Sample] = list_samples(spec, root)
+    split_images = len(samples)
     if config.limit is not None:
         samples = samples[:config.limit]
     mine = samples[rank::world]
@@ -308,7 +334,7 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
             _remove_stale_temps(folder / "predictions")
         all_skipped = _gather(skipped[i], world)
         results.append(BenchmarkResult(spec, options, settings, matrix, images=len(samples) - len(all_skipped),
-                                       skipped=all_skipped, seconds=seconds))
+                                       skipped=all_skipped, seconds=seconds, split_images=split_images))
     return results
 
 
@@ -349,7 +375,7 @@ def markdown_table(results: Sequence[BenchmarkResult], *, pamr: bool) -> str:
         published = paper.get(r.spec.name)
         row = [r.spec.tag, *[str(r.options.get(k, "")) for k in swept],
                "n/a" if rec["mIoU"] is None else f"{rec['mIoU']:.1f}",
-               f"{published:.1f}" if published is not None else "—", str(rec["images"]),
+               f"{published:.1f}" if published is not None else "—", _images_cell(r),
                str(rec["images_per_s"])]
         lines.append("| " + " | ".join(row) + " |")
     if len(results) > 1 and not swept:
@@ -360,7 +386,53 @@ def markdown_table(results: Sequence[BenchmarkResult], *, pamr: bool) -> str:
             known = [p for p in published_all if p is not None]
             pavg = f"{sum(known) / len(known):.1f}" if len(known) == len(published_all) else "—"
             lines.append(f"| Avg | {avg:.1f} | {pavg} | | |")
+    partial = [r for r in results if r.partial]
+    if partial:
+        lines.append("")
+        for r in _unique_by_benchmark(partial):
+            lines.append(f"**Partial split:** {r.spec.tag} was evaluated on {r.images} of {r.expected_images} "
+                         f"images{_partial_reason(r)}; its mIoU is not comparable with the paper's.")
+    lines.extend(_per_class_tables(results, swept))
     return "\n".join(lines) + "\n"
+
+
+def _images_cell(result: BenchmarkResult) -> str:
+    return f"{result.images} of {result.expected_images}" if result.partial else str(result.images)
+
+
+def _unique_by_benchmark(results: Sequence[BenchmarkResult]) -> list[BenchmarkResult]:
+    seen: dict[str, BenchmarkResult] = {}
+    for r in results:
+        seen.setdefault(r.spec.name, r)
+    return list(seen.values())
+
+
+def _partial_reason(result: BenchmarkResult) -> str:
+    reasons = []
+    limit = result.settings.get("limit")
+    if limit is not None and result.split_images is not None and limit < result.split_images:
+        reasons.append(f"--limit {limit}")
+    if result.skipped:
+        reasons.append(f"{len(result.skipped)} skipped")
+    if result.split_images is not None and result.spec.num_images is not None \
+            and result.split_images < result.spec.num_images:
+        reasons.append(f"the split on disk lists {result.split_images}")
+    return f" ({', '.join(reasons)})" if reasons else ""
+
+
+def _per_class_tables(results: Sequence[BenchmarkResult], swept: list[str]) -> list[str]:
+    """One per-class IoU table per benchmark: a row per class, a column per option combination."""
+    lines: list[str] = []
+    for name in dict.fromkeys(r.spec.name for r in results):
+        group = [r for r in results if r.spec.name == name]
+        columns = [", ".join(f"{k}={r.options.get(k)}" for k in swept) or "IoU" for r in group]
+        lines += ["", f"#### {group[0].spec.tag}: per-class IoU", "",
+                  "| class | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        per_class = [r.record()["per_class_IoU"] for r in group]
+        for class_name in group[0].spec.class_names:
+            cells = ["n/a" if values[class_name] is None else f"{values[class_name]:.1f}" for values in per_class]
+            lines.append(f"| {class_name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def sweep_plot(results: Sequence[BenchmarkResult], path: Path) -> bool:
@@ -375,8 +447,22 @@ def sweep_plot(results: Sequence[BenchmarkResult], path: Path) -> bool:
     points = [(x, y) for x, y in points if y is not None]
     if len(points) < 2:
         return False
-    line_chart(points, path, title=f"{results[0].spec.tag}: mIoU vs {key}")
+    line_chart(points, path, title=f"{results[0].spec.tag}: mIoU vs {key}", x_label=_AXIS_LABELS.get(key, key),
+               y_label="mIoU (%)")
     return True
+
+
+def describe_weights(config: EvalConfig, model_config: Any) -> str:
+    """The model for the log: its name, or, when --backbone/--text-encoder/--projection override parts of it,
+    the weights actually used."""
+    overrides = [(what, given) for what, given in (("backbone", config.backbone), ("text encoder", config.text_encoder),
+                                                  ("psi", config.projection)) if given]
+    if not overrides:
+        return str(model_config.name)
+    effective = {"backbone": model_config.backbone.source, "text encoder": model_config.text.source,
+                 "psi": model_config.projection.source}
+    parts = ", ".join(f"{what} {effective[what] or given}" for what, given in overrides)
+    return f"{parts} (other parts from {model_config.name})" if len(overrides) < 3 else parts
 
 
 def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -394,10 +480,17 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     model = create_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir,
                          backbone=config.backbone, text_encoder=config.text_encoder, projection=config.projection)
     segmenter = Segmenter(model)
-    logger.info("evaluating %s on %s (pamr=%s)", model.config.name, [s.name for s in specs], config.pamr)
+    logger.info("evaluating %s on %s (pamr=%s)", describe_weights(config, model.config), [s.name for s in specs],
+                config.pamr)
     all_results: list[BenchmarkResult] = []
-    for spec in specs:
-        all_results.extend(evaluate_benchmark(segmenter, spec, config, progress=progress))
+    # Log lines go through tqdm.write while a bar is shown, so neither overwrites the other.
+    with contextlib.ExitStack() as stack:
+        if progress:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm())
+        for spec in specs:
+            all_results.extend(evaluate_benchmark(segmenter, spec, config, progress=progress))
     rank, _ = _dist()
     markdown = markdown_table(all_results, pamr=config.pamr)
     records = [r.record() for r in all_results]

@@ -26,6 +26,7 @@ so a crash or a full disk at any point loses at most the epoch in progress.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -134,6 +135,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.callbacks = list(callbacks)
         self.global_step = 0
+        self.max_steps: int | None = None  # stop once global_step reaches it (None: no limit)
 
     def run_epoch(self, epoch: int, batches: Iterable[torch.Tensor]) -> EpochStats:
         """Train on every batch of `batches` once, then call ``on_epoch_end``.
@@ -151,6 +153,8 @@ class Trainer:
         loss_sum: torch.Tensor | None = None
         steps = 0
         for batch in batches:
+            if self.max_steps is not None and self.global_step >= self.max_steps:
+                break
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(batch)
             loss.backward()
@@ -181,6 +185,9 @@ class Trainer:
         """
         self.module.train()
         for epoch in range(start_epoch, epochs):
+            if self.max_steps is not None and self.global_step >= self.max_steps:
+                logger.info("stopping at step %d (max_steps)", self.global_step)
+                break
             self.run_epoch(epoch, batches(epoch))
 
 
@@ -413,6 +420,7 @@ def _validate(config: TrainConfig) -> None:
         (config.target_strategy in STRATEGIES,
          f"target_strategy must be one of {', '.join(STRATEGIES)}, got {config.target_strategy!r}"),
         (config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}"),
+        (config.max_steps is None or config.max_steps >= 1, f"max_steps must be >= 1 or None, got {config.max_steps}"),
         (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
         (config.lr > 0, f"lr must be positive, got {config.lr}"),
         (config.eps > 0, f"eps must be positive, got {config.eps}"),
@@ -677,7 +685,9 @@ class _RunRecorder(Callback):
     def on_epoch_end(self, trainer: Trainer, stats: EpochStats) -> None:
         done = stats.epoch + 1
         val = None
-        if self.validator is not None and (done % self.config.eval_every == 0 or done == self.config.epochs):
+        last = done == self.config.epochs or (self.config.max_steps is not None
+                                              and stats.global_step >= self.config.max_steps)
+        if self.validator is not None and (done % self.config.eval_every == 0 or last):
             val = self.validator()
             self.psi.train()
         counts = self.objective.head_counts
@@ -757,7 +767,10 @@ class _ProgressBar(Callback):
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
+        total = self.steps_per_epoch
+        if trainer.max_steps is not None:
+            total = max(0, min(total, trainer.max_steps - trainer.global_step))
+        self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
                         leave=False)
 
     def on_batch_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
@@ -890,9 +903,20 @@ def run_train(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     own.append(recorder)
     trainer = Trainer(psi, optimizer, objective, callbacks=[*own, *callbacks])
     trainer.global_step = trainer_step
+    trainer.max_steps = config.max_steps
 
     def batches(epoch: int) -> list[torch.Tensor]:
         return shuffled_batches(num_captions, config.batch_size, seed=config.seed, epoch=epoch, device=store)
 
-    trainer.fit(batches, epochs=config.epochs, start_epoch=start_epoch)
+    # Log lines go through tqdm.write while a bar is shown, so neither overwrites the other.
+    with _logging_around_bars(progress):
+        trainer.fit(batches, epochs=config.epochs, start_epoch=start_epoch)
     return out
+
+
+def _logging_around_bars(progress: bool) -> contextlib.AbstractContextManager[Any]:
+    if not progress:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
