@@ -238,11 +238,11 @@ def test_cli_input_error_in_a_batch_retries_one_by_one(tiny_sources, tmp_path: P
     original = Segmenter.embed_images
     calls: list[int] = []
 
-    def embed_images(self: Segmenter, images: Any) -> Any:
+    def embed_images(self: Segmenter, images: Any, **kwargs: Any) -> Any:
         calls.append(len(images))
         if any(image.rgb.shape[0] == 40 for image in images):
             raise InvalidInputError("an image the model cannot take")
-        return original(self, images)
+        return original(self, images, **kwargs)
 
     monkeypatch.setattr(Segmenter, "embed_images", embed_images)
     code = _segment(tiny_sources, tmp_path / "in", tmp_path / "out", "--batch-size", "4")

@@ -118,7 +118,7 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bg-clean", action=argparse.BooleanOptionalAction, default=None,
                        help="background cleaning with the CLS attention heads (default: on with --background)")
     group.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
-                       help="PAMR mask refinement (default on)")
+                       help="PAMR mask refinement (default on; `eval` defaults to off, the paper's main rows)")
     group.add_argument("--window-batch-size", type=int, default=None, help="windows per backbone forward")
     group.add_argument("--compile", action="store_true", default=None,
                        help="run the backbone through torch.compile (slow first call per batch shape; pays off "
@@ -189,12 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve_parser(sub)
     from talk2dino.config import EvalConfig
+    from talk2dino.evaluation import DATASET_NAMES, FOLDER_LAYOUT_HELP
 
     ev = sub.add_parser("eval", help="evaluate on the open-vocabulary benchmarks (mIoU)",
                         description="One benchmark (--dataset NAME --root DIR) or several (--suite all --data-root "
                                     "DIR) -> results.json and results.md with the paper's numbers beside ours. "
                                     "List-valued options (--bg-threshold 0.5,0.55) sweep. Resumable; runs under "
-                                    "torchrun.")
+                                    "torchrun. Your own data: --dataset folder --root ROOT --classes-file FILE, "
+                                    f"where {FOLDER_LAYOUT_HELP}. PAMR is off by default here (the paper's main "
+                                    "rows; --pamr gives its '+ PAMR' rows), unlike `segment`, where it is on.")
     ev.add_argument("--recipe", default=None, help="YAML file of settings (flags override it)")
     ev.add_argument("--models", default=None,
                     help="comma-separated models to compare (the ablation table); overrides --model")
@@ -203,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "--projections (a psi is trained for one backbone)")
     ev.add_argument("--projections", default=None, help="comma-separated psi sources matching --backbones")
     add_dataclass_arguments(ev.add_argument_group("Evaluation"), EvalConfig)
+    _set_help(ev, "dataset", f"one benchmark: {', '.join(DATASET_NAMES)} (folder: your own data, with --root "
+                             "and --classes-file)")
+    _set_help(ev, "pamr", "PAMR mask refinement (default off in eval: the paper's rows without refinement; --pamr "
+                          "gives the '+ PAMR' rows. `segment` has it on by default)")
     ev.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
     conv = sub.add_parser("convert", help="prepare benchmark label maps (COCO-Object/Stuff, Cityscapes, Context)")
@@ -226,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     for command_parser in sub.choices.values():
         _add_verbosity_args(command_parser)
     return parser
+
+
+def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
+    """Replace the generated help of the flag stored in `dest` (e.g. to describe choices the config cannot)."""
+    for action in parser._actions:
+        if action.dest == dest:
+            action.help = text
 
 
 def _add_verbosity_args(parser: argparse.ArgumentParser) -> None:
@@ -501,7 +515,13 @@ def run_segment(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, Path] = {}
     failed: list[str] = []
-    progress = tqdm(total=len(paths), unit="img", disable=bool(args.quiet or args.no_progress), file=sys.stderr)
+    # Progress in images, advanced as the work is done: each backbone chunk of `window_batch_size` windows moves
+    # its images by their share of the embedding (`embed_share` of an image, measured on the previous batch),
+    # and the rest once the image is segmented and written. So the bar and its ETA move during a batch's one
+    # backbone call, which may take a minute on a CPU.
+    progress = tqdm(total=len(paths), unit="img", disable=bool(args.quiet or args.no_progress), file=sys.stderr,
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
+    embed_share = 0.5
     # Host work overlaps the model: the next batches are decoded by `workers` processes, and each image's
     # files are written on a background thread while the next batch runs (talk2dino.folder).
     writer = BackgroundWriter(max_pending=2 * batch_size)
@@ -522,34 +542,50 @@ def run_segment(args: argparse.Namespace) -> int:
                         loaded.append(item)
                 if not loaded:
                     continue
+                windows = [item.image.guides.shape[0] for item in loaded if item.image is not None]
+                credited = [0.0] * len(loaded)  # progress given to each image so far
+
+                def on_windows(index: int, count: int, offset: int = 0, share: float = embed_share,
+                               credited: list[float] = credited, windows: list[int] = windows) -> None:
+                    step = min(share * count / windows[offset + index], share - credited[offset + index])
+                    credited[offset + index] += step
+                    progress.update(step)
+
                 t0 = time.perf_counter()
                 features: list[ImageFeatures | None]
+                # Seconds of backbone time per image: the batch's time split by each image's share of its windows.
+                embed_times = [0.0] * len(loaded)
                 try:
-                    features = list(segmenter.embed_images([item.image for item in loaded]))
+                    features = list(segmenter.embed_images([item.image for item in loaded], progress=on_windows))
+                    batch_time = time.perf_counter() - t0
+                    embed_times = [batch_time * n / sum(windows) for n in windows]
                 except InvalidInputError as err:  # one image's fault: find which, keep the others
                     logger.debug("batch failed (%s); retrying images one by one", err)
                     features = []
-                    for item in loaded:
+                    for k, item in enumerate(loaded):
+                        t1 = time.perf_counter()
                         try:
-                            features.append(segmenter.embed_images([item.image])[0])
+                            features.append(segmenter.embed_images(
+                                [item.image], progress=functools.partial(on_windows, offset=k))[0])
                         except InvalidInputError as one:
                             logger.error("%s: %s", item.path, one)
                             features.append(None)
-                embed_time = (time.perf_counter() - t0) / len(loaded)
-                for item, feats in zip(loaded, features, strict=True):
+                        embed_times[k] = time.perf_counter() - t1
+                t_post = time.perf_counter()
+                for k, (item, feats) in enumerate(zip(loaded, features, strict=True)):
                     path = item.path
                     if feats is None:
                         failed.append(str(path))
-                        progress.update(1)
+                        progress.update(1 - credited[k])
                         continue
                     try:
                         result = segmenter.predict_features(feats)
                         summary = segmenter.summary(result)
-                        summary["timings"]["embed_image"] = round(embed_time, 6)
+                        summary["timings"]["embed_image"] = round(embed_times[k], 6)
                     except InvalidInputError as err:
                         logger.error("%s: %s", path, err)
                         failed.append(str(path))
-                        progress.update(1)
+                        progress.update(1 - credited[k])
                         continue
                     assert item.image is not None
                     writer.submit(str(path), functools.partial(
@@ -557,8 +593,12 @@ def run_segment(args: argparse.Namespace) -> int:
                         save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha,
                         features=feats, save_heatmaps=bool(args.save_heatmaps),
                         save_attention=bool(args.save_attention)),
-                        on_done=lambda: progress.update(1))
+                        on_done=functools.partial(progress.update, 1 - credited[k]))
                 writer.finish_ready()
+                # The next batch's split between embedding and the rest, from this one (writes overlap it).
+                embed_total, post_total = sum(embed_times), time.perf_counter() - t_post
+                if embed_total + post_total > 0:
+                    embed_share = min(0.95, max(0.05, embed_total / (embed_total + post_total)))
             writer.close()
     except BaseException:
         writer.abort()  # the run stops: queued writes are dropped, none is reported as a failed image
@@ -681,7 +721,7 @@ def run_convert_command(args: argparse.Namespace) -> int:
         if not args.labels_file or not args.voc2010:
             raise InvalidInputError(f"context needs --labels-file and --voc2010; {converters.CONTEXT_SOURCES_HELP}")
         counts = converters.convert_context(args.source, args.labels_file, args.voc2010, overwrite=args.overwrite)
-    logger.info("%s: %s", args.kind, counts)
+    logger.info("%s: %s", args.kind, counts.describe())
     return 0
 
 

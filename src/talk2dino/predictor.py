@@ -305,6 +305,20 @@ def _resize_scores(stitched: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return F.interpolate(stitched[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def _chunk_reporter(progress: Callable[[int, int], None], owners: list[int]) -> Callable[[int], None]:
+    """``count`` windows done -> ``progress(image, windows)`` per image they belong to (`owners`: window -> image)."""
+    position = 0
+
+    def report(count: int) -> None:
+        nonlocal position
+        done = owners[position:position + count]
+        position += count
+        for image in dict.fromkeys(done):
+            progress(image, done.count(image))
+
+    return report
+
+
 class Segmenter:
     """Stateful predictor caching class embeddings and the current image's window features.
 
@@ -433,11 +447,33 @@ class Segmenter:
         if cached is not None:
             self._text_cache.move_to_end(key)
             return cached
-        embeddings = self.model.embed_classes(names, templates, pad_to_context=self.reference)
+        from talk2dino.models.text_encoder import collect_truncations
+
+        with collect_truncations() as cut:
+            embeddings = self.model.embed_classes(names, templates, pad_to_context=self.reference)
+        self._report_truncated(names, templates, cut)
         self._text_cache[key] = embeddings
         while len(self._text_cache) > _TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return embeddings
+
+    def _report_truncated(self, names: Sequence[str], templates: Sequence[str], cut: list[tuple[str, int]]) -> None:
+        """One warning line per label whose prompts were cut to the text encoder's context (not one per prompt)."""
+        if not cut:
+            return
+        from talk2dino.errors import one_line
+
+        label_of = {t.format(name): (index, name) for index, name in enumerate(names, start=1) for t in templates}
+        by_label: dict[tuple[int, str], list[int]] = {}
+        for prompt, tokens in cut:
+            by_label.setdefault(label_of.get(prompt, (0, prompt)), []).append(tokens)
+        context = getattr(self.model.text_encoder, "context_length", 77)
+        for (index, name), lengths in by_label.items():
+            shown = one_line(repr(name), 60)
+            what = f"label {index} {shown}" if index else f"prompt {shown}"
+            logger.warning("%s is too long for the text encoder: %d of %d prompts have up to %d tokens and were "
+                           "cut to %d (the end of the label is ignored)", what, len(lengths), len(templates),
+                           max(lengths), context)
 
     def set_classes(self, names: Sequence[str], *, background: bool | None = None, threshold: float | None = None,
                     templates: Sequence[str] | None = None) -> None:
@@ -485,11 +521,18 @@ class Segmenter:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         return self.model.normalize(x)
 
-    def _run_backbone(self, windows: torch.Tensor) -> BackboneOutput:
-        """Backbone over ``[n, 3, S, S]`` windows in chunks of `window_batch_size` (1 on the reference path)."""
+    def _run_backbone(self, windows: torch.Tensor,
+                      progress: Callable[[int], None] | None = None) -> BackboneOutput:
+        """Backbone over ``[n, 3, S, S]`` windows in chunks of `window_batch_size` (1 on the reference path);
+        `progress` is called with the number of windows of each chunk once it is done."""
         step = 1 if self.reference else self.config.window_batch_size
-        outs = [self.model.encode_image(windows[i:i + step], reference=self.reference)
-                for i in range(0, windows.shape[0], step)]
+        outs = []
+        for i in range(0, windows.shape[0], step):
+            outs.append(self.model.encode_image(windows[i:i + step], reference=self.reference))
+            if progress is not None:
+                if self.model.device.type == "cuda":
+                    torch.cuda.synchronize(self.model.device)  # done, not merely queued
+                progress(int(outs[-1].patch_tokens.shape[0]))
         if len(outs) == 1:
             return outs[0]
         return BackboneOutput(
@@ -500,12 +543,17 @@ class Segmenter:
             grid=outs[0].grid,
         )
 
-    def embed_images(self, images: Sequence[ImageLike | PreparedImage]) -> list[ImageFeatures]:
+    def embed_images(self, images: Sequence[ImageLike | PreparedImage], *,
+                     progress: Callable[[int, int], None] | None = None) -> list[ImageFeatures]:
         """Embed several images, batching the windows of all of them through the backbone.
 
         Args:
             images: images in any form `to_rgb_uint8` accepts, or `PreparedImage`s made with the same
                 settings (e.g. by DataLoader workers).
+            progress: called as ``progress(image_index, windows)`` after each backbone chunk (of
+                ``window_batch_size`` windows), once per image whose windows the chunk held, with how many
+                of that image's windows it finished; an image's calls add up to its window count. For
+                progress bars: the backbone runs all windows of the batch in one call.
 
         Returns:
             One `ImageFeatures` per image, in order.
@@ -520,7 +568,9 @@ class Segmenter:
         outputs: dict[int, BackboneOutput] = {}
         for indices in by_size.values():
             stacked = torch.cat([prepared[i].guides for i in indices])
-            out = self._run_backbone(self._backbone_inputs(stacked))
+            on_chunk = None if progress is None else _chunk_reporter(
+                progress, [i for i in indices for _ in range(prepared[i].guides.shape[0])])
+            out = self._run_backbone(self._backbone_inputs(stacked), on_chunk)
             start = 0
             for i in indices:
                 n = prepared[i].guides.shape[0]
@@ -679,8 +729,20 @@ class Segmenter:
         return [self.predict_features(f, **options) for f in self.embed_images(images)]
 
     def _model_info(self) -> dict[str, Any]:
-        return {"name": self.model.config.name, "profile": self.model.config.profile,
+        info = {"name": self.model.config.name, "profile": self.model.config.profile,
                 "weights": self.model.weights_info}
+        overridden = self.model.weights_info.get("overridden")
+        if overridden:
+            # `name` stays short ("composed", or the registry name whose parts were replaced); this says which
+            # parts the model is made of.
+            cfg = self.model.config
+            parts = {"backbone": cfg.backbone.source, "text": cfg.text.source, "projection": cfg.projection.source}
+            described = ", ".join(f"{part}={parts[part]}" for part in parts if part in overridden)
+            info["description"] = (f"composed: {described}" if cfg.name == "composed"
+                                   else f"{cfg.name} with {described}")
+            info["parts"] = {part: {"source": source, "overridden": part in overridden}
+                             for part, source in parts.items()}
+        return info
 
     def summary(self, result: SegmentationResult) -> dict[str, Any]:
         """JSON-ready description: labels with pixel shares, effective settings, model and weights

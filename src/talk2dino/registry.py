@@ -11,11 +11,13 @@ The names themselves (models, backbones, text encoders) are pure data in `talk2d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,32 @@ def _require_transformers_for(folder: Path) -> None:
         require("transformers", MIN_TRANSFORMERS[model_type], f"the '{model_type}' backbone in {folder}")
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without transformers' "Loading weights" / "Loading checkpoint shards" progress bars (two per model, each
+    done in a blink from a local file) unless talk2dino logs at DEBUG (the CLI's -v). Downloads happen before,
+    in our resolver, with their own bars. The switches (`transformers.utils.logging` progress-bar functions,
+    which also drive huggingface_hub's) exist in transformers 4.48 through 5.x; the previous state is restored.
+    """
+    try:
+        import huggingface_hub.utils as hub_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    if not hf_logging.is_progress_bar_enabled() or logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    hub_disabled = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()  # also turns huggingface_hub's back on: put its own state back
+        if hub_disabled:
+            hub_utils.disable_progress_bars()
+
+
 def _load_backbone(source: str, *, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None,
                    logits_rope: LogitsRope = "model") -> tuple[VisionBackbone, dict[str, Any]]:
     """Resolve `source`, read its config and load it with the family its ``model_type`` names.
@@ -213,7 +241,8 @@ def _load_backbone(source: str, *, dtype: torch.dtype, cache_dir: str | os.PathL
             f"supported model types: {', '.join(sorted(BACKBONE_FAMILIES))}"
         )
     try:
-        backbone = family.from_pretrained(folder, dtype=dtype, logits_rope=logits_rope)
+        with _quiet_loading():
+            backbone = family.from_pretrained(folder, dtype=dtype, logits_rope=logits_rope)
     except (pickle.UnpicklingError, EOFError, OSError) as err:
         # A .bin whose pickle holds more than tensors (refused by weights_only), or a torn file.
         raise WeightsError(f"backbone: cannot load the weights in {folder} ({describe_load_error(err)}); "
@@ -232,10 +261,11 @@ def _load_text(source: str, *, context_length: int, cache_dir: str | os.PathLike
 
     folder = resolve_model_dir(source, what="text encoder", cache_dir=cache_dir)
     try:
-        loaded: Any = CLIPTextModelWithProjection.from_pretrained(folder, output_loading_info=True,
-                                                                  **transformers_dtype_kwargs(torch.float32))
-        model, info = loaded
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with _quiet_loading():
+            loaded: Any = CLIPTextModelWithProjection.from_pretrained(folder, output_loading_info=True,
+                                                                      **transformers_dtype_kwargs(torch.float32))
+            model, info = loaded
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # transformers raises several types for a wrong folder
         raise WeightsError(f"text encoder: cannot load a CLIP text model and tokenizer from {folder} "
                            f"({describe_load_error(err)})") from err
@@ -352,7 +382,12 @@ def create_model(
     text, text_meta = _load_text(config.text.source, context_length=config.text.context_length, cache_dir=cache_dir)
     psi, psi_meta = _load_projection(config.projection, out_dim=dino.embed_dim, pretrained=pretrained,
                                      cache_dir=cache_dir)
-    weights_info = {"backbone": dino_meta, "text": text_meta, "projection": psi_meta,
-                    "dtype": str(torch_dtype).removeprefix("torch.")}
+    weights_info: dict[str, Any] = {"backbone": dino_meta, "text": text_meta, "projection": psi_meta,
+                                    "dtype": str(torch_dtype).removeprefix("torch.")}
+    # The parts given as sources (all three for a composed model): outputs name them next to the short name.
+    overridden = [part for part, given in (("backbone", backbone), ("text", text_encoder), ("projection", projection))
+                  if given]
+    if overridden:
+        weights_info["overridden"] = overridden
     model = Talk2DINO(dino, text, psi, config, weights_info)
     return model.to(target).eval()
