@@ -161,3 +161,69 @@ def test_page_uploads_image_and_shows_overlay_legend_heatmaps_and_attention(brow
         heat_shot = tmp_path / "talk2dino-web-page-heatmap.png"
         assert browser.save_screenshot(str(heat_shot))
         _save_artifact(heat_shot)
+
+
+def test_page_examples_spinner_and_labels_only_change(browser: Any, tiny_model, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One click on an example segments it with a spinner, elapsed seconds and an estimate; a labels-only
+    change reuses the image's features. Screenshots: the examples, the spinner, the result with its legend."""
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S)
+    segmenter = Segmenter(tiny_model, dataclasses.replace(FAST, bg_threshold=0.5, pamr=False))
+    original = segmenter._run_backbone
+
+    def slow_backbone(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(2.5)  # a real model takes seconds: long enough to see (and photograph) the spinner
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter, "_run_backbone", slow_backbone)
+
+    def shot(name: str) -> None:
+        path = tmp_path / name
+        assert browser.save_screenshot(str(path)) and path.stat().st_size > 0
+        _save_artifact(path)
+
+    with running_server(create_app(segmenter, ServerConfig())) as url:
+        browser.get(url)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "model-name"), "composed"))
+        assert browser.execute_script("return document.querySelector('link[rel=icon]').href").endswith("/favicon.ico")
+        assert browser.find_elements(By.CSS_SELECTOR, "footer a[href='/docs']") == []
+        examples = browser.find_elements(By.CSS_SELECTOR, "#examples .example")
+        assert len(examples) == 2
+        wait.until(lambda d: all(d.execute_script("return arguments[0].querySelector('img').naturalWidth", e) > 0
+                                 for e in examples))
+        shot("talk2dino-web-page-examples.png")
+
+        examples[0].click()
+        wait.until(ec.visibility_of_element_located((By.ID, "progress")))
+        wait.until(lambda d: "segmenting… 1." in d.find_element(By.ID, "status").text)  # the seconds count up
+        status = browser.find_element(By.ID, "status").text
+        assert status.startswith("segmenting… ") and " s" in status, status
+        shot("talk2dino-web-page-spinner.png")
+
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+        assert not browser.find_element(By.ID, "progress").is_displayed()
+        names = [li.find_element(By.CLASS_NAME, "name").text
+                 for li in browser.find_elements(By.CSS_SELECTOR, "#legend li")]
+        assert [n for n in names if n != "background"] == ["rocket", "smoke", "sky", "tree"]
+        assert browser.find_element(By.ID, "labels").get_attribute("value") == "rocket, smoke, sky, tree"
+        assert browser.find_element(By.ID, "download").get_attribute("download") == "example-rocket_labels.png"
+        shot("talk2dino-web-page-example-result.png")
+
+        # Only the labels change: the server reuses the image's features (no slow backbone pass).
+        labels = browser.find_element(By.ID, "labels")
+        labels.clear()
+        labels.send_keys("rocket, cloud")
+        started = time.monotonic()
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("done")
+                   and "reused" in d.find_element(By.ID, "status").text)
+        assert time.monotonic() - started < 2.5
+        names = [li.find_element(By.CLASS_NAME, "name").text
+                 for li in browser.find_elements(By.CSS_SELECTOR, "#legend li")]
+        assert [n for n in names if n != "background"] == ["rocket", "cloud"]

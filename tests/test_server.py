@@ -341,7 +341,7 @@ def test_malformed_and_non_multipart_bodies(server: str) -> None:
                          headers={"content-type": "multipart/form-data; boundary=x"})
     assert_error(garbage, 400, "multipart")
     assert_error(httpx.post(url, content=b"abc", headers={"content-type": "multipart/form-data"}), 400, "boundary")
-    assert_error(httpx.post(url, json={"labels": "cat"}), 422, "labels")
+    assert_error(httpx.post(url, json={"labels": "cat"}), 415, "send multipart/form-data")
     # The image sent as a text field instead of a file.
     assert_error(httpx.post(url, data={"labels": "cat", "image": "not a file"}), 422, "image")
     # A broken Content-Length (httpx refuses to send one, so a raw socket does): 400, whichever layer says it.

@@ -289,6 +289,9 @@ def _add_serve_parser(sub: Any) -> None:
                         help=f"seconds in-flight requests get after SIGTERM, then 503 (default {d.shutdown_grace_s:g})")
     limits.add_argument("--max-batch", type=int, default=None,
                         help=f"queued requests whose images share one backbone pass (default {d.max_batch})")
+    limits.add_argument("--feature-cache-size", type=int, default=None,
+                        help="images whose features are kept, so a labels-only change skips the backbone "
+                             f"(0: off; default {d.feature_cache_size})")
     limits.add_argument("--allow-image-url", action="store_true", default=None,
                         help="let clients send image_url for the server to fetch (default off: it fetches nothing)")
     limits.add_argument("--url-timeout", type=float, default=None,
@@ -452,6 +455,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         queue_size=args.queue_size, request_timeout_s=args.request_timeout, max_batch=args.max_batch,
         max_connections=args.max_connections, allow_image_url=args.allow_image_url, url_timeout_s=args.url_timeout,
         body_timeout_s=args.body_timeout, shutdown_grace_s=args.shutdown_grace,
+        feature_cache_size=args.feature_cache_size,
     )
 
 

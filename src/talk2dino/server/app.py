@@ -29,6 +29,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import hashlib
+import io
 import json
 import logging
 import math
@@ -52,7 +55,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -108,6 +111,9 @@ _DRAIN_POLL_S = 0.2
 # Answers that leave part of the body unread must close the connection, or a client could keep trickling
 # bytes into it.
 _CLOSE = {"Connection": "close"}
+# Endpoints whose body is a form; anything else sent to them is answered 415 (see `validation_error`).
+_FORM_PATHS = frozenset({"/v1/segment"})
+_FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
 
 
 class PayloadTooLargeError(StarletteHTTPException):
@@ -416,6 +422,26 @@ def _fetch_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
     return data
 
 
+def _sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes: the feature cache's key for an upload."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_COPY_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.cache
+def _favicon_ico() -> bytes:
+    """A 32x32 icon drawn once: four label-map quadrants in the first legend colours."""
+    colors = label_colors(4)
+    icon = np.zeros((32, 32, 3), dtype=np.uint8)
+    icon[:16, :16], icon[:16, 16:], icon[16:, :16], icon[16:, 16:] = colors[0], colors[1], colors[2], colors[3]
+    buffer = io.BytesIO()
+    Image.fromarray(icon).save(buffer, format="ICO", sizes=[(32, 32), (16, 16)])
+    return buffer.getvalue()
+
+
 def _write_temp(suffix: str, source: Any | bytes) -> Path:
     with tempfile.NamedTemporaryFile(prefix="talk2dino-upload-", suffix=suffix, delete=False) as handle:
         if isinstance(source, bytes):
@@ -511,7 +537,8 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ready = segmenter if isinstance(segmenter, Segmenter) else await anyio.to_thread.run_sync(segmenter)
         worker = InferenceWorker(ready, _make_renderer(ready.config.bg_threshold), queue_size=cfg.queue_size,
-                                 max_batch=cfg.max_batch, max_wait_s=_ADMISSION_SHARE * cfg.request_timeout_s)
+                                 max_batch=cfg.max_batch, max_wait_s=_ADMISSION_SHARE * cfg.request_timeout_s,
+                                 feature_cache_size=cfg.feature_cache_size)
         worker.start()
         app.state.worker = worker
         # set_classes changes the segmenter's background/threshold per request; the defaults are these.
@@ -531,6 +558,10 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
                     "get the label map, a legend with each label's colour and pixel share, and optionally "
                     "heat maps and DINOv2 attention maps. Errors are `{\"error\": \"...\"}`.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: offline (the usual case here) they are blank
+        # pages. The schema itself is served at /openapi.json; /docs says so (see `docs_moved` below).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.config = cfg
     _tidy_openapi(app)
@@ -589,6 +620,16 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(_favicon_ico(), media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/docs", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False)
+    async def docs_moved() -> None:
+        raise StarletteHTTPException(404, "no interactive API docs here (Swagger UI needs a CDN, which an offline "
+                                          "server cannot reach); the OpenAPI schema is at /openapi.json")
+
     @app.get("/healthz", summary="liveness and queue state")
     async def healthz(request: Request) -> JSONResponse:
         worker = getattr(request.app.state, "worker", None)
@@ -625,7 +666,8 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
                                           f"{served.model.config.name!r} (registry: {', '.join(known)})")
 
     @app.post("/v1/segment", response_model=SegmentResponse, response_model_exclude_unset=True,
-              summary="segment an image with free-form labels", responses=_ERRORS)
+              summary="segment an image with free-form labels",
+              responses={**_ERRORS, 415: {"model": ErrorResponse, "description": "not multipart/form-data"}})
     async def segment(
         request: Request,
         labels: Annotated[str, Form(description='comma-separated ("cat, sofa") or a JSON list of strings')],
@@ -671,14 +713,14 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
                     image_url, max_bytes=cfg.max_upload_bytes, timeout=cfg.url_timeout_s))
                 temp = await anyio.to_thread.run_sync(_write_temp, "", data)
             path = temp
-            rgb = await anyio.to_thread.run_sync(
-                lambda: _load_upload(path, display, config=cfg, channels=channels),
+            rgb, digest = await anyio.to_thread.run_sync(
+                lambda: (_load_upload(path, display, config=cfg, channels=channels), _sha256(path)),
                 limiter=request.app.state.decode_limiter)
             job = SegmentJob(
                 image=rgb, labels=names, background=use_background, threshold=threshold, clean=clean, pamr=pamr,
                 outputs=OutputOptions(label_png=label_png, overlay=overlay, alpha=alpha, rle=rle,
                                       heatmaps=heatmaps, attention=attention),
-                deadline=started + cfg.request_timeout_s, admitted=started)
+                deadline=started + cfg.request_timeout_s, admitted=started, image_sha256=digest)
             submitted = True
             answer = await wait(job, worker)
         finally:
@@ -766,6 +808,13 @@ def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.url.path in _FORM_PATHS and kind not in _FORM_TYPES:
+            # Not a form at all (JSON, XML, a bare image, nothing): say what to send, not which field is missing.
+            got = one_line(kind)[:100] if kind else "no Content-Type"
+            return error(415, f"{request.url.path} takes multipart/form-data, not {got}: send multipart/form-data "
+                              "with an 'image' file and a 'labels' field (curl -F image=@photo.jpg "
+                              "-F labels='cat, sofa')")
         # Only location and message: the offending input may be a whole file.
         details = [{"loc": [str(p) for p in e.get("loc", ()) if p != "body"], "msg": str(e.get("msg", ""))}
                    for e in exc.errors()]

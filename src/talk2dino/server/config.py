@@ -39,6 +39,9 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # headers to last body byte; a slower (or stalled) upload gets 408 and is closed
     shutdown_grace_s: float = 20.0  # after SIGTERM/SIGINT, in-flight requests get this long, then 503
     max_batch: int = 4  # queued requests whose images share one backbone pass
+    # Images whose backbone features are kept (LRU, keyed by the upload's sha256 and the feature settings), so
+    # a request changing only the labels skips the backbone; 0 turns the cache off.
+    feature_cache_size: int = 8
     max_connections: int = 64  # concurrent connections before uvicorn itself answers 503
     allow_image_url: bool = False  # fetch `image_url` from the server (off: it lets clients make it fetch URLs)
     url_timeout_s: float = 10.0  # connect/read timeout of an `image_url` fetch
@@ -60,6 +63,8 @@ class ServerConfig:
             (self.body_timeout_s > 0, f"--body-timeout must be positive, got {self.body_timeout_s}"),
             (self.shutdown_grace_s >= 0, f"--shutdown-grace must be >= 0, got {self.shutdown_grace_s}"),
             (self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}"),
+            (0 <= self.feature_cache_size <= 1024,
+             f"feature_cache_size must be in [0, 1024], got {self.feature_cache_size}"),
             (self.max_connections >= 1, f"--max-connections must be >= 1, got {self.max_connections}"),
             (self.url_timeout_s > 0, f"--url-timeout must be positive, got {self.url_timeout_s}"),
             (self.retry_after_s >= 0, f"retry_after_s must be >= 0, got {self.retry_after_s}"),

@@ -22,10 +22,11 @@ on with the next batch (issue 12).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from talk2dino.predictor import ImageFeatures, Segmenter
 
 __all__ = [
     "EmbedTextJob",
+    "FeatureCache",
     "InferenceWorker",
     "OutputOptions",
     "QueueFullError",
@@ -102,6 +104,54 @@ class SegmentJob:
     deadline: float  # time.monotonic() after which the answer is useless
     admitted: float = field(default_factory=time.monotonic)
     future: Future[dict[str, Any]] = field(default_factory=Future)
+    image_sha256: str | None = None  # of the uploaded bytes: the feature cache's key (None: never cached)
+
+
+class FeatureCache:
+    """The backbone features of the last `capacity` images, least recently used first out; thread-safe.
+
+    Keys are the sha256 of the uploaded bytes together with the settings the features depend on (model,
+    weights, dtype, device, resize and window geometry; see `InferenceWorker.feature_key`), so a request that
+    changes only the labels, threshold, PAMR or outputs reuses them and skips the backbone. Memory is bounded
+    by `capacity` images (each as large as one backbone pass over its windows keeps).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> ImageFeatures | None:
+        """The features stored under `key` (now the most recently used), or None."""
+        with self._lock:
+            features = self._items.get(key)
+            if features is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return features
+
+    def put(self, key: str, features: ImageFeatures) -> None:
+        """Store `features`, dropping the least recently used entries beyond `capacity`."""
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._items[key] = features
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
 
 
 @dataclass
@@ -130,11 +180,14 @@ class InferenceWorker:
         max_batch: segmentation requests whose images share one `Segmenter.embed_images` call.
         max_wait_s: admit a request only if the estimated work ahead of it and its own fits in this many
             seconds (None: admit up to `queue_size` whatever the wait).
+        feature_cache_size: images whose backbone features are kept for requests that send the same image
+            again (`FeatureCache`); 0 turns the cache off.
     """
 
     def __init__(self, segmenter: Segmenter, render: SegmentRenderer, *, queue_size: int, max_batch: int,
-                 max_wait_s: float | None = None) -> None:
+                 max_wait_s: float | None = None, feature_cache_size: int = 0) -> None:
         self.segmenter = segmenter
+        self.features = FeatureCache(feature_cache_size)
         self._render = render
         self.queue_size = queue_size
         self.max_batch = max_batch
@@ -191,7 +244,10 @@ class InferenceWorker:
         with self._cond:
             service = round(self._service_s, 3) if self._service_s is not None else None
             return {"waiting": self._reserved, "capacity": self.queue_size, "busy": self._in_batch > 0,
-                    "max_batch": self.max_batch, "seconds_per_request": service, **self.stats}
+                    "max_batch": self.max_batch, "seconds_per_request": service,
+                    "feature_cache": {"size": len(self.features), "capacity": self.features.capacity,
+                                      "hits": self.features.hits, "misses": self.features.misses},
+                    **self.stats}
 
     # ------------------------------------------------------------------ admission
     def reserve(self) -> None:
@@ -274,8 +330,11 @@ class InferenceWorker:
                 live = self._start_jobs(batch)
                 if live and isinstance(live[0], SegmentJob):
                     started = time.monotonic()
-                    self._segment([job for job in live if isinstance(job, SegmentJob)])
-                    self._observe((time.monotonic() - started) / len(live))
+                    ran_backbone = self._segment([job for job in live if isinstance(job, SegmentJob)])
+                    if ran_backbone:
+                        # Only batches that ran the backbone: cache hits would make the admission estimate
+                        # (and the page's progress estimate) far too optimistic for a new image.
+                        self._observe((time.monotonic() - started) / len(live))
                 elif live and isinstance(live[0], EmbedTextJob):
                     self._embed_text(live[0])
             except BaseException as err:  # noqa: BLE001 - the worker must survive anything one batch does
@@ -326,30 +385,66 @@ class InferenceWorker:
         except InvalidInputError as err:  # this request's fault only; anything else ends the batch in _run
             job.future.set_exception(err)
 
-    def _segment(self, jobs: list[SegmentJob]) -> None:
-        self.stats["batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        started = time.monotonic()
-        features: list[ImageFeatures | None]
+    def feature_key(self, image_sha256: str) -> str:
+        """The cache key of an image: its bytes' hash and every setting its backbone features depend on."""
+        model = self.segmenter.model
+        config = self.segmenter.config
+        settings = {"model": model.config.name, "weights": model.weights_info, "device": str(model.device),
+                    "reference": self.segmenter.reference, "short_side": config.short_side,
+                    "max_long_side": config.max_long_side, "window": config.window, "stride": config.stride,
+                    "window_batch_size": config.window_batch_size}
+        return image_sha256 + "|" + json.dumps(settings, sort_keys=True, default=str)
+
+    def _embed(self, jobs: list[SegmentJob]) -> list[ImageFeatures | None]:
+        """Backbone features of each job's image (None: that image's input error, already set on its future)."""
         try:
             # The throughput path: all windows of all images in shared backbone batches.
-            features = list(self.segmenter.embed_images([job.image for job in jobs]))
+            return list(self.segmenter.embed_images([job.image for job in jobs]))
         except InvalidInputError:  # one image's fault: find which, keep the others (anything else: see _run)
             logger.debug("batch embedding failed; retrying the images one by one", exc_info=True)
-            features = []
+            features: list[ImageFeatures | None] = []
             for job in jobs:
                 try:
                     features.append(self.segmenter.embed_images([job.image])[0])
                 except InvalidInputError as one:
                     job.future.set_exception(one)
                     features.append(None)
-        embed_s = (time.monotonic() - started) / max(len(jobs), 1)
-        for job, feats in zip(jobs, features, strict=True):
+            return features
+
+    def _segment(self, jobs: list[SegmentJob]) -> bool:
+        """Answer a batch; whether the backbone ran (False: every image's features came from the cache)."""
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        started = time.monotonic()
+        keys = [self.feature_key(job.image_sha256) if job.image_sha256 is not None and self.features.capacity > 0
+                else None for job in jobs]
+        features: list[ImageFeatures | None] = [self.features.get(key) if key is not None else None for key in keys]
+        cached = [feats is not None for feats in features]
+        # The same new image twice in one batch is embedded once.
+        missing: dict[str, list[int]] = {}
+        for i, (key, hit) in enumerate(zip(keys, cached, strict=True)):
+            if not hit:
+                missing.setdefault(key if key is not None else f"\x00{i}", []).append(i)
+        if missing:
+            firsts = [indices[0] for indices in missing.values()]
+            for indices, feats in zip(missing.values(), self._embed([jobs[i] for i in firsts]), strict=True):
+                for i in indices[1:]:
+                    if feats is None:  # the same image's input error as the first copy's
+                        jobs[i].future.set_exception(jobs[indices[0]].future.exception() or InvalidInputError(
+                            "the image cannot be embedded"))
+                    features[i] = feats
+                features[indices[0]] = feats
+                if feats is not None and keys[indices[0]] is not None:
+                    self.features.put(keys[indices[0]], feats)  # type: ignore[arg-type]
+        embed_s = (time.monotonic() - started) / max(len(missing), 1)
+        for job, feats, hit in zip(jobs, features, cached, strict=True):
             if feats is None:
                 continue
-            timings = {"queue": started - job.admitted, "embed_image": embed_s, "batch_size": float(len(jobs))}
+            timings = {"queue": started - job.admitted, "embed_image": 0.0 if hit else embed_s,
+                       "batch_size": float(len(jobs)), "cached_features": float(hit)}
             self._finish(job, functools.partial(self._render, self.segmenter, job, feats, timings))
             job.image = np.empty((0, 0, 3), dtype=np.uint8)  # drop the pixels as soon as they are used
+        return bool(missing)
 
     def _embed_text(self, job: EmbedTextJob) -> None:
         started = time.monotonic()

@@ -8,7 +8,10 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { file: null, photoUrl: null, answer: null, labelPixels: null, labelWidth: 0, labelHeight: 0,
-                colorToLabel: new Map() };
+                colorToLabel: new Map(),
+                // Progress estimate: the server's measured seconds per new image (/healthz), and the last
+                // answer's time when the same file is sent again (its features are cached: labels-only change).
+                secondsPerImage: null, secondsCached: null, lastFile: null };
 
 function showError(message) {
   const box = $("error");
@@ -17,6 +20,48 @@ function showError(message) {
 }
 
 function setStatus(message) { $("status").textContent = message; }
+
+async function loadEstimate() {
+  try {
+    const response = await fetch("/healthz");
+    const health = await response.json();
+    if (response.ok && health.queue && health.queue.seconds_per_request) {
+      state.secondsPerImage = health.queue.seconds_per_request;
+    }
+  } catch { /* no estimate: the page shows the elapsed time only */ }
+}
+
+function estimateText(sameFile) {
+  const estimate = sameFile && state.secondsCached !== null ? state.secondsCached : state.secondsPerImage;
+  if (estimate === null) return "";
+  return estimate < 1 ? " (usually under 1 s)" : ` (usually about ${estimate.toFixed(0)} s)`;
+}
+
+// The spinner with the elapsed seconds and the estimate; returns the function that stops it.
+function startProgress(sameFile) {
+  const started = performance.now();
+  const suffix = estimateText(sameFile);
+  const tick = () => setStatus(`segmenting… ${((performance.now() - started) / 1000).toFixed(1)} s${suffix}`);
+  tick();
+  $("progress").hidden = false;
+  const timer = setInterval(tick, 100);
+  return () => { clearInterval(timer); $("progress").hidden = true; };
+}
+
+async function loadExample(button) {
+  showError("");
+  try {
+    const response = await fetch(button.dataset.src);
+    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+    const blob = await response.blob();
+    const name = button.dataset.src.split("/").pop();
+    chooseFile(new File([blob], name, { type: blob.type }));
+    $("labels").value = button.dataset.labels;
+    $("form").requestSubmit();
+  } catch (err) {
+    showError(`cannot load the example (${err.message})`);
+  }
+}
 
 async function loadModel() {
   try {
@@ -75,7 +120,8 @@ async function segment(event) {
   form.append("heatmaps", $("heatmaps").checked);
   form.append("attention", $("attention").checked);
   $("submit").disabled = true;
-  setStatus("segmenting…");
+  const file = state.file;
+  const stopProgress = startProgress(file === state.lastFile);
   const started = performance.now();
   try {
     const response = await fetch("/v1/segment", { method: "POST", body: form });
@@ -83,8 +129,14 @@ async function segment(event) {
     try { answer = await response.json(); } catch { answer = { error: response.statusText }; }
     if (!response.ok) throw new Error(`${response.status}: ${answer.error || response.statusText}`);
     await render(answer);
-    setStatus(`done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+    const seconds = (performance.now() - started) / 1000;
+    if (answer.timings.cached_features) state.secondsCached = seconds;
+    else if (answer.timings.batch_size === 1) state.secondsPerImage = seconds;
+    state.lastFile = file;
+    stopProgress();
+    setStatus(`done in ${seconds.toFixed(1)} s${answer.timings.cached_features ? " (image features reused)" : ""}`);
   } catch (err) {
+    stopProgress();
     showError(err.message);
     setStatus("");
   } finally {
@@ -227,5 +279,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("view").addEventListener("change", applyView);
   $("stage").addEventListener("mousemove", readout);
   $("stage").addEventListener("mouseleave", () => { $("readout").textContent = "hover the image to read its label"; });
+  for (const button of document.querySelectorAll("#examples .example")) {
+    button.addEventListener("click", () => loadExample(button));
+  }
   loadModel();
+  loadEstimate();
 });
