@@ -92,6 +92,9 @@ _GRID_GAP = 4  # pixels between grid tiles
 _GRID_BACKGROUND = (255, 255, 255)
 _GRID_TEXT = (0, 0, 0)
 _COLORBAR_HEIGHT = 12
+TILE_STRETCH = 4
+"""Heat-map / attention tiles keep a shorter side of at least ``tile_size / TILE_STRETCH`` pixels (panoramas get
+a longer side of up to ``TILE_STRETCH · tile_size`` instead of a sliver)."""
 
 LEGEND_ROW_HEIGHT = 20
 """Pixels per class row in :func:`legend_image`."""
@@ -513,7 +516,11 @@ def colormap(values: np.ndarray | torch.Tensor, *, vmin: float, vmax: float) -> 
 def image_grid(tiles: Sequence[np.ndarray], captions: Sequence[str], *, columns: int | None = None) -> np.ndarray:
     """Lay out RGB tiles in rows, each under a one-line caption, on a white canvas.
 
-    Captions are drawn with Pillow's default font and cut (with "...") to the tile width.
+    Captions are drawn with the first caption font that has a glyph for every character (DejaVu Sans, CJK
+    fonts when installed, Pillow's own FreeType font; see :func:`_caption_font`); characters no font has
+    are written as ``\\uXXXX`` escapes rather than as empty boxes. Captions are cut (with "...") to the
+    tile width. With ``columns=None`` tiles more than twice as wide as tall (panoramas) are stacked into
+    fewer columns so that the grid stays near square.
 
     Args:
         tiles: ``[h_i, w_i, 3]`` uint8 RGB images, any sizes; each cell is as large as the largest tile.
@@ -534,21 +541,26 @@ def image_grid(tiles: Sequence[np.ndarray], captions: Sequence[str], *, columns:
         if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
             raise InvalidInputError(f"grid tiles must be uint8 HxWx3 RGB; got shape {tile.shape}, dtype {tile.dtype}")
     count = len(tiles)
-    cols = columns if columns is not None else int(np.ceil(np.sqrt(count)))
-    cols = max(1, min(cols, count))
-    rows = int(np.ceil(count / cols))
     cell_h = max(t.shape[0] for t in tiles) + _CAPTION_HEIGHT
     cell_w = max(t.shape[1] for t in tiles)
+    if columns is not None:
+        cols = columns
+    elif cell_w > 2 * cell_h:  # wide tiles (panoramas): stack them so that the grid is near square in pixels
+        cols = int(np.ceil(np.sqrt(count * cell_h / cell_w)))
+    else:
+        cols = int(np.ceil(np.sqrt(count)))
+    cols = max(1, min(cols, count))
+    rows = int(np.ceil(count / cols))
     height = rows * cell_h + (rows + 1) * _GRID_GAP
     width = cols * cell_w + (cols + 1) * _GRID_GAP
     canvas = Image.new("RGB", (width, height), _GRID_BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
     for index, (tile, caption) in enumerate(zip(tiles, captions, strict=True)):
         row, col = divmod(index, cols)
         left = _GRID_GAP + col * (cell_w + _GRID_GAP)
         top = _GRID_GAP + row * (cell_h + _GRID_GAP)
-        draw.text((left, top + 2), _fit_text(draw, caption, font, cell_w), fill=_GRID_TEXT, font=font)
+        font, text = _caption_font(caption)
+        draw.text((left, top + 1), _fit_text(draw, text, font, cell_w), fill=_GRID_TEXT, font=font)
         canvas.paste(Image.fromarray(tile), (left, top + _CAPTION_HEIGHT))
     return np.asarray(canvas, dtype=np.uint8).copy()
 
@@ -574,7 +586,9 @@ def heatmap_tiles(
         background_index: Channel to leave out (a constant threshold), or None.
         vmin: Value of the darkest colour; None uses the minimum over the shown channels.
         vmax: Value of the brightest colour; None uses the maximum over the shown channels.
-        tile_size: Longer side of each map in pixels (resized bilinearly, aspect kept).
+        tile_size: Longer side of each map in pixels (resized bilinearly, aspect kept); raised for very
+            elongated maps so that the shorter side is at least ``tile_size / TILE_STRETCH`` (the longer
+            side at most ``TILE_STRETCH · tile_size``).
 
     Returns:
         ``[(channel index, [h, w, 3] uint8 RGB tile)]`` in channel order, and the ``(vmin, vmax)`` used.
@@ -593,7 +607,8 @@ def heatmap_tiles(
         raise InvalidInputError("no label channel to draw (only the background channel was given)")
     low = float(np.nanmin(maps[keep])) if vmin is None else float(vmin)
     high = float(np.nanmax(maps[keep])) if vmax is None else float(vmax)
-    return [(i, colormap(_resize_map(maps[i], tile_size), vmin=low, vmax=high)) for i in keep], (low, high)
+    long_side = _tile_long_side(maps.shape[1:], tile_size)
+    return [(i, colormap(_resize_map(maps[i], long_side), vmin=low, vmax=high)) for i in keep], (low, high)
 
 
 def heatmap_grid(
@@ -605,8 +620,13 @@ def heatmap_grid(
     vmax: float | None = None,
     tile_size: int = DEFAULT_TILE_SIZE,
     columns: int | None = None,
+    threshold: float | None = None,
 ) -> np.ndarray:
     """A grid of per-label score maps (:func:`heatmap_tiles`) captioned with the labels, with a colour bar.
+
+    When a background threshold θ applies it is marked on the colour bar (a line at θ, labelled "θ=…"; a
+    θ outside the bar's range is drawn at the nearer end, labelled with "<" or ">"): pixels whose every
+    label is darker than the mark go to the background.
 
     Args:
         scores: ``[C, H, W]`` float per-channel scores.
@@ -616,6 +636,9 @@ def heatmap_grid(
         vmax: Brightest value; None uses the maximum over the shown channels.
         tile_size: Longer side of each map in pixels.
         columns: Tiles per row; None picks a near-square grid.
+        threshold: The background threshold θ to mark on the colour bar; None takes the value of the
+            background channel when ``background_index`` is given and that channel is constant (the
+            predictor's θ channel), else no mark.
 
     Returns:
         ``[H', W', 3]`` uint8 RGB picture.
@@ -626,7 +649,17 @@ def heatmap_grid(
     tiles, (low, high) = heatmap_tiles(scores, class_names, background_index=background_index, vmin=vmin,
                                        vmax=vmax, tile_size=tile_size)
     grid = image_grid([tile for _, tile in tiles], [str(class_names[i]) for i, _ in tiles], columns=columns)
-    return _with_colorbar(grid, f"{low:.4g}", f"{high:.4g}")
+    if threshold is None and background_index is not None:
+        channel = _to_numpy(scores)[background_index]
+        if channel.size and np.all(channel == channel.flat[0]) and np.isfinite(channel.flat[0]):
+            threshold = float(channel.flat[0])
+    mark = None
+    if threshold is not None and np.isfinite(threshold):
+        span = high - low
+        position = 0.0 if not span > 0 else float(np.clip((threshold - low) / span, 0.0, 1.0))
+        side = "<" if threshold < low else ">" if threshold > high else ""
+        mark = (position, f"{side}θ={threshold:.4g}")
+    return _with_colorbar(grid, f"{low:.4g}", f"{high:.4g}", mark=mark)
 
 
 def save_heatmaps_png(
@@ -638,6 +671,7 @@ def save_heatmaps_png(
     vmin: float | None = None,
     vmax: float | None = None,
     tile_size: int = DEFAULT_TILE_SIZE,
+    threshold: float | None = None,
 ) -> None:
     """Save :func:`heatmap_grid` as an RGB PNG, atomically.
 
@@ -649,12 +683,13 @@ def save_heatmaps_png(
         vmin: Darkest value; None uses the data minimum.
         vmax: Brightest value; None uses the data maximum.
         tile_size: Longer side of each map in pixels.
+        threshold: Background threshold θ marked on the colour bar (see :func:`heatmap_grid`).
 
     Raises:
         InvalidInputError: As :func:`heatmap_grid`.
     """
     grid = heatmap_grid(scores, class_names, background_index=background_index, vmin=vmin, vmax=vmax,
-                        tile_size=tile_size)
+                        tile_size=tile_size, threshold=threshold)
     with atomic_path(path) as temporary:
         Image.fromarray(grid).save(temporary, format="PNG")
 
@@ -679,8 +714,9 @@ def attention_tiles(attention: np.ndarray | torch.Tensor, *, tile_size: int = DE
     if maps.ndim != 3 or maps.shape[0] < 1:
         raise InvalidInputError(f"attention must be [M, H, W] with at least one head; got shape {maps.shape}")
     tiles = []
+    long_side = _tile_long_side(maps.shape[1:], tile_size)
     for head in maps:
-        resized = _resize_map(head, tile_size)
+        resized = _resize_map(head, long_side)
         tiles.append(colormap(resized, vmin=float(np.nanmin(resized)), vmax=float(np.nanmax(resized))))
     return tiles
 
@@ -910,20 +946,117 @@ def _resize_map(values: np.ndarray, tile_size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def _with_colorbar(grid: np.ndarray, low: str, high: str) -> np.ndarray:
-    """Append a strip with the colour scale from ``low`` (left) to ``high`` (right) under a grid."""
+def _with_colorbar(grid: np.ndarray, low: str, high: str, *, mark: tuple[float, str] | None = None) -> np.ndarray:
+    """Append a strip with the colour scale from ``low`` (left) to ``high`` (right) under a grid.
+
+    ``mark``: ``(position in [0, 1] along the bar, label)``, drawn as a black-and-white line across the bar
+    with its label on an extra text line under it (e.g. the background threshold θ).
+    """
     height, width = grid.shape[:2]
-    canvas = Image.new("RGB", (width, height + _COLORBAR_HEIGHT + _CAPTION_HEIGHT + _GRID_GAP), _GRID_BACKGROUND)
+    extra = _CAPTION_HEIGHT if mark is not None else 0
+    canvas = Image.new("RGB", (width, height + _COLORBAR_HEIGHT + _CAPTION_HEIGHT + extra + _GRID_GAP),
+                       _GRID_BACKGROUND)
     canvas.paste(Image.fromarray(grid), (0, 0))
     bar_width = max(1, width - 2 * _GRID_GAP)
     ramp = colormap(np.linspace(0.0, 1.0, bar_width)[None, :].repeat(_COLORBAR_HEIGHT, axis=0), vmin=0.0, vmax=1.0)
     canvas.paste(Image.fromarray(ramp), (_GRID_GAP, height))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    top = height + _COLORBAR_HEIGHT + 2
+    font, low = _caption_font(low)
+    top = height + _COLORBAR_HEIGHT + 1
     draw.text((_GRID_GAP, top), low, fill=_GRID_TEXT, font=font)
+    font, high = _caption_font(high)
     draw.text((width - _GRID_GAP - draw.textlength(high, font=font), top), high, fill=_GRID_TEXT, font=font)
+    if mark is not None:
+        position, label = mark
+        x = _GRID_GAP + round(float(np.clip(position, 0.0, 1.0)) * (bar_width - 1))
+        draw.rectangle((x - 1, height - 2, x + 1, height + _COLORBAR_HEIGHT + 1), fill=(255, 255, 255))
+        draw.line((x, height - 2, x, height + _COLORBAR_HEIGHT + _CAPTION_HEIGHT), fill=_GRID_TEXT, width=1)
+        font, label = _caption_font(label if _caption_font(label)[1] == label else label.replace("θ", "bg threshold "))
+        text_width = draw.textlength(label, font=font)
+        left = min(max(_GRID_GAP, x - text_width / 2), max(_GRID_GAP, width - _GRID_GAP - text_width))
+        draw.text((left, top + _CAPTION_HEIGHT), label, fill=_GRID_TEXT, font=font)
     return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def _tile_long_side(shape: Sequence[int], tile_size: int) -> int:
+    """The longer side for tiles of ``[H, W]`` maps: ``tile_size``, raised for elongated maps (panoramas) so
+    that the shorter side reaches ``tile_size / TILE_STRETCH``, up to ``TILE_STRETCH · tile_size`` and never
+    beyond the map's own longer side (``tile_size = max(H, W)``, as the server asks, keeps the native size)."""
+    if tile_size < 1:
+        raise InvalidInputError(f"tile_size must be a positive number of pixels; got {tile_size}")
+    short, long = sorted(int(side) for side in shape)
+    if short < 1 or TILE_STRETCH * short >= long:
+        return tile_size
+    needed = int(np.ceil(tile_size * long / (TILE_STRETCH * short)))
+    return max(tile_size, min(needed, TILE_STRETCH * tile_size, long))
+
+
+_FONT_SIZE = 11
+# Scalable fonts tried for captions, in order; the first that has every character of a caption draws it.
+_FONT_FILES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/truetype/unifont/unifont.ttf",
+    "/System/Library/Fonts/PingFang.ttc",
+    "C:/Windows/Fonts/msyh.ttc",
+    "C:/Windows/Fonts/seguisym.ttf",
+)
+_FONTS: list[tuple[Any, bytes]] | None = None  # (font, its mask of a character no font has), loaded once
+_NO_GLYPH = "\U0010fffd"  # a private-use code point: rendered as the font's "missing glyph" box, if anything
+
+
+def _glyph_mask(font: Any, text: str) -> bytes:
+    mask = font.getmask(text)
+    return bytes(mask.size) + bytes(mask)
+
+
+def _caption_fonts() -> list[tuple[Any, bytes]]:
+    global _FONTS
+    if _FONTS is None:
+        fonts: list[Any] = []
+        for path in dict.fromkeys(os.path.realpath(path) for path in _FONT_FILES):
+            try:
+                fonts.append(ImageFont.truetype(path, _FONT_SIZE))
+            except OSError:
+                continue
+        try:
+            fonts.append(ImageFont.load_default(size=_FONT_SIZE))  # Pillow >= 10.1 with FreeType
+        except (TypeError, ImportError, OSError):
+            pass
+        if not fonts:
+            fonts.append(ImageFont.load_default())  # the bitmap font: ASCII only
+        _FONTS = [(font, _glyph_mask(font, _NO_GLYPH)) for font in fonts]
+    return _FONTS
+
+
+def _has_glyph(font: Any, missing: bytes, char: str) -> bool:
+    if char.isspace() or (char.isascii() and char.isprintable()):
+        return True
+    try:
+        return _glyph_mask(font, char) != missing
+    except (UnicodeEncodeError, ValueError, OSError):  # the bitmap font encodes latin-1 only
+        return False
+
+
+def _caption_font(text: str) -> tuple[Any, str]:
+    """A font that draws every character of ``text``, and the text it can draw.
+
+    The first of :func:`_caption_fonts` with a glyph for every character (a glyph differs from the font's
+    missing-glyph box); when none has them all, the first font, with the characters it lacks replaced by
+    ``\\uXXXX`` / ``\\UXXXXXXXX`` escapes, so that a label is never drawn as empty boxes.
+    """
+    fonts = _caption_fonts()
+    for font, missing in fonts:
+        if all(_has_glyph(font, missing, char) for char in text):
+            return font, text
+    font, missing = fonts[0]
+    escaped = "".join(char if _has_glyph(font, missing, char) else char.encode("unicode_escape").decode("ascii")
+                      for char in text)
+    return font, escaped
 
 
 def _rle_to_string(counts: Sequence[int]) -> str:

@@ -14,9 +14,10 @@ dilation row-major over (dy, dx) ∈ {−d, 0, d}², skipping (0, 0) for the pro
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ _INDEX_CACHE_SIZE = 2
 # touching its pages costs about a third of the affinity arithmetic.
 _SCRATCH = threading.local()
 _AFFINITY_ROWS = 112  # rows per band of the κ planes (a few MB, reused by the allocator)
+# The affinities are ~1,200 small element-wise ops per window (54 + 162 for the spread, 5 per offset and band
+# for κ), each 0.15–0.6 M values: with the OpenMP backend every one is a parallel region ending in a
+# barrier. On a busy machine a descheduled worker thread stalls each barrier for a scheduler time slice,
+# which made PAMR ~35× slower with 2 threads than with 1 while another process ran (issue 13). Windows up
+# to this many pixels run those element-wise ops on the calling thread alone (immune to contention); the
+# 4 softmaxes (whose chunking across threads decides the last bits of exp) and the 10 propagation steps,
+# few and large, keep torch's thread count. benchmarks/bench_pamr_contention.py measures both.
+_SERIAL_AFFINITY_PIXELS = 1024 * 1024
 
 __all__ = ["STD_EPS", "STD_SCALE", "pamr", "pamr_reference"]
 
@@ -99,6 +108,27 @@ def _scratch(count: int, device: torch.device) -> Tensor:
     return buffer[:count]
 
 
+@contextlib.contextmanager
+def _serial_cpu(device: torch.device, pixels: int) -> Iterator[None]:
+    """Run the block with one intra-op thread when on CPU and ``pixels`` ≤ ``_SERIAL_AFFINITY_PIXELS``.
+
+    ``torch.set_num_threads`` sets the OpenMP (and MKL) thread count of the *calling* thread with the
+    OpenMP backend (``omp_set_num_threads`` writes this thread's ICV; ATen's parallel regions read it with
+    ``omp_get_max_threads``), so a server's other threads keep their own count; the previous value is
+    restored on exit, exceptions included. It also stores ATen's default for threads started meanwhile
+    (interop/autograd threads, none on this path), which the restore resets.
+    """
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or previous == 1 or pixels > _SERIAL_AFFINITY_PIXELS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _softmax_(logits: Tensor, dim: int) -> Tensor:
     """``torch.softmax(logits, dim)`` written over `logits` (contiguous). The CPU kernels normalise one
     softmax slice at a time, reading each input value before writing its output, so in place is safe
@@ -122,8 +152,24 @@ def _pixel_affinities(image: Tensor, dilations: Sequence[int]) -> Tensor:
     """
     height, width = image.shape[-2:]
     pad = max(dilations)
-    padded = F.pad(image, [pad] * 4, mode="replicate")
+    with _serial_cpu(image.device, height * width):
+        padded = F.pad(image, [pad] * 4, mode="replicate")
+        denominator = _spread_denominator(image, padded, pad, dilations)
+    neighbours = _stencil_offsets(dilations, include_centre=False)
+    weights = _scratch(len(neighbours) * height * width, image.device).view(height * width, len(neighbours))
+    for top in range(0, height, _AFFINITY_ROWS):
+        bottom = min(top + _AFFINITY_ROWS, height)
+        with _serial_cpu(image.device, height * width):
+            logits = _band_logits(image, padded, denominator, pad, neighbours, top, bottom)
+        # The softmax keeps the caller's thread count: its vectorised exp covers each thread's chunk, so
+        # the chunking (and the last bits of a few values) depends on the number of threads.
+        weights[top * width : bottom * width].copy_(_softmax_(logits, dim=0).t())
+    return weights
 
+
+def _spread_denominator(image: Tensor, padded: Tensor, pad: int, dilations: Sequence[int]) -> Tensor:
+    """``STD_EPS + STD_SCALE · σ_k(x)``, `[1, 3, H, W]`, from the replicate-padded guide."""
+    height, width = image.shape[-2:]
     # Sample standard deviation (n − 1) over the full stencils, centre included, in two passes
     # (mean, then squared deviations) to keep float32 accuracy on 0–255 values.
     stencil = _stencil_offsets(dilations, include_centre=True)
@@ -135,26 +181,25 @@ def _pixel_affinities(image: Tensor, dilations: Sequence[int]) -> Tensor:
     deviation = torch.empty_like(image)
     for dy, dx in stencil:
         squares.add_(torch.sub(_shifted(padded, pad, dy, dx, height, width), mean, out=deviation).square_())
-    denominator = squares.div_(len(stencil) - 1).sqrt_().mul_(STD_SCALE).add_(STD_EPS)  # [1, 3, H, W]
+    return squares.div_(len(stencil) - 1).sqrt_().mul_(STD_SCALE).add_(STD_EPS)  # [1, 3, H, W]
 
+
+def _band_logits(image: Tensor, padded: Tensor, denominator: Tensor, pad: int,
+                 neighbours: Sequence[tuple[int, int]], top: int, bottom: int) -> Tensor:
+    """κ(x, δ) of rows ``top:bottom``: `[K, rows·W]`, one contiguous plane per offset."""
+    width = image.shape[-1]
     # κ(x, δ) = mean over k of −|I_k(x) − I_k(x + δ)| / denominator_k(x) and α = its softmax over δ, per
     # band of rows: one contiguous plane per offset (the channel sum in the order R, G, B, divided by −3:
     # the arithmetic of `mean`), the softmax over the offset axis (the kernel and arithmetic of a softmax
     # over dim 1 of `[1, K, H, W]`), then transposed into pixel-major rows.
-    neighbours = _stencil_offsets(dilations, include_centre=False)
-    weights = _scratch(len(neighbours) * height * width, image.device).view(height * width, len(neighbours))
-    for top in range(0, height, _AFFINITY_ROWS):
-        bottom = min(top + _AFFINITY_ROWS, height)
-        centre, scale = image[..., top:bottom, :], denominator[..., top:bottom, :]
-        kappa = torch.empty((len(neighbours), bottom - top, width), dtype=image.dtype, device=image.device)
-        difference = torch.empty_like(centre)
-        for index, (dy, dx) in enumerate(neighbours):
-            shifted = padded[..., pad + dy + top : pad + dy + bottom, pad + dx : pad + dx + width]
-            torch.sub(centre, shifted, out=difference).abs_().div_(scale)
-            torch.add(difference[0, 0], difference[0, 1], out=kappa[index]).add_(difference[0, 2])
-        logits = kappa.view(len(neighbours), -1).div_(-3.0)
-        weights[top * width : bottom * width].copy_(_softmax_(logits, dim=0).t())
-    return weights
+    centre, scale = image[..., top:bottom, :], denominator[..., top:bottom, :]
+    kappa = torch.empty((len(neighbours), bottom - top, width), dtype=image.dtype, device=image.device)
+    difference = torch.empty_like(centre)
+    for index, (dy, dx) in enumerate(neighbours):
+        shifted = padded[..., pad + dy + top : pad + dy + bottom, pad + dx : pad + dx + width]
+        torch.sub(centre, shifted, out=difference).abs_().div_(scale)
+        torch.add(difference[0, 0], difference[0, 1], out=kappa[index]).add_(difference[0, 2])
+    return kappa.view(len(neighbours), -1).div_(-3.0)
 
 
 def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[int]) -> Tensor:
@@ -237,7 +282,8 @@ def _refine_one(image: Tensor, masks: Tensor, iterations: int, dilations: Sequen
     height, width = image.shape[-2:]
     num_classes = masks.shape[1]
     weights = _pixel_affinities(image, dilations)  # [H·W, K], the bags' weights
-    index = _neighbour_index(height, width, dilations, image.device)
+    with _serial_cpu(image.device, height * width):
+        index = _neighbour_index(height, width, dilations, image.device)
     # Pixel-major [H·W, C], contiguous (a strided weight would take embedding_bag's slow generic path);
     # a channels-last input is already laid out this way and is not copied.
     refined = masks[0].permute(1, 2, 0).reshape(height * width, num_classes).contiguous()
