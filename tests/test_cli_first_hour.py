@@ -171,3 +171,41 @@ def test_offline_hint_names_hf_download(tmp_path: Path, monkeypatch: pytest.Monk
     message = str(info.value)
     assert f"`hf download someorg/somerepo --revision v1 --cache-dir {tmp_path / 'hf'}`" in message
     assert "huggingface-cli" not in message
+
+
+@pytest.mark.parametrize("flags", [["--model", "talk2dino-vitb14-reg"], ["--backbone", "local-dir:/x"],
+                                   ["--projection", "psi.pth", "--dtype", "bfloat16"]])
+def test_weight_flags_with_the_onnx_runtime_are_refused_not_ignored(tmp_path: Path, capsys, flags: list[str],
+                                                                     no_model_load: list[object]) -> None:
+    img = _write_image(tmp_path / "x.png")
+    code = main(["segment", str(img), "--labels", "cat", "--runtime", "onnx", "--onnx-dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and no_model_load == []
+    assert "with --runtime onnx the model is the --onnx-dir folder" in err and flags[0] in err
+
+
+def test_export_onnx_offers_no_runtime_flags(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["export-onnx", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--runtime {" not in help_text and "--onnx-dir ONNX_DIR" not in help_text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export-onnx", "--out", "x", "--runtime", "onnx"])
+
+
+def test_onnx_export_silences_the_optimiser_info_logs() -> None:
+    """onnx_ir / onnxscript log each pass at INFO (368 lines per export): off during an export, restored after."""
+    pytest.importorskip("torch")
+    from talk2dino.export.onnx import _quiet_exporter
+
+    chatty = logging.getLogger("onnx_ir.passes.common")
+    before = {name: logging.getLogger(name).level for name in ("onnx_ir", "onnxscript")}
+    logging.getLogger("onnx_ir").setLevel(logging.INFO)
+    try:
+        with _quiet_exporter():
+            assert not chatty.isEnabledFor(logging.INFO)
+            assert not logging.getLogger("onnxscript.optimizer").isEnabledFor(logging.INFO)
+        assert chatty.isEnabledFor(logging.INFO)
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)

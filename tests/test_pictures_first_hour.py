@@ -12,6 +12,8 @@ import base64
 import contextlib
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,24 @@ def test_help_cites_no_internal_documents(command: str | None, capsys) -> None:
     assert "usage:" in text
     for reference in ("§", "method.md", "pitfall"):
         assert reference not in text, f"{command} --help cites {reference!r}:\n{text}"
+
+
+def test_cli_overlay_and_legend_of_the_example_photo(tiny_sources, tmp_path: Path) -> None:
+    """The README's photo through the CLI: overlay and legend exist, sized as the photo and one row per class;
+    with TALK2DINO_ARTIFACTS set (CI), both are copied there to be looked at."""
+    from talk2dino.outputs import LEGEND_PADDING, LEGEND_ROW_HEIGHT
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "rocket.jpg"
+    out = tmp_path / "out"
+    # No background class: random tiny weights would leave every pixel under the threshold.
+    code = main(["-q", "segment", str(photo), "--labels", "rocket, smoke, sky, tree", "--no-background",
+                 "--out", str(out), "--no-progress", *_model_args(tiny_sources)])
+    assert code == 0
+    overlay_png, legend_png = out / "rocket_overlay.png", out / "rocket_legend.png"
+    assert Image.open(overlay_png).size == Image.open(photo).size
+    assert Image.open(legend_png).size[1] == 2 * LEGEND_PADDING + 4 * LEGEND_ROW_HEIGHT  # one row per label
+    artifacts = os.environ.get("TALK2DINO_ARTIFACTS")
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        for picture in (overlay_png, legend_png):
+            shutil.copy(picture, Path(artifacts) / f"cli-{picture.name}")

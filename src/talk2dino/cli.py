@@ -92,7 +92,8 @@ def read_label_file(path: str) -> list[str]:
     return labels
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True) -> None:
+    """The "Model" flags; `runtime` adds --runtime/--onnx-dir (not for export-onnx, which always exports torch)."""
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default=None,
                        help=f"registry name, local-dir:PATH or hf-hub:ORG/REPO model folder (default {DEFAULT_MODEL})")
@@ -105,9 +106,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-dir", default=None,
                        help="download cache (default $TALK2DINO_CACHE or ~/.cache/talk2dino)")
     group.add_argument("--offline", action="store_true", default=None, help="never touch the network")
-    group.add_argument("--runtime", default=None, choices=["torch", "onnx"],
-                       help="torch (default) or onnx: run a folder written by `talk2dino export-onnx` (--onnx-dir)")
-    group.add_argument("--onnx-dir", default=None, help="exported ONNX folder, with --runtime onnx")
+    if runtime:
+        group.add_argument("--runtime", default=None, choices=["torch", "onnx"],
+                           help="torch (default) or onnx: run a folder written by `talk2dino export-onnx` "
+                                "(--onnx-dir), which then is the whole model")
+        group.add_argument("--onnx-dir", default=None, help="exported ONNX folder, with --runtime onnx")
 
 
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -224,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx = sub.add_parser("export-onnx", help="export the image side, text side and psi to ONNX",
                           description="Writes image_encoder.onnx, text_encoder.onnx, projection.onnx, the "
                                       "tokenizer and onnx_config.json (hashes); run them with --runtime onnx.")
-    _add_model_args(onnx)
+    _add_model_args(onnx, runtime=False)
     onnx.add_argument("--out", required=True, help="output folder")
     onnx.add_argument("--image-size", type=int, default=None, help="window size (default: the model's, 448)")
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -377,7 +380,8 @@ def _inference_config(args: argparse.Namespace, base: Any = None) -> Any:
     if base is None:
         from talk2dino.catalog import registered_config
 
-        registered = None if args.runtime == "onnx" else registered_config(args.model or DEFAULT_MODEL)
+        onnx = getattr(args, "runtime", None) == "onnx"
+        registered = None if onnx else registered_config(args.model or DEFAULT_MODEL)
         base = registered.inference if registered is not None else InferenceConfig()
     overrides = {k: getattr(args, k) for k in _INFERENCE_FLAGS if getattr(args, k, None) is not None}
     try:
@@ -402,11 +406,18 @@ def _check_model_flags(args: argparse.Namespace) -> None:
     """
     from talk2dino.errors import InvalidInputError, one_line
 
-    if args.command != "export-onnx" and args.runtime == "onnx":
+    if getattr(args, "runtime", None) == "onnx":
         if not args.onnx_dir:
             raise InvalidInputError("--runtime onnx needs --onnx-dir (a folder written by `talk2dino export-onnx`)")
         if getattr(args, "compile", None):
             raise InvalidInputError("--compile applies to the torch runtime, not --runtime onnx")
+        # The exported folder is the whole model: weight flags would be ignored, so they are refused.
+        ignored = [flag for flag, value in (("--model", args.model), ("--backbone", args.backbone),
+                                            ("--text-encoder", args.text_encoder), ("--projection", args.projection),
+                                            ("--dtype", args.dtype)) if value]
+        if ignored:
+            raise InvalidInputError(f"{', '.join(ignored)} select torch weights; with --runtime onnx the model is "
+                                    "the --onnx-dir folder (export another folder to change them)")
         return
     if args.projection:
         from talk2dino.weights import parse_source, sniff_not_checkpoint

@@ -121,16 +121,21 @@ def _quiet_exporter() -> Iterator[None]:
     onnxscript emit deprecation and axis-renaming warnings that concern their own internals. The
     logger level is restored afterwards; no handler is added.
     """
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    previous = registration.level
-    registration.setLevel(logging.ERROR)
+    # onnx_ir and onnxscript log every optimisation pass at INFO (hundreds of lines per export, issue 13.10).
+    levels = {"torch.onnx._internal.exporter._registration": logging.ERROR, "onnx_ir": logging.WARNING,
+              "onnxscript": logging.WARNING}
+    loggers = {name: logging.getLogger(name) for name in levels}
+    previous = {name: logger_.level for name, logger_ in loggers.items()}
+    for name, logger_ in loggers.items():
+        logger_.setLevel(levels[name])
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*treespec.*", category=FutureWarning)
             warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*", category=UserWarning)
             yield
     finally:
-        registration.setLevel(previous)
+        for name, logger_ in loggers.items():
+            logger_.setLevel(previous[name])
 
 
 def _parameter_bytes(module: nn.Module) -> int:
