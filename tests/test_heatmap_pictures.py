@@ -67,3 +67,13 @@ def test_panorama_tiles_keep_a_readable_short_side() -> None:
     assert square[0][1].shape == (192, 256, 3)  # ordinary aspect ratios are unchanged
     native, _ = heatmap_tiles(scores, ["background", "sky", "sea"], background_index=0, tile_size=2048)
     assert native[0][1].shape == (128, 2048, 3)  # the server's tile_size=max(H, W): the native size, no stretch
+
+
+def test_legend_draws_non_latin_names_as_the_captions_do() -> None:
+    """The legend picks fonts like the captions: a name no font covers is drawn as its escapes, never as boxes."""
+    from talk2dino.outputs import _caption_font, legend_image
+
+    colors = np.array([[128, 0, 0]], dtype=np.uint8)
+    for name in ("\u732b", "\u043a\u043e\u0442", "dog \U0001f436"):
+        drawable = _caption_font(name)[1]
+        assert np.array_equal(np.asarray(legend_image([name], colors)), np.asarray(legend_image([drawable], colors)))

@@ -249,7 +249,8 @@ def legend_image(names: Sequence[str], colors: np.ndarray, *, shares: Sequence[f
 
     Row ``k`` spans pixels ``[LEGEND_PADDING + k * LEGEND_ROW_HEIGHT, ... + LEGEND_ROW_HEIGHT)``; its swatch is
     filled with ``colors[k]`` inside a grey outline (so that a white or black swatch still shows). Names are
-    drawn with PIL's default font and cut with "..." past :data:`LEGEND_MAX_TEXT_WIDTH` pixels.
+    drawn in a font that has their characters (else ``\\uXXXX`` escapes, never boxes) and cut with "..." past
+    :data:`LEGEND_MAX_TEXT_WIDTH` pixels.
 
     Args:
         names: The class names, in index order.
@@ -267,17 +268,19 @@ def legend_image(names: Sequence[str], colors: np.ndarray, *, shares: Sequence[f
         raise InvalidInputError(f"legend colours must be [{len(names)}, 3]; got shape {rgb.shape}")
     if shares is not None and len(shares) != len(names):
         raise InvalidInputError(f"legend got {len(shares)} shares for {len(names)} names")
-    font = ImageFont.load_default()
     texts = [str(name) if shares is None else f"{name}  {100 * float(shares[k]):.1f}%" for k, name in enumerate(names)]
+    # Each row in a font that has its characters (the captions' choice: non-Latin names are never boxes).
+    rows = [_caption_font(text) for text in texts]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = min(LEGEND_MAX_TEXT_WIDTH, max([int(measure.textlength(t, font=font)) + 1 for t in texts] + [60]))
+    text_width = min(LEGEND_MAX_TEXT_WIDTH,
+                     max([int(measure.textlength(t, font=f)) + 1 for f, t in rows] + [60]))
     text_left = LEGEND_PADDING + LEGEND_SWATCH + LEGEND_PADDING
     width = text_left + text_width + LEGEND_PADDING
     height = 2 * LEGEND_PADDING + LEGEND_ROW_HEIGHT * len(names)
     canvas = Image.new("RGB", (width, height), _GRID_BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     inset = (LEGEND_ROW_HEIGHT - LEGEND_SWATCH) // 2
-    for k, text in enumerate(texts):
+    for k, (font, text) in enumerate(rows):
         top = LEGEND_PADDING + k * LEGEND_ROW_HEIGHT
         box = (LEGEND_PADDING, top + inset, LEGEND_PADDING + LEGEND_SWATCH - 1, top + inset + LEGEND_SWATCH - 1)
         draw.rectangle(box, fill=tuple(int(c) for c in rgb[k]), outline=(128, 128, 128))
