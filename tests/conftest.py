@@ -45,6 +45,22 @@ def write_clip_tokenizer(folder: Path) -> None:
     write(BPE, folder)
 
 
+def tiny_model_args(tiny_sources: dict[str, str]) -> list[str]:
+    """CLI flags composing the session's tiny random parts (see `tiny_sources`) on the CPU."""
+    return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
+            "--projection", tiny_sources["projection"], "--device", "cpu"]
+
+
+def write_noise_image(path: Path, h: int = 40, w: int = 60, seed: int = 0) -> Path:
+    """An ``h x w`` RGB image of uniform noise saved at `path` (format from the suffix)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 def save_tiny_dinov2(folder: Path, *, registers: int = 4, hidden: int = 32, heads: int = 4, layers: int = 2,
                      seed: int = 0, swiglu: bool = False, rough: bool = False) -> Path:
     """A tiny random DINOv2 (with or without registers), saved with save_pretrained.

@@ -7,20 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_model_args as _model_args
+from conftest import write_noise_image as _write_image
 from PIL import Image
 
 from talk2dino.cli import build_parser, main, parse_label_list
-
-
-def _write_image(path: Path, h: int = 40, w: int = 60, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _model_args(tiny_sources: dict[str, str]) -> list[str]:
-    return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
-            "--projection", tiny_sources["projection"], "--device", "cpu"]
 
 
 def test_segment_writes_every_output_and_reports_bad_files(tiny_sources, tmp_path: Path, capsys) -> None:

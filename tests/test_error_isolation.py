@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import tiny_model_args as _model_args
+from conftest import write_noise_image as _write_image
 
 from talk2dino.cli import main
 from talk2dino.errors import (
@@ -47,20 +48,9 @@ TRANSFORMERS = importlib.metadata.version("transformers")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _write_image(path: Path, h: int = 40, w: int = 60, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def _three_images(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     return [_write_image(folder / f"photo{i}.png", 36 + 4 * i, 50, seed=i) for i in range(3)]
-
-
-def _model_args(tiny_sources: dict[str, str]) -> list[str]:
-    return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
-            "--projection", tiny_sources["projection"], "--device", "cpu"]
 
 
 def _segment(tiny_sources: dict[str, str], inputs: Path, out: Path, *extra: str) -> int:

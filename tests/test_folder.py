@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_args as _model_args
 from PIL import Image
 
 from talk2dino import InferenceConfig, Segmenter, create_model
@@ -31,11 +32,6 @@ def _images(folder: Path, count: int = 5) -> list[Path]:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
-
-
-def _model_args(tiny_sources: dict[str, str]) -> list[str]:
-    return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
-            "--projection", tiny_sources["projection"], "--device", "cpu"]
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_model_args as _model_args
 from PIL import Image
 
 from talk2dino.cli import build_parser, main
@@ -33,11 +34,6 @@ def _is_dark(color: object) -> bool:
 def _palette_of(image: Image.Image, count: int) -> list[list[int]]:
     entries = image.getpalette() or []
     return [list(entries[3 * k:3 * k + 3]) for k in range(count)]
-
-
-def _model_args(tiny_sources: dict[str, str]) -> list[str]:
-    return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
-            "--projection", tiny_sources["projection"], "--device", "cpu"]
 
 
 @pytest.mark.parametrize("background", [False, True])

@@ -10,22 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import tiny_model_args as _model_args
+from conftest import write_noise_image as _write_image
 
 from talk2dino.cli import main
 from talk2dino.config import InferenceConfig
 from talk2dino.predictor import Segmenter
-
-
-def _write_image(path: Path, h: int, w: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _model_args(tiny_sources: dict[str, str]) -> list[str]:
-    return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
-            "--projection", tiny_sources["projection"], "--device", "cpu"]
 
 
 def test_embed_images_reports_each_backbone_chunk(tiny_model) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import tiny_model_args as _model_args
 
 from talk2dino.data.benchmarks import folder_benchmark, list_samples, load_label, read_class_names_file
 from talk2dino.data.converters import CocoStuffThingPainter, read_numbered_names_file
@@ -282,11 +283,6 @@ def test_symlinked_subfolder_inside_is_accepted(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # The CLI: exit codes and one line per failure
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _model_args(tiny_sources: dict[str, str]) -> list[str]:
-    return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
-            "--projection", tiny_sources["projection"], "--device", "cpu"]
 
 
 CLI_IMAGES = ("bad_empty.png", "bad_bomb_png_20000x20000.png", "bad_truncated_50pct_jpeg_rgb.jpg",
