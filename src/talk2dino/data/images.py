@@ -23,13 +23,14 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from talk2dino.errors import InvalidInputError, error_reason, one_line
+from talk2dino.fileio import open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -141,13 +142,24 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         )
     if not exists:
         raise InvalidInputError(f"{shown}: no such file")
+    try:
+        # Refuses a FIFO (reading one blocks forever), socket or device, without blocking; Pillow then reads
+        # the header from this handle, never reopening the path.
+        handle = open_regular(file_path, "image")
+    except OSError as exc:
+        raise InvalidInputError(f"{shown}: cannot open file ({one_line(exc.strerror or exc)})") from exc
+    with handle:
+        return _load_opened(handle, file_path, shown, limit)
 
+
+def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int) -> np.ndarray:
+    """`load_image` on an opened regular file."""
     try:
         # Our own limit (checked below, before decoding) is authoritative; silence Pillow's softer warning for
         # sizes between its threshold and ours. Pillow's hard DecompressionBombError is caught below.
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(file_path)
+            opened = Image.open(handle)
     except UnidentifiedImageError as exc:
         raise InvalidInputError(
             f"{shown}: cannot identify image file (not an image, or a format Pillow cannot read)"
@@ -499,10 +511,11 @@ def _scan_folder(folder: Path, *, recursive: bool) -> list[Path]:
 
 def _read_list_file(list_file: Path, *, recursive: bool) -> list[Path]:
     shown = one_line(list_file, max_chars=1000)
-    if not list_file.is_file():
+    if not list_file.exists():
         raise InvalidInputError(f"{shown}: list file not found")
     try:
-        lines = list_file.read_text(encoding="utf-8-sig").splitlines()
+        with open_regular(list_file, "list file") as handle:
+            lines = handle.read().decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"{shown}: cannot read list file ({error_reason(exc)})") from exc
     base = list_file.parent

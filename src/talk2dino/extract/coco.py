@@ -17,6 +17,7 @@ Rules (method.md §3.1):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from talk2dino.errors import InvalidInputError, one_line
-from talk2dino.fileio import JSON_READ_ERRORS, file_sha256, stays_inside
+from talk2dino.fileio import JSON_READ_ERRORS, check_regular_file, open_regular, stays_inside
 
 __all__ = ["CocoCaption", "CocoCaptions", "CocoImage", "annotation_path", "image_folder", "read_coco_captions"]
 
@@ -141,6 +142,8 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     if limit is not None and limit < 1:
         raise InvalidInputError(f"limit must be a positive number of images, got {limit}")
     path = annotation_path(coco_root, split)
+    if path.exists():
+        check_regular_file(path, "captions file")  # a FIFO would block the read forever; refused by name
     if not path.is_file():
         raise InvalidInputError(
             f"{path}: no such file; coco_root must hold annotations/captions_{split}{YEAR}.json as published "
@@ -150,8 +153,13 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     if not folder.is_dir():
         raise InvalidInputError(f"{folder}: no such image folder; unpack {split}{YEAR}.zip into {coco_root}")
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        # open_regular: a FIFO swapped in after the check above must not block the read.
+        with open_regular(path, "captions file") as handle:
+            raw = handle.read()
+        sha256 = hashlib.sha256(raw).hexdigest()  # of the bytes parsed, not of a reopened path
+        data = json.loads(raw.decode("utf-8"))
+    except InvalidInputError:
+        raise
     except JSON_READ_ERRORS as err:
         raise InvalidInputError(f"{path}: not a readable JSON file ({one_line(err)})") from err
     if not isinstance(data, dict):
@@ -206,7 +214,7 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     if orphans:
         logger.warning("%s: skipping %d caption(s) whose image_id is not listed in 'images'", path, orphans)
     result = CocoCaptions(
-        split=split, annotation_file=path, sha256=file_sha256(path), images=ordered, captions=per_image,
+        split=split, annotation_file=path, sha256=sha256, images=ordered, captions=per_image,
         empty_captions=empty, total_images=len(images), total_captions=len(data["annotations"]),
         orphan_captions=orphans,
     )

@@ -54,7 +54,7 @@ from talk2dino.errors import InvalidInputError, Talk2DinoError, error_reason, in
 from talk2dino.extract.coco import CocoCaptions, CocoImage, read_coco_captions
 from talk2dino.extract.format import FEATURE_FORMAT, MANIFEST_FILE, FeatureFormatError, read_manifest
 from talk2dino.extract.targets import head_targets, mean_head_target
-from talk2dino.fileio import atomic_write_bytes, fault_point, file_sha256, temp_target
+from talk2dino.fileio import atomic_write_bytes, fault_point, file_sha256, open_regular, temp_target
 
 __all__ = [
     "ExtractionError",
@@ -104,10 +104,12 @@ def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
     the stored pixels.
 
     Raises:
-        InvalidInputError: ``"<path>: <reason>"`` for a missing, unreadable, truncated or non-image file.
+        InvalidInputError: ``"<path>: <reason>"`` for a missing, unreadable, truncated or non-image file, or
+            one that is not a regular file (a FIFO would block).
     """
     try:
-        with Image.open(path) as image:
+        # open_regular: a FIFO or device named by a COCO file_name is refused instead of blocking forever.
+        with open_regular(path, "image") as handle, Image.open(handle) as image:
             image.load()
             return image.convert("RGB")
     except FileNotFoundError as err:
