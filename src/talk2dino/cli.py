@@ -62,19 +62,22 @@ def read_label_file(path: str) -> list[str]:
             message is one line naming the file (and the line, for bad bytes).
     """
     from talk2dino.errors import InvalidInputError, one_line
+    from talk2dino.fileio import open_regular
 
     file_path = Path(path)
     shown = one_line(file_path)
     try:
         if file_path.is_dir():
             raise InvalidInputError(f"{shown}: is a folder; --labels-file expects a text file, one label per line")
-        size = file_path.stat().st_size
-        if size > LABEL_FILE_MAX_BYTES:
-            raise InvalidInputError(
-                f"{shown}: labels file is {size:,} bytes, above the limit of {LABEL_FILE_MAX_BYTES:,}; is it a "
-                "labels file?"
-            )
-        data = file_path.read_bytes()
+        # open_regular refuses a FIFO (reading one blocks forever), socket or device without blocking.
+        with open_regular(file_path, "labels file") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > LABEL_FILE_MAX_BYTES:
+                raise InvalidInputError(
+                    f"{shown}: labels file is {size:,} bytes, above the limit of {LABEL_FILE_MAX_BYTES:,}; is it "
+                    "a labels file?"
+                )
+            data = handle.read(LABEL_FILE_MAX_BYTES + 1)
     except OSError as err:
         raise InvalidInputError(f"{shown}: cannot read labels file ({one_line(err.strerror or err)})") from err
     try:
@@ -153,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(seg)
     _add_inference_args(seg)
     out = seg.add_argument_group("Output")
-    out.add_argument("--out", default=None, help="output folder (default ./talk2dino-out)")
+    out.add_argument("--out", default=None,
+                     help="output folder (default ./talk2dino-out), created if missing; checked before the model "
+                          "loads. A file there is never written over unless talk2dino wrote it (it is listed in a "
+                          "talk2dino <stem>.json there) or --overwrite is given; an input image never is. "
+                          "Earlier talk2dino outputs in it are not taken as inputs")
+    out.add_argument("--overwrite", action="store_true", default=None,
+                     help="write over existing files in --out that talk2dino did not write (never an input image)")
     out.add_argument("--save-scores", action="store_true", default=None,
                      help="also write <stem>_scores.npz: per-label score maps before argmax, image size, float16")
     out.add_argument("--save-heatmaps", action="store_true", default=None,
@@ -324,20 +333,10 @@ def _configure_logging(verbose: bool, quiet: bool, command: str | None) -> None:
             pass
 
 
-def _unique_stem(path: Path, used: dict[str, Path]) -> str:
-    """An output stem not yet in `used` (stem -> the input written under it): ``x``, else ``x_1``, ``x_2``, ...
-
-    A renamed output is logged as one warning naming both inputs, so ``a/x.jpg b/x.jpg`` do not silently
-    become ``x.*`` and ``x_1.*``.
-    """
-    stem, n = path.stem, 1
-    while stem in used:
-        stem = f"{path.stem}_{n}"
-        n += 1
-    if stem != path.stem:
-        logger.warning("%s is written as %s.* because %s already took %s.*", path, stem, used[path.stem], path.stem)
-    used[stem] = path
-    return stem
+def _unique_stem(path: Path, used: dict[Path, str]) -> str:
+    """The output stem planned for `path` before the run (`talk2dino.folder.plan_stems`: ``x``, else ``x_1``,
+    ``x_2``, ...), so the files checked against overwriting at start-up are the files written."""
+    return used[path]
 
 
 def _create_model_from_args(args: argparse.Namespace) -> Any:
@@ -498,7 +497,16 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from talk2dino.data.images import list_images
     from talk2dino.errors import InvalidInputError, internal_error_guard
-    from talk2dino.folder import BackgroundWriter, default_workers, prepared_batches
+    from talk2dino.folder import (
+        BackgroundWriter,
+        check_output_folder,
+        default_workers,
+        output_names,
+        plan_stems,
+        prepared_batches,
+        refuse_overwrites,
+        talk2dino_outputs,
+    )
     from talk2dino.outputs import write_result_files
     from talk2dino.predictor import ImageFeatures
 
@@ -521,14 +529,28 @@ def run_segment(args: argparse.Namespace) -> int:
 
     Segmenter.check_labels(names, background=_inference_config(args).background)
     _check_model_flags(args)
+    # The output folder too (issue 14): usable, and no file there that this run did not create is written over.
+    out_dir = Path(args.out or "talk2dino-out")
+    check_output_folder(out_dir)
+    ours = talk2dino_outputs(out_dir)
+    out_resolved = out_dir.resolve()
+    earlier = [p for p in paths if p.name in ours and p.resolve().parent == out_resolved]
+    if earlier:  # segmenting a folder into itself again: our earlier outputs are not inputs
+        logger.info("skipping %d earlier talk2dino output(s) in %s", len(earlier), out_dir)
+        skipped = set(earlier)
+        paths = [p for p in paths if p not in skipped]
+        if not paths:
+            raise InvalidInputError(f"no images found in {args.inputs} besides earlier talk2dino outputs")
+    used = plan_stems(paths)
+    targets = [name for stem in used.values() for name in output_names(
+        stem, overlay=not args.no_overlay, save_scores=bool(args.save_scores),
+        save_heatmaps=bool(args.save_heatmaps), save_attention=bool(args.save_attention))]
+    refuse_overwrites(out_dir, targets, paths, overwrite=bool(args.overwrite), ours=ours)
     segmenter = _build_segmenter(args)
     segmenter.set_classes(names)
     device = segmenter.model.device
     workers = args.workers if args.workers is not None else default_workers(device)
 
-    out_dir = Path(args.out or "talk2dino-out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    used: dict[str, Path] = {}
     failed: list[str] = []
     # Progress in images, advanced as the work is done: each backbone chunk of `window_batch_size` windows moves
     # its images by their share of the embedding (`embed_share` of an image, measured on the previous batch),
@@ -624,7 +646,11 @@ def run_segment(args: argparse.Namespace) -> int:
     done = len(paths) - len(failed)
     logger.info("wrote %d of %d images to %s", done, len(paths), out_dir)
     if failed:
-        shown = ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else "")
+        from talk2dino.errors import one_line
+
+        # Each name escaped: a file name holding a line break must not forge a log line.
+        shown = ", ".join(one_line(name, max_chars=1000) for name in failed[:10])
+        shown += " ..." if len(failed) > 10 else ""
         logger.error("%d image(s) failed: %s", len(failed), shown)
         return 1
     return 0

@@ -17,8 +17,10 @@ bug, a library version) and propagates, so the run stops at the first one (issue
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +36,8 @@ from talk2dino.predictor import PreparedImage, prepare_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackgroundWriter", "PreparedFile", "default_workers", "prepared_batches"]
+__all__ = ["BackgroundWriter", "PreparedFile", "check_output_folder", "default_workers", "output_names",
+           "plan_stems", "prepared_batches", "refuse_overwrites", "talk2dino_outputs"]
 
 _MAX_AUTO_WORKERS = 8
 
@@ -168,3 +171,124 @@ class BackgroundWriter:
             future.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- The output folder (issue 14): checked before the model loads, and never written over by surprise. ---
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Make sure `out_dir` exists (created with its parents if missing), is a folder and is writable.
+
+    Writability is tried, not guessed: a temporary file is created in it and removed.
+
+    Raises:
+        InvalidInputError: one line naming the folder and the reason.
+    """
+    from talk2dino.errors import one_line
+
+    shown = one_line(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"--out {shown}: is a file, not a folder; give a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:  # a parent is a file, or the folder became a file
+        raise InvalidInputError(f"--out {shown}: cannot create the folder: {one_line(err.filename or err)} is a "
+                                "file") from err
+    except OSError as err:
+        raise InvalidInputError(f"--out {shown}: cannot create the folder ({one_line(err.strerror or err)})") from err
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".talk2dino-write-test-", dir=out_dir)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise InvalidInputError(f"--out {shown}: folder is not writable ({one_line(err.strerror or err)})") from err
+
+
+def plan_stems(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each input's output stem, decided once before the run: ``x``, else ``x_1``, ``x_2``, ... .
+
+    A renamed output is logged as one warning naming both inputs, so ``a/x.jpg b/x.jpg`` do not silently
+    become ``x.*`` and ``x_1.*``. `paths` hold no repeats (`list_images` drops them).
+    """
+    taken: dict[str, Path] = {}
+    stems: dict[Path, str] = {}
+    for path in paths:
+        stem, n = path.stem, 1
+        while stem in taken:
+            stem = f"{path.stem}_{n}"
+            n += 1
+        if stem != path.stem:
+            logger.warning("%s is written as %s.* because %s already took %s.*", path, stem, taken[path.stem],
+                           path.stem)
+        taken[stem] = path
+        stems[path] = stem
+    return stems
+
+
+def output_names(stem: str, *, overlay: bool, save_scores: bool, save_heatmaps: bool,
+                 save_attention: bool) -> list[str]:
+    """The file names `talk2dino.outputs.write_result_files` writes for `stem` with these options."""
+    suffixes = ["_labels.png", "_legend.png"]
+    suffixes += ["_overlay.png"] * overlay + ["_scores.npz"] * save_scores
+    suffixes += ["_heatmaps.png"] * save_heatmaps + ["_attention.png"] * save_attention
+    return [stem + s for s in suffixes] + [f"{stem}.json"]
+
+
+def _read_summary(path: Path) -> dict[str, object] | None:
+    """`path` as a talk2dino summary JSON (a dict with ``image`` and a ``files`` dict of names), else None."""
+    try:
+        if path.stat().st_size > 64 * 1024 * 1024:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and "image" in data and isinstance(data.get("files"), dict):
+        return data
+    return None
+
+
+def talk2dino_outputs(out_dir: Path) -> set[str]:
+    """Names of the files in `out_dir` that talk2dino wrote there: every ``<stem>.json`` that is a talk2dino
+    summary, and the files its ``files`` lists."""
+    names: set[str] = set()
+    try:
+        candidates = [p for p in out_dir.iterdir() if p.suffix == ".json"]
+    except OSError:
+        return names
+    for path in candidates:
+        summary = _read_summary(path)
+        if summary is None:
+            continue
+        names.add(path.name)
+        files = summary["files"]
+        assert isinstance(files, dict)
+        names.update(v for v in files.values() if isinstance(v, str) and "/" not in v and "\\" not in v)
+    return names
+
+
+def refuse_overwrites(out_dir: Path, targets: Sequence[str], inputs: Sequence[Path], *, overwrite: bool,
+                      ours: set[str]) -> None:
+    """Refuse (one line) to write over a file of `out_dir` that this run did not create.
+
+    An input image is never written over, even with `overwrite`. Another existing target is refused unless it
+    is one of `ours` (talk2dino's earlier outputs, see `talk2dino_outputs`) or `overwrite` is given.
+
+    Raises:
+        InvalidInputError: naming the folder and (up to 5 of) the files.
+    """
+    from talk2dino.errors import one_line
+
+    def listing(names: list[str]) -> str:
+        return ", ".join(one_line(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    shown = one_line(out_dir)
+    folder = out_dir.resolve()
+    input_names = {p.name for p in inputs if p.resolve().parent == folder}
+    clash = [name for name in targets if name in input_names]
+    if clash:
+        raise InvalidInputError(f"--out {shown}: would write over input image(s) {listing(clash)}; choose another "
+                                "--out")
+    existing = [name for name in targets if os.path.lexists(out_dir / name) and name not in ours]
+    if existing and not overwrite:
+        raise InvalidInputError(f"--out {shown}: would write over {len(existing)} file(s) talk2dino did not write: "
+                                f"{listing(existing)}; choose another --out, or pass --overwrite to replace them")
