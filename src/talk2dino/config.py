@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -267,8 +268,30 @@ _FILE_LIMITS: dict[str, int] = {
 _MAX_STR = 4096
 
 
+def check_template(template: str) -> str:
+    """`template` if it is literal text plus exactly one bare ``{}``; else a one-line InvalidInputError.
+
+    Parsed with `string.Formatter` (as `str.format` reads it): named or numbered fields (``{x}``, ``{0}``),
+    format specs (``{:>9}``), conversions (``{!r}``) and unbalanced braces are refused, so that
+    ``template.format(label)`` can neither raise nor allocate more than the label's length.
+    """
+    shown = _short(template) if isinstance(template, str) else type(template).__name__
+    if not isinstance(template, str):
+        raise InvalidInputError(f"template must be a string, got {shown}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise InvalidInputError(f"template {shown} is not a valid format string ({err})") from None
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        raise InvalidInputError(f"template {shown} must be literal text with exactly one '{{}}' (bare: no "
+                                "names, indexes, format specs or conversions; write '{{' for a literal brace)")
+    return template
+
+
 def _check_file_limits(config: ModelConfig) -> None:
     """Range checks of a `ModelConfig` read from a file (types are already checked)."""
+    for template in config.text.templates:
+        check_template(template)
     for part in (config.text, config.projection, config.inference):
         for name, limit in _FILE_LIMITS.items():
             value = getattr(part, name, None)

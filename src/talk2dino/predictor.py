@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from talk2dino.config import InferenceConfig
+from talk2dino.config import InferenceConfig, check_template
 from talk2dino.data.images import as_rgb_image, resize_uint8, to_rgb_uint8
 from talk2dino.errors import InvalidInputError
 from talk2dino.models import BackboneOutput, Talk2DINO
@@ -440,8 +440,7 @@ class Segmenter:
             raise InvalidInputError(
                 "templates must list at least one prompt template with one '{}', e.g. 'a photo of a {}.'")
         for t in templates:
-            if t.count("{}") != 1:
-                raise InvalidInputError(f"template {t!r} must contain exactly one '{{}}'")
+            check_template(t)  # one bare '{}' and literal text: no named, indexed or formatted fields
         key = (tuple(names), templates, self.model.weights_key, self.reference)
         cached = self._text_cache.get(key)
         if cached is not None:

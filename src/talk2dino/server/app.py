@@ -31,6 +31,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -63,6 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from talk2dino import Segmenter, __version__
+from talk2dino.config import check_template
 from talk2dino.data.images import load_image
 from talk2dino.errors import InternalError, InvalidInputError, error_reason, one_line
 from talk2dino.outputs import (
@@ -325,20 +327,29 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def parse_labels(text: str) -> list[str]:
+def parse_labels(text: str, *, max_json_chars: int | None = None) -> list[str]:
     """Labels from a form field: a JSON list of strings (``["a, b", "c"]``) or a comma-separated string.
 
     Comma-separated entries are trimmed; an empty entry is an error, as in ``talk2dino segment --labels``.
+    A JSON list longer than `max_json_chars` is refused before parsing (the server passes a bound from its
+    label limits), and deep nesting or huge numbers are refused, never raised as RecursionError/ValueError.
 
     Raises:
-        InvalidInputError: malformed JSON, a non-string entry, or an empty entry.
+        InvalidInputError: malformed, oversized or too deeply nested JSON, a non-string entry, or an empty entry.
     """
     stripped = text.strip()
     if stripped.startswith("["):
+        if max_json_chars is not None and len(stripped) > max_json_chars:
+            raise InvalidInputError(f"labels: a JSON list of {len(stripped):,} characters is longer than this "
+                                    f"server accepts ({max_json_chars:,}, from --max-labels and --max-label-length)")
         try:
             value = json.loads(stripped)
         except json.JSONDecodeError as err:
             raise InvalidInputError(f"labels look like a JSON list but do not parse ({err.msg})") from err
+        except RecursionError:
+            raise InvalidInputError("labels: JSON list is nested too deeply; send a flat list of strings") from None
+        except ValueError as err:  # e.g. an integer past Python's digit limit
+            raise InvalidInputError(f"labels: JSON list does not parse ({one_line(str(err))[:120]})") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidInputError("labels as JSON must be a list of strings")
         return value
@@ -347,6 +358,19 @@ def parse_labels(text: str) -> list[str]:
         if not part:
             raise InvalidInputError(f"labels entry {i} of {len(parts)} is empty in {text[:200]!r}")
     return parts
+
+
+def _max_json_labels_chars(config: ServerConfig) -> int:
+    """The longest JSON label list that can hold `max_labels` labels of `max_label_length` characters, each
+    character escaped (``\\uXXXX``, 6 characters) and separated by ``", "`` (a generous bound, not a limit)."""
+    return 2 + config.max_labels * (6 * config.max_label_length + 8)
+
+
+def _check_url_text(url: str) -> None:
+    """Refuse an image_url that no HTTP request line can carry (whitespace, control characters) before fetching."""
+    if len(url) > 8192 or not url.isprintable() or any(c.isspace() for c in url):
+        raise InvalidInputError(f"image_url must be a URL without spaces or control characters; got "
+                                f"{one_line(url, 100)!r} (percent-encode them, e.g. %20 for a space)")
 
 
 def _check_label_limits(names: list[str], config: ServerConfig, what: str = "labels") -> None:
@@ -413,7 +437,7 @@ def _fetch_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
             data = response.read(max_bytes + 1)
     except urllib.error.HTTPError as err:
         raise InvalidInputError(f"cannot fetch image_url: HTTP {err.code} {err.reason}") from err
-    except (urllib.error.URLError, OSError, ValueError) as err:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         raise InvalidInputError(f"cannot fetch image_url: {reason}") from err
     if len(data) > max_bytes:
@@ -693,7 +717,9 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
         if image_url is not None and not cfg.allow_image_url:
             raise StarletteHTTPException(403, "image_url is disabled on this server (start it with "
                                               "--allow-image-url); upload the file as 'image' instead")
-        names = parse_labels(labels)
+        if image_url is not None:
+            _check_url_text(image_url)
+        names = parse_labels(labels, max_json_chars=_max_json_labels_chars(cfg))
         _check_label_limits(names, cfg)
         use_background = request.app.state.defaults.background if background is None else background
         names = Segmenter.check_labels(names, background=use_background)
@@ -742,6 +768,8 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
             if len(body.templates) > _MAX_TEMPLATES:
                 raise StarletteHTTPException(422, f"{len(body.templates)} templates given; at most {_MAX_TEMPLATES}")
             _check_label_limits(body.templates, cfg, what="templates")
+            for template in body.templates:
+                check_template(template)
         admit(request, worker)
         job = EmbedTextJob(labels=list(body.labels), templates=body.templates, deadline=started + cfg.request_timeout_s,
                            admitted=started)
