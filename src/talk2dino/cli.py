@@ -333,12 +333,6 @@ def _configure_logging(verbose: bool, quiet: bool, command: str | None) -> None:
             pass
 
 
-def _unique_stem(path: Path, used: dict[Path, str]) -> str:
-    """The output stem planned for `path` before the run (`talk2dino.folder.plan_stems`: ``x``, else ``x_1``,
-    ``x_2``, ...), so the files checked against overwriting at start-up are the files written."""
-    return used[path]
-
-
 def _create_model_from_args(args: argparse.Namespace) -> Any:
     """`create_model` from the "Model" flags (a name, or the three parts); --offline applies first."""
     from talk2dino.registry import create_model
@@ -436,8 +430,7 @@ def _build_segmenter(args: argparse.Namespace) -> Any:
     if args.runtime == "onnx":
         from talk2dino.models.onnx_runtime import load_onnx_model
 
-        if not args.onnx_dir:
-            raise InvalidInputError("--runtime onnx needs --onnx-dir (a folder written by `talk2dino export-onnx`)")
+        # `_check_model_flags`, run by every caller before anything loads, refused a missing --onnx-dir.
         model = load_onnx_model(args.onnx_dir, device=args.device or "cpu")
     else:
         model = _create_model_from_args(args)
@@ -626,7 +619,7 @@ def run_segment(args: argparse.Namespace) -> int:
                         continue
                     assert item.image is not None
                     writer.submit(str(path), functools.partial(
-                        write_result_files, out_dir, _unique_stem(path, used), path, item.image.rgb, result, summary,
+                        write_result_files, out_dir, used[path], path, item.image.rgb, result, summary,
                         save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha,
                         features=feats, save_heatmaps=bool(args.save_heatmaps),
                         save_attention=bool(args.save_attention)),

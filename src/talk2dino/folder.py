@@ -227,11 +227,12 @@ def plan_stems(paths: Sequence[Path]) -> dict[Path, str]:
 
 def output_names(stem: str, *, overlay: bool, save_scores: bool, save_heatmaps: bool,
                  save_attention: bool) -> list[str]:
-    """The file names `talk2dino.outputs.write_result_files` writes for `stem` with these options."""
-    suffixes = ["_labels.png", "_legend.png"]
-    suffixes += ["_overlay.png"] * overlay + ["_scores.npz"] * save_scores
-    suffixes += ["_heatmaps.png"] * save_heatmaps + ["_attention.png"] * save_attention
-    return [stem + s for s in suffixes] + [f"{stem}.json"]
+    """The file names `talk2dino.outputs.write_result_files` writes for `stem` with these options, its JSON last."""
+    from talk2dino.outputs import result_file_names
+
+    names = result_file_names(stem, overlay=overlay, save_scores=save_scores, save_heatmaps=save_heatmaps,
+                              save_attention=save_attention)
+    return [*names.values(), f"{stem}.json"]
 
 
 def _read_summary(path: Path) -> dict[str, object] | None:

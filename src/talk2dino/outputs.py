@@ -63,6 +63,7 @@ __all__ = [
     "save_legend_png",
     "save_overlay_png",
     "save_scores_npz",
+    "result_file_names",
     "summarize",
     "write_result_files",
 ]
@@ -870,32 +871,37 @@ def write_result_files(out_dir: str | os.PathLike[str], stem: str, image_path: s
     # Each label's colour in the JSON: the same RGB as the label PNG's palette entry and the overlay.
     summary = {**summary, "labels": [{**entry, "color": [int(c) for c in colors[entry["index"]]]}
                                      for entry in summary["labels"]]}
-    save_label_png(out_dir / f"{stem}_labels.png", labels, num, background_index=background)
-    files = {"labels": f"{stem}_labels.png"}
-    save_legend_png(out_dir / f"{stem}_legend.png", [entry["name"] for entry in summary["labels"]], colors,
+    files = result_file_names(stem, overlay=overlay, save_scores=save_scores, save_heatmaps=save_heatmaps,
+                              save_attention=save_attention and features is not None)
+    save_label_png(out_dir / files["labels"], labels, num, background_index=background)
+    save_legend_png(out_dir / files["legend"], [entry["name"] for entry in summary["labels"]], colors,
                     shares=[entry["share"] for entry in summary["labels"]])
-    files["legend"] = f"{stem}_legend.png"
-    if overlay:
+    if "overlay" in files:
         if rgb is None:
             raise InvalidInputError("an overlay needs the image: pass rgb, or overlay=False")
-        save_overlay_png(out_dir / f"{stem}_overlay.png", rgb, labels, num, alpha=alpha,
-                         background_index=background)
-        files["overlay"] = f"{stem}_overlay.png"
-    if save_scores:
-        save_scores_npz(out_dir / f"{stem}_scores.npz", result.scores, result.class_names)
-        files["scores"] = f"{stem}_scores.npz"
-    if save_heatmaps:
+        save_overlay_png(out_dir / files["overlay"], rgb, labels, num, alpha=alpha, background_index=background)
+    if "scores" in files:
+        save_scores_npz(out_dir / files["scores"], result.scores, result.class_names)
+    if "heatmaps" in files:
         # The stitched maps at the processing size: the same values as the scores before the final resize.
         maps = result.stitched if result.stitched is not None else result.scores
-        save_heatmaps_png(out_dir / f"{stem}_heatmaps.png", maps, result.class_names,
+        save_heatmaps_png(out_dir / files["heatmaps"], maps, result.class_names,
                           background_index=result.background_index)
-        files["heatmaps"] = f"{stem}_heatmaps.png"
-    if save_attention and features is not None:
-        save_attention_png(out_dir / f"{stem}_attention.png", features.attention_maps())
-        files["attention"] = f"{stem}_attention.png"
+    if "attention" in files:
+        save_attention_png(out_dir / files["attention"], features.attention_maps())
     image = None if image_path is None else str(image_path)
     save_json(out_dir / f"{stem}.json", {"image": image, "files": files, **summary})
     return files
+
+
+def result_file_names(stem: str, *, overlay: bool, save_scores: bool, save_heatmaps: bool,
+                      save_attention: bool) -> dict[str, str]:
+    """The picture and data files `write_result_files` writes for `stem`, by kind (its JSON, ``<stem>.json``,
+    lists them under ``files``): the one place that names them, so a run can check its targets beforehand."""
+    kinds = {"labels": "_labels.png", "legend": "_legend.png", "overlay": "_overlay.png" if overlay else "",
+             "scores": "_scores.npz" if save_scores else "", "heatmaps": "_heatmaps.png" if save_heatmaps else "",
+             "attention": "_attention.png" if save_attention else ""}
+    return {kind: stem + suffix for kind, suffix in kinds.items() if suffix}
 
 
 def _validated_labels(

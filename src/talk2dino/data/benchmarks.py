@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from talk2dino.data import FOLDER_LAYOUT_HELP
 from talk2dino.errors import InvalidInputError, error_reason, one_line
 from talk2dino.fileio import stays_inside
 
@@ -326,14 +327,6 @@ def folder_benchmark(
         ignore_index=ignore_index,
         num_images=None,
     )
-
-
-FOLDER_LAYOUT_HELP = (
-    "a `folder` dataset is ROOT/images/<name>.jpg|.jpeg|.png with ROOT/labels/<name>.png (single-channel PNG "
-    "whose pixel values are class indices, 255 = ignore), plus a classes file with one class name per line in "
-    "label order (--classes-file)"
-)
-"""The layout of a user dataset (:func:`folder_benchmark` with its default folders), in one sentence."""
 
 
 def folder_layout_hint(spec: BenchmarkSpec) -> str:
