@@ -267,6 +267,16 @@ _FILE_LIMITS: dict[str, int] = {
 }
 _MAX_STR = 4096
 
+# Input normalisation read from a model file: std divides every pixel, so 0 gives inf/NaN (every pixel one
+# label), a negative value inverts the image and 1e-30 saturates it; real models use ~0.2-0.5 (ImageNet,
+# CLIP) or 1.0 (no scaling). [1e-3, 10] keeps every real value and refuses those. Means are in pixel units
+# of [0, 1] images (ImageNet 0.485, 0.456, 0.406); [-10, 10] is far outside any real one.
+_STD_RANGE: tuple[float, float] = (1e-3, 10.0)
+_MEAN_RANGE: tuple[float, float] = (-10.0, 10.0)
+# A CLIP prompt is start token + words + end token: a context of 1 or 2 holds no word (every prompt embeds
+# the same), so 3 is the least that encodes anything.
+MIN_CONTEXT_LENGTH = 3
+
 
 def check_template(template: str) -> str:
     """`template` if it is literal text plus exactly one bare ``{}``; else a one-line InvalidInputError.
@@ -292,6 +302,14 @@ def _check_file_limits(config: ModelConfig) -> None:
     """Range checks of a `ModelConfig` read from a file (types are already checked)."""
     for template in config.text.templates:
         check_template(template)
+    for name, values, (low, high) in (("image_std", config.backbone.image_std, _STD_RANGE),
+                                      ("image_mean", config.backbone.image_mean, _MEAN_RANGE)):
+        if not all(math.isfinite(v) and low <= v <= high for v in values):
+            raise InvalidInputError(f"BackboneConfig.{name} must be 3 finite values in [{low:g}, {high:g}], got "
+                                    f"{_short(list(values))}")
+    if config.text.context_length < MIN_CONTEXT_LENGTH:
+        raise InvalidInputError(f"TextConfig.context_length must be >= {MIN_CONTEXT_LENGTH} (start and end tokens "
+                                f"plus one word; CLIP uses 77), got {config.text.context_length}")
     for part in (config.text, config.projection, config.inference):
         for name, limit in _FILE_LIMITS.items():
             value = getattr(part, name, None)
@@ -307,6 +325,67 @@ def _check_file_limits(config: ModelConfig) -> None:
         config.inference.validate()
     except ValueError as err:
         raise InvalidInputError(f"InferenceConfig: {err}") from err
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Allowed values of a numeric run setting: ``low <= v <= high`` (strict where `open_low`/`open_high`)."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: float) -> bool:
+        # Written so that NaN fails every comparison and is refused.
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def show(bound: float) -> str:
+            return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+        return f"{'(' if self.open_low else '['}{show(self.low)}, {show(self.high)}{')' if self.open_high else ']'}"
+
+
+# Ranges of the numeric run settings (recipes and flags alike; `check_ranges`). Each is far wider than any
+# real run and refuses what only a typo or a hostile recipe gives: `epochs: 100000000` (a run that never
+# ends; the method trains 100), a 10**12 batch, a zero, negative, NaN or infinite rate. Lower bounds of
+# positive settings repeat the runners' own checks, so that a recipe fails at once, naming the setting.
+_RUN_LIMITS: dict[type, dict[str, _Range]] = {
+    TrainConfig: {
+        "epochs": _Range(1, 100_000), "max_steps": _Range(1, 10**9), "batch_size": _Range(1, 1 << 16),
+        "lr": _Range(0, 10, open_low=True), "eps": _Range(0, 1, open_low=True), "weight_decay": _Range(0, 10),
+        "temperature": _Range(1e-4, 100), "seed": _Range(0, 2**63 - 1), "eval_every": _Range(1, 100_000),
+        "recall_ks": _Range(1, 1 << 20), "val_max_images": _Range(1, 10**9), "betas": _Range(0, 1, open_high=True),
+    },
+    ExtractConfig: {
+        "image_size": _Range(1, 1 << 13), "shard_size": _Range(1, 1 << 20), "batch_size": _Range(1, 1 << 14),
+        "text_batch_size": _Range(1, 1 << 16), "num_workers": _Range(0, 256), "limit": _Range(1, 10**9),
+    },
+    EvalConfig: {
+        "bg_threshold": _Range(0, 1, open_low=True, open_high=True), "bg_clean_lambda": _Range(0, 100),
+        "short_side": _Range(1, 1 << 14), "window": _Range(1, 1 << 14), "stride": _Range(1, 1 << 14),
+        "limit": _Range(1, 10**9),
+    },
+}
+
+
+def check_ranges(cls: type, values: dict[str, Any]) -> None:
+    """Refuse a numeric run setting outside its documented range (`_RUN_LIMITS`); tuple fields are checked
+    item by item, None (unset) passes. Types are checked before (`check_fields`, argparse).
+
+    Raises:
+        InvalidInputError: one line naming the setting, its flag, the range and the value.
+    """
+    for name, allowed in _RUN_LIMITS.get(cls, {}).items():
+        value = values.get(name)
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and not allowed.holds(item):
+                flag = "--" + name.replace("_", "-")
+                raise InvalidInputError(f"{cls.__name__}.{name} ({flag}) must be in {allowed}, got {_short(item)}")
 
 
 def _to_json(value: Any) -> Any:

@@ -34,7 +34,7 @@ from talk2dino.catalog import describe_models as describe_models
 from talk2dino.compat import require, transformers_dtype_kwargs
 from talk2dino.config import BackboneConfig, ModelConfig, ProjectionConfig, TextConfig
 from talk2dino.errors import WeightsError, error_summary
-from talk2dino.fileio import JSON_READ_ERRORS, atomic_write_bytes
+from talk2dino.fileio import JSON_READ_ERRORS, atomic_write_bytes, json_loads_unique
 from talk2dino.models import (
     ClipTextEncoder,
     DinoV1Backbone,
@@ -91,14 +91,16 @@ def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     """Read and validate a model folder's ``talk2dino.json`` (an untrusted file).
 
     Raises:
-        WeightsError: one line naming the file and the first problem (unreadable, not JSON, a wrong
-            type, an unknown key, an out-of-range value).
+        WeightsError: one line naming the file and the first problem (unreadable, not JSON, a key named
+            twice in one object, a wrong type, an unknown key, an out-of-range value such as an
+            ``image_std`` outside [1e-3, 10] or a ``context_length`` below 3; see `ModelConfig.from_dict`).
     """
     path = Path(path)
     try:
         if path.stat().st_size > _MAX_CONFIG_BYTES:
             raise WeightsError(f"{path}: {path.stat().st_size} bytes is too large for a model configuration")
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        # json_loads_unique: a second "image_std" below the real one must not win silently.
+        data = json_loads_unique(path.read_bytes())
         return ModelConfig.from_dict(data)
     except WeightsError:
         raise
@@ -271,6 +273,11 @@ def _load_text(source: str, *, context_length: int, cache_dir: str | os.PathLike
                            f"({describe_load_error(err)})") from err
     if info.get("missing_keys"):
         raise WeightsError(f"text encoder: {folder} lacks weights {sorted(info['missing_keys'])[:8]}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and context_length > positions:
+        # A longer prompt would not be cut and would index past the position table inside the model.
+        raise WeightsError(f"text encoder: {folder} has {positions} token positions, fewer than the model "
+                           f"configuration's text.context_length {context_length}; set it to at most {positions}")
     meta = {"source": source, "path": str(folder), "revision": _snapshot_revision(folder)}
     return ClipTextEncoder(model, tokenizer, context_length=context_length), meta
 

@@ -118,6 +118,12 @@ def checkpoint_cases() -> dict[str, bytes]:
         "legacy-duplicate": {**_psi(), "linear_layer2.weight": torch.zeros(8, 8)},
         "vector-weight": {**_psi(), "linear_layer.weight": torch.zeros(512)},
         "zero-size": {k: v[:0] for k, v in _psi().items()},
+        # A placeholder psi (issue 14): every text would get the same embedding; refused at load.
+        "all-zeros": {k: torch.zeros_like(v) for k, v in _psi().items()},
+        "zero-first-weight": {**_psi(), "linear_layer.weight": torch.zeros(8, 512)},
+        "zero-second-weight": {**_psi(), "hidden_layers.0.weight": torch.zeros(8, 8)},
+        "zero-legacy-weight": {**{k: v for k, v in _psi().items() if not k.startswith("hidden")},
+                               "linear_layer2.weight": torch.zeros(8, 8), "linear_layer2.bias": torch.ones(8)},
         "scalar": {"linear_layer.weight": torch.tensor(1.0)},
         "empty-dict": {},
     }
@@ -160,7 +166,13 @@ def config_cases() -> dict[str, bytes]:
     cases: dict[str, bytes] = {"valid.json": json.dumps(_valid_config()).encode()}
     raw = {"empty": b"", "not-utf8": b"\xff\xfe\x00{", "truncated": json.dumps(_valid_config()).encode()[:40],
            "deep": b"[" * 50_000, "deep-objects": b'{"a":' * 20_000, "nan-token": b"NaN", "huge-exp": b"1e99999",
-           "bom": b"\xef\xbb\xbf" + json.dumps(_valid_config()).encode(), "nul": b"\x00" * 64}
+           "bom": b"\xef\xbb\xbf" + json.dumps(_valid_config()).encode(), "nul": b"\x00" * 64,
+           # A key given twice (issue 14): json keeps the last silently, so the hidden one would win.
+           "duplicate-std": json.dumps(_valid_config()).encode().replace(
+               b'"backbone": {', b'"backbone": {"image_std": [0.229, 0.224, 0.225], "image_std": [0, 0, 0], ', 1),
+           "duplicate-top": json.dumps(_valid_config()).encode()[:-1] + b', "name": "y"}',
+           "duplicate-inference": json.dumps(_valid_config()).encode().replace(
+               b'"inference": {', b'"inference": {"bg_threshold": 0.55, "bg_threshold": 0.99, ', 1)}
     for name, data in raw.items():
         cases[f"{name}.json"] = data
     mutations: list[tuple[str, str, object]] = [
@@ -188,6 +200,12 @@ def config_cases() -> dict[str, bytes]:
         ("local-climb", "backbone.source", "local-dir:../../outside"), ("file-climb", "backbone.source", "../x.pth"),
         ("lambda-negative", "inference.clean_lambda", -1.0), ("pamr-negative", "inference.pamr_iterations", -3),
         ("head-embedding-bad", "inference.clean_head_embedding", "max"),
+        # Normalisation and context values that run but give garbage (issue 14).
+        ("std-zero", "backbone.image_std", [0, 0, 0]), ("std-negative", "backbone.image_std", [-0.229, 0.224, 0.225]),
+        ("std-tiny", "backbone.image_std", [1e-30, 1e-30, 1e-30]), ("std-huge", "backbone.image_std", [1e6, 1, 1]),
+        ("std-inf", "backbone.image_std", [float("inf"), 0.2, 0.2]), ("mean-huge", "backbone.image_mean", [1e6, 0, 0]),
+        ("mean-inf", "backbone.image_mean", [float("-inf"), 0.5, 0.5]), ("context-one", "text.context_length", 1),
+        ("context-two", "text.context_length", 2), ("context-zero", "text.context_length", 0),
     ]
     for name, path, value in mutations:
         config: object = json.loads(json.dumps(_valid_config()))
@@ -218,7 +236,7 @@ def recipe_cases() -> dict[str, bytes]:
         "python-object": "!!python/object/apply:os.system ['touch /tmp/PWNED']\n",
         "python-name": "x: !!python/name:os.system\n", "python-module": "x: !!python/module:os\n",
         "python-tuple": "betas: !!python/tuple [0.9, 0.99]\n", "binary": "features: !!binary aGVsbG8=\nout: o\n",
-        "set": "features: !!set {a, b}\nout: o\n", "timestamp": "features: 2001-12-14\nout: o\n",
+        "set": "features: !!set {a, b}\nout: o\n", "timestamp": "features: !!timestamp 2001-12-14\nout: o\n",
         "unknown-key": valid + "evil: 1\n", "int-key": valid + "1: 2\n", "null-key": valid + "~: 2\n",
         "list-key": "? [a, b]\n: 1\n", "epochs-str": "features: f\nout: o\nepochs: ten\n",
         "epochs-float": "features: f\nout: o\nepochs: 2.5\n", "epochs-bool": "features: f\nout: o\nepochs: yes\n",
@@ -242,6 +260,42 @@ def recipe_cases() -> dict[str, bytes]:
         "seed-negative-str": "features: f\nout: o\nseed: '-1'\n",
         "merge-key": "base: &b {epochs: 2}\n<<: *b\nfeatures: f\nout: o\n",
         "long-string": "features: " + "x" * 5000 + "\nout: o\n",
+        # Issue 14: duplicate keys at any depth (PyYAML keeps the last silently).
+        "duplicate-key": valid + "epochs: 100000000\n", "duplicate-key-first": "epochs: 1\n" + valid,
+        "duplicate-key-quoted": valid + "'epochs': 3\n", "duplicate-key-flow": "{features: f, out: o, features: g}\n",
+        "duplicate-key-nested": valid + "betas2: {a: 1, a: 2}\n", "duplicate-key-in-list": "features: f\nout: o\n"
+        "recall_ks: [{k: 1, k: 2}]\n", "duplicate-key-same-value": valid + "lr: 1.0e-4\n",
+        "merge-explicit": "? !!merge <<\n: {epochs: 2}\nfeatures: f\nout: o\n",
+        # YAML 1.1 scalars that PyYAML reads as numbers, booleans or dates: strings here, refused by type.
+        "yaml11-sexagesimal": "features: f\nout: o\nseed: 1:20\n", "yaml11-octal": "features: f\nout: o\nseed: 010\n",
+        "yaml11-hex": "features: f\nout: o\nseed: 0x1F\n", "yaml11-binary": "features: f\nout: o\nseed: 0b101\n",
+        "yaml11-underscore": "features: f\nout: o\nbatch_size: 1_000\n",
+        "yaml11-on": "features: f\nout: o\non_device: on\n", "yaml11-off": "features: f\nout: o\non_device: off\n",
+        "yaml11-y": "features: f\nout: o\non_device: y\n", "yaml11-no": "features: f\nout: o\non_device: no\n",
+        "yaml11-inf": "features: f\nout: o\nepochs: .inf\n", "yaml11-nan": "features: f\nout: o\ntemperature: .nan\n",
+        "yaml11-date-seed": "features: f\nout: o\nseed: 2001-12-14\n",
+        "yaml11-sexagesimal-float": "features: f\nout: o\nlr: 1:20.5\n",
+        "yaml11-on-key": "features: f\nout: o\non: 1\n",
+        "tagged-int-hex": "features: f\nout: o\nseed: !!int 0x1F\n",
+        "tagged-bool-yes": "features: f\nout: o\non_device: !!bool yes\n",
+        "tagged-float-inf": "features: f\nout: o\nlr: !!float .inf\n",
+        "lr-quoted": "features: f\nout: o\nlr: '1e-4'\n",
+        "lr-exponent-overflow": "features: f\nout: o\nlr: 1e400\n",
+        # Numbers of the right type outside the documented ranges (config._RUN_LIMITS).
+        "epochs-1e8": "features: f\nout: o\nepochs: 100000000\n", "epochs-zero": "features: f\nout: o\nepochs: 0\n",
+        "epochs-negative": "features: f\nout: o\nepochs: -5\n",
+        "epochs-10e12": "features: f\nout: o\nepochs: 1000000000000\n",
+        "batch-huge": "features: f\nout: o\nbatch_size: 1000000000000\n",
+        "lr-zero": "features: f\nout: o\nlr: 0.0\n", "lr-negative": "features: f\nout: o\nlr: -1.0e-4\n",
+        "lr-huge": "features: f\nout: o\nlr: 1.0e+10\n", "seed-negative": "features: f\nout: o\nseed: -1\n",
+        "temperature-zero": "features: f\nout: o\ntemperature: 0.0\n",
+        "betas-one": "features: f\nout: o\nbetas: [0.9, 1.0]\n", "recall-zero": "features: f\nout: o\nrecall_ks: [0]\n",
+        "max-steps-huge": "features: f\nout: o\nmax_steps: 100000000000000\n",
+        "eval-every-zero": "features: f\nout: o\neval_every: 0\n",
+        # Valid under the YAML 1.2 rules: a date-like or yes-like folder name is text.
+        "valid-date-is-text": "features: 2001-12-14\nout: 'yes'\n",
+        "valid-yaml12-scalars": "features: f\nout: o\non_device: True\nloss_divide_by_batch_squared: false\n"
+        "lr: 1e-4\nseed: 0\nepochs: 100000\nmax_steps: ~\n",
     }
     cases = {f"{name}.yaml": text.encode("utf-8") for name, text in texts.items()}
     cases["not-utf8.yaml"] = b"features: \xff\xfe\nout: o\n"

@@ -118,8 +118,10 @@ def _tensors(draw: st.DrawFn) -> torch.Tensor:
 @st.composite
 def _state_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     if draw(st.booleans()):  # near-valid: the four psi keys with perhaps one thing wrong
-        state = {"linear_layer.weight": torch.zeros(OUT_DIM, 512), "linear_layer.bias": torch.zeros(OUT_DIM),
-                 "hidden_layers.0.weight": torch.zeros(OUT_DIM, OUT_DIM), "hidden_layers.0.bias": torch.zeros(OUT_DIM)}
+        # Non-zero weights: an all-zero weight matrix is refused (issue 14), and this must reach the success path.
+        state = {"linear_layer.weight": torch.full((OUT_DIM, 512), 0.1), "linear_layer.bias": torch.zeros(OUT_DIM),
+                 "hidden_layers.0.weight": torch.full((OUT_DIM, OUT_DIM), 0.1),
+                 "hidden_layers.0.bias": torch.zeros(OUT_DIM)}
         for key in draw(st.lists(_KEYS, max_size=2)):
             if draw(st.booleans()):
                 state[key] = draw(_tensors())
@@ -199,3 +201,58 @@ def test_atheris_harness_runs_briefly(tmp_path: Path) -> None:
                              str(HERE / "corpus" / "recipes")],
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- issue 14: all-zero weight matrices ---------------------------------------------------------------------
+
+_WEIGHTS = ("linear_layer.weight", "hidden_layers.0.weight")
+
+
+@_SETTINGS
+@given(zeroed=st.sets(st.sampled_from(_WEIGHTS + ("linear_layer.bias", "hidden_layers.0.bias"))),
+       scale=st.sampled_from([1e-3, 1.0, 50.0]), fmt=st.sampled_from(["pth", "safetensors"]),
+       seed=st.integers(0, 2**16))
+def test_psi_with_an_all_zero_weight_matrix_is_refused(zeroed: set[str], scale: float, fmt: str, seed: int) -> None:
+    """A psi loads iff no weight matrix is all zeros (zero biases are fine), in both file formats; the refusal
+    names the file and the zero matrices."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"linear_layer.weight": torch.randn(OUT_DIM, 512, generator=g) * scale,
+             "linear_layer.bias": torch.randn(OUT_DIM, generator=g) * scale,
+             "hidden_layers.0.weight": torch.randn(OUT_DIM, OUT_DIM, generator=g) * scale,
+             "hidden_layers.0.bias": torch.randn(OUT_DIM, generator=g) * scale}
+    state = {k: torch.zeros_like(v) if k in zeroed else v for k, v in state.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"psi.{fmt}"
+        if fmt == "pth":
+            torch.save(state, path)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(state, str(path))
+        zero_weights = sorted(k for k in zeroed if k in _WEIGHTS)
+        if not zero_weights:
+            assert load_checkpoint_file(path) is not None
+            return
+        with pytest.raises(Talk2DinoError) as info:
+            _load_projection(ProjectionConfig(source=str(path)), out_dim=OUT_DIM, pretrained=True,
+                             cache_dir=Path(tmp) / "cache")
+    assert f"{path}: projection weight matrices {zero_weights} hold only zeros" in str(info.value)
+
+
+_NORMALISATION = st.lists(st.floats(allow_nan=False) | st.integers(-(10**6), 10**6), min_size=3, max_size=3)
+
+
+@_SETTINGS
+@given(std=_NORMALISATION, mean=_NORMALISATION, context=st.integers(-5, 200))
+def test_model_config_normalisation_and_context_ranges(std: list[float], mean: list[float], context: int) -> None:
+    """image_std in [1e-3, 10], image_mean in [-10, 10] (all finite) and context_length in [3, 4096], or the
+    model folder is refused naming the field."""
+    doc = {"name": "x", "backbone": {"source": "hf-hub:a/b", "image_std": std, "image_mean": mean},
+           "text": {"source": "hf-hub:a/b", "context_length": context}, "projection": {"source": None}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "doc.json"
+        path.write_text(json.dumps(doc), encoding="utf-8")
+        config = load_config_file(path)
+    valid = (all(math.isfinite(v) and 1e-3 <= v <= 10 for v in std)
+             and all(math.isfinite(v) and -10 <= v <= 10 for v in mean) and 3 <= context <= 4096)
+    assert (config is not None) == valid, (std, mean, context)

@@ -185,3 +185,66 @@ def monkeypatch_module() -> Any:
     patch.setattr("talk2dino.data.converters._mask_api", lambda: object())
     yield patch
     patch.undo()
+
+
+# --- issue 14: duplicate keys and ids in COCO captions ------------------------------------------------------
+
+def _with_duplicate(doc: Any, rng_path: list[int]) -> tuple[str, str] | None:
+    """`doc` as JSON text with one object's first key written a second time (the object chosen by walking
+    `rng_path` through the containers); (text, key), or None when the walk meets no object with a key."""
+    node, steps = doc, iter(rng_path)
+    target = None
+    while isinstance(node, (dict, list)) and node:
+        if isinstance(node, dict):
+            target = node
+        children = list(node.values()) if isinstance(node, dict) else node
+        node = children[next(steps, 0) % len(children)]
+    if target is None:
+        return None
+    key = next(iter(target))
+    marker = "\x00DUP\x00"
+    target[marker] = None  # placeholder, replaced below by the repeated key
+    text = json.dumps(doc).replace(json.dumps(marker), json.dumps(key))
+    del target[marker]
+    return text, key
+
+
+@SETTINGS
+@given(images=st.lists(GOOD_IMAGE, min_size=1, max_size=3, unique_by=lambda i: i["id"]),
+       captions=st.lists(GOOD_CAPTION, min_size=1, max_size=3, unique_by=lambda c: c["id"]),
+       path=st.lists(st.integers(0, 5), max_size=4))
+def test_coco_key_given_twice_is_refused(scratch: Path, images: list[Any], captions: list[Any],
+                                         path: list[int]) -> None:
+    """Any object of a COCO captions file (top level, an image, a caption) naming a key twice is refused,
+    naming the key and the file, instead of json's silent last-one-wins."""
+    made = _with_duplicate(_coco_doc(images, captions), path)
+    assert made is not None
+    text, key = made
+    root = scratch / "coco-dup"
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "val2014").mkdir(exist_ok=True)
+    (root / "annotations" / "captions_val2014.json").write_text(text, encoding="utf-8")
+    with pytest.raises(InvalidInputError) as info:
+        read_coco_captions(root, "val")
+    message = str(info.value)
+    assert "\n" not in message and "captions_val2014.json" in message and f"duplicate key '{key}'" in message
+
+
+@SETTINGS
+@given(image_id=st.integers(-(2**70), 2**70) | st.sampled_from([0, 2**63 - 1, 2**63, -1]),
+       caption_id=st.integers(-(2**70), 2**70) | st.sampled_from([0, 2**63 - 1, 2**63, -1]))
+def test_coco_ids_load_exactly_in_int64_range(scratch: Path, image_id: int, caption_id: int) -> None:
+    """Ids are accepted iff 0 <= id < 2**63, when the JSON is read (not when the first shard is written)."""
+    root = scratch / "coco-ids"
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "val2014").mkdir(exist_ok=True)
+    doc = _coco_doc([{"id": image_id, "file_name": "a.jpg"}],
+                    [{"id": caption_id, "image_id": image_id, "caption": "a cat"}])
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(doc), encoding="utf-8")
+    result = outcome(lambda: read_coco_captions(root, "val"))
+    valid = 0 <= image_id < 2**63 and 0 <= caption_id < 2**63
+    assert isinstance(result, InvalidInputError) != valid, (image_id, caption_id, result)
+    if valid:
+        assert result.images[0].image_id == image_id and result.num_captions == 1
+    else:
+        assert "outside [0, 2**63)" in str(result)

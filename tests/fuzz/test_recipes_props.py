@@ -18,9 +18,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from talk2dino.config import EvalConfig, ExtractConfig, TrainConfig
-from talk2dino.errors import Talk2DinoError
-from talk2dino.recipes import build_config, load_recipe
+from talk2dino.config import _RUN_LIMITS, EvalConfig, ExtractConfig, TrainConfig
+from talk2dino.errors import InvalidInputError, Talk2DinoError
+from talk2dino.recipes import build_config, load_recipe, parse_recipe_text
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "recipes"
 _CONFIGS = (TrainConfig, ExtractConfig, EvalConfig)
@@ -56,6 +56,9 @@ def test_recipe_corpus(path: Path) -> None:
         assert config is not None, path.name
     elif not path.name.startswith(("damaged-", "merge-key")):
         assert config is None, f"{path.name} should be refused"
+    if path.name.startswith(("duplicate-key", "yaml11-", "tagged-")):
+        with pytest.raises(Talk2DinoError, match="given twice|expected|not a plain|unknown"):
+            build_config(TrainConfig, recipe=load_recipe(path))
 
 
 def test_yaml_1_1_floats_are_read_as_floats(tmp_path: Path) -> None:
@@ -92,3 +95,89 @@ def test_arbitrary_recipe_text(text: str | bytes, cls: type) -> None:
         config = load_recipe_file(path, cls)
         if config is not None:
             _check_valid(config)
+
+
+# --- issue 14: duplicate keys, YAML 1.1 scalars, ranges ------------------------------------------------------
+
+_KEY = (st.sampled_from([n for n in _NAMES if n])
+        | st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True).filter(lambda k: k not in ("true", "false", "null")))
+_PLAIN = st.sampled_from(["1", "0.5", "f", "true", "~", "[1, 2]", "{a: 1}", "'x'"])
+
+
+@_SETTINGS
+@given(keys=st.lists(_KEY, min_size=1, max_size=6, unique=True), values=st.lists(_PLAIN, min_size=7, max_size=7),
+       repeat=st.integers(0, 5), where=st.integers(0, 6), depth=st.integers(0, 2))
+def test_a_key_given_twice_is_always_refused(keys: list[str], values: list[str], repeat: int, where: int,
+                                             depth: int) -> None:
+    """A mapping that names one key twice, at the top or nested `depth` levels down, is refused with the key
+    and both line numbers, whatever else the recipe holds."""
+    repeated = keys[repeat % len(keys)]
+    entries = [f"{k}: {v}" for k, v in zip(keys, values, strict=False)]
+    position = len(entries) if where > len(entries) else where
+    position = max(position, keys.index(repeated) + 1)  # after the first occurrence
+    entries.insert(position, f"{repeated}: {values[-1]}")
+    indent = "  " * depth
+    lines = [f"{'  ' * d}n{d}:" for d in range(depth)] + [indent + e for e in entries]
+    first, second = depth + keys.index(repeated) + 1, depth + position + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with pytest.raises(InvalidInputError) as info:
+            load_recipe(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"key '{repeated}' is given twice (lines {first} and {second})" in message, message
+
+
+_YAML11 = (st.builds(lambda a, b: f"{a}:{b:02d}", st.integers(1, 999), st.integers(0, 59))  # base 60
+           | st.from_regex(r"[-+]?0[0-7]+", fullmatch=True)  # octal
+           | st.from_regex(r"[-+]?0x[0-9a-fA-F]+", fullmatch=True)
+           | st.from_regex(r"[-+]?0b[01]+", fullmatch=True)
+           | st.from_regex(r"[1-9][0-9]{0,3}(_[0-9]{1,3})+(\.[0-9]+)?", fullmatch=True)  # underscores
+           | st.sampled_from(["yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF", "y",
+                              "Y", "n", "N", ".inf", "-.inf", "+.Inf", ".INF", ".nan", ".NaN", ".NAN"])
+           | st.dates().map(str))
+
+
+@_SETTINGS
+@given(text=_YAML11, field=st.sampled_from(["epochs", "seed", "lr", "temperature", "on_device", "batch_size"]))
+def test_yaml_1_1_only_scalars_are_text_and_refused_for_typed_settings(text: str, field: str) -> None:
+    """What only YAML 1.1 reads as a number, boolean or date stays the text written; a number or boolean
+    setting then refuses it, naming the setting (never 80 for 1:20, True for yes, 8 for 010)."""
+    assert parse_recipe_text(f"v: {text}\n") == {"v": text}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text(f"features: f\nout: o\n{field}: {text}\n", encoding="utf-8")
+        with pytest.raises(InvalidInputError) as info:
+            build_config(TrainConfig, recipe=load_recipe(path))
+    assert f"TrainConfig.{field}: expected" in str(info.value) and "\n" not in str(info.value)
+
+
+@_SETTINGS
+@given(value=st.integers(-(10**30), 10**30) | st.floats(allow_nan=False, allow_infinity=False) | st.booleans())
+def test_plain_numbers_and_booleans_keep_their_value(value: int | float | bool) -> None:
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    parsed = parse_recipe_text(f"v: {text}\n")["v"]
+    assert parsed == value and type(parsed) is type(value)
+
+
+_RANGED = {name: allowed for name, allowed in _RUN_LIMITS[TrainConfig].items()
+           if name not in ("betas", "recall_ks")}
+
+
+@_SETTINGS
+@given(field=st.sampled_from(sorted(_RANGED)), value=st.integers(-(2**70), 2**70) | st.floats(allow_nan=False))
+def test_numeric_settings_load_exactly_inside_their_range(field: str, value: int | float) -> None:
+    """A recipe number loads iff it has the setting's type and lies in the documented range."""
+    expects_int = _RANGED[field].low == int(_RANGED[field].low) and field not in ("lr", "eps", "weight_decay",
+                                                                                  "temperature")
+    text = repr(value) if math.isfinite(value) else ("-.inf" if value < 0 else ".inf")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text(f"features: f\nout: o\n{field}: {text}\n", encoding="utf-8")
+        config = load_recipe_file(path)
+    typed = isinstance(value, int) or not expects_int
+    inside = math.isfinite(value) and abs(value) < 2**63 and _RANGED[field].holds(value)
+    assert (config is not None) == (typed and inside), (field, value)
+    if config is not None:
+        assert getattr(config, field) == value

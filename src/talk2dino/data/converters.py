@@ -685,10 +685,11 @@ class CocoStuffThingPainter:
             path = Path(source)
             if not path.is_file():
                 raise InvalidInputError(f"{path}: COCO JSON not found")
-            import json
+            from talk2dino.fileio import json_loads_unique
 
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                # A repeated key (a real "annotations" list, then an empty one) must not read as an empty file.
+                data = json_loads_unique(path.read_bytes())
             except JSON_READ_ERRORS as exc:
                 raise InvalidInputError(f"{one_line(path)}: cannot read COCO JSON ({one_line(exc)})") from exc
             where = one_line(path)

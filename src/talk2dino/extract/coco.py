@@ -12,13 +12,20 @@ Rules (method.md §3.1):
 - a caption that is empty after stripping whitespace is skipped and reported;
 - a caption whose ``image_id`` names no listed image is skipped and counted (an orphan);
 - a missing file, a missing or mistyped field, or a duplicate id is an `InvalidInputError` naming the file
-  and the field.
+  and the field; ids (``images[*].id``, ``annotations[*].id`` and ``image_id``) must be integers in
+  ``[0, 2**63)`` (they are stored as int64), checked here rather than when the first shard is written;
+- a JSON object that names a key twice is refused (Python's json would keep the last one silently: a real
+  ``"annotations"`` list followed by an empty one would read as no captions);
+- a split without any usable caption (after ``limit``, empty and orphan captions) is an error, not an empty
+  success;
+- an image is opened only if its real path (symlinks resolved) stays inside the real image folder
+  (`image_inside`; the folder itself may be a symlink), so a ``file_name`` that is a link to ``/etc/passwd``
+  is refused when the extractor opens it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,14 +33,23 @@ from pathlib import Path
 from typing import Any
 
 from talk2dino.errors import InvalidInputError, one_line
-from talk2dino.fileio import JSON_READ_ERRORS, check_regular_file, open_regular, stays_inside
+from talk2dino.fileio import (
+    JSON_READ_ERRORS,
+    DuplicateKeyError,
+    check_regular_file,
+    json_loads_unique,
+    open_regular,
+    stays_inside,
+)
 
-__all__ = ["CocoCaption", "CocoCaptions", "CocoImage", "annotation_path", "image_folder", "read_coco_captions"]
+__all__ = ["CocoCaption", "CocoCaptions", "CocoImage", "annotation_path", "image_folder", "image_inside",
+           "read_coco_captions"]
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 YEAR = "2014"  # COCO Captions 2014, method.md §3.1
+MAX_ID = 2**63  # ids are stored as int64 in the feature shards: [0, MAX_ID)
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,29 @@ def image_folder(coco_root: str | os.PathLike[str], split: str) -> Path:
     return Path(coco_root) / f"{split}{YEAR}"
 
 
+def image_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
+    """The real path of image `path` (symlinks resolved), refusing one that leaves the real `root`.
+
+    ``file_name`` is already checked to be relative without ``..`` (`stays_inside`), but a file in the image
+    folder may itself be a symlink (``a.jpg -> /etc/passwd``); the extractor opens the returned real path,
+    so a link swapped in after this check would have to replace a folder on that path, not just the file.
+    The root itself may be a symlink (a COCO copy on another disk): it is resolved too.
+
+    Raises:
+        InvalidInputError: ``"<path>: resolves to <real>, outside the image folder <root>"``.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    try:
+        inside = os.path.commonpath([real_root, real]) == real_root and real != real_root
+    except ValueError:  # Windows: paths on different drives
+        inside = False
+    if not inside:
+        raise InvalidInputError(f"{one_line(path, max_chars=1000)}: resolves to {one_line(real, max_chars=1000)}, "
+                                f"outside the image folder {one_line(real_root, max_chars=1000)}; not opened")
+    return Path(real)
+
+
 
 def _field(entry: Any, key: str, kind: type | tuple[type, ...], *, where: str) -> Any:
     if not isinstance(entry, dict):
@@ -115,6 +154,15 @@ def _field(entry: Any, key: str, kind: type | tuple[type, ...], *, where: str) -
             f"{where}.{key} is {one_line(repr(value))} ({type(value).__name__}), expected {_kind_name(kind)}"
         )
     return value
+
+
+def _id_field(entry: Any, key: str, *, where: str) -> int:
+    """An id field: an int (not a bool) in ``[0, MAX_ID)``, else a one-line InvalidInputError."""
+    value = _field(entry, key, int, where=where)
+    if not 0 <= value < MAX_ID:
+        raise InvalidInputError(f"{where}.{key} is {one_line(repr(value), max_chars=40)}, outside [0, 2**63): "
+                                "COCO ids are non-negative 64-bit integers")
+    return int(value)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -135,7 +183,8 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
 
     Raises:
         InvalidInputError: an unknown split, a bad limit, a missing annotation file or image folder, invalid
-            JSON, or a missing/mistyped field or duplicate id (the message names the file and the entry).
+            JSON or a key named twice in one object, a missing/mistyped field, an id outside ``[0, 2**63)`` or
+            a duplicate id (the message names the file and the entry), or no image or no usable caption left.
     """
     if split not in SPLITS:
         raise InvalidInputError(f"unknown COCO split {split!r}; use one of {', '.join(SPLITS)}")
@@ -157,9 +206,12 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
         with open_regular(path, "captions file") as handle:
             raw = handle.read()
         sha256 = hashlib.sha256(raw).hexdigest()  # of the bytes parsed, not of a reopened path
-        data = json.loads(raw.decode("utf-8"))
+        data = json_loads_unique(raw)
     except InvalidInputError:
         raise
+    except DuplicateKeyError as err:
+        raise InvalidInputError(f"{path}: {err}; a COCO file names each key once, so this one was edited or "
+                                "corrupted (re-download it)") from err
     except JSON_READ_ERRORS as err:
         raise InvalidInputError(f"{path}: not a readable JSON file ({one_line(err)})") from err
     if not isinstance(data, dict):
@@ -173,7 +225,7 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     images: dict[int, CocoImage] = {}
     for index, entry in enumerate(data["images"]):
         where = f"{path.name}: images[{index}]"
-        image_id = _field(entry, "id", int, where=where)
+        image_id = _id_field(entry, "id", where=where)
         file_name = _field(entry, "file_name", str, where=where)
         if image_id in images:
             raise InvalidInputError(f"{where}: duplicate image id {image_id}")
@@ -189,8 +241,8 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
     orphans = 0
     for index, entry in enumerate(data["annotations"]):
         where = f"{path.name}: annotations[{index}]"
-        caption_id = _field(entry, "id", int, where=where)
-        image_id = _field(entry, "image_id", int, where=where)
+        caption_id = _id_field(entry, "id", where=where)
+        image_id = _id_field(entry, "image_id", where=where)
         text = _field(entry, "caption", str, where=where)
         if caption_id in seen:
             raise InvalidInputError(f"{where}: duplicate caption id {caption_id}")
@@ -213,6 +265,15 @@ def read_coco_captions(coco_root: str | os.PathLike[str], split: str, *, limit: 
         logger.warning("%s: skipping %d empty caption(s), e.g. id %d", path, len(empty), empty[0].caption_id)
     if orphans:
         logger.warning("%s: skipping %d caption(s) whose image_id is not listed in 'images'", path, orphans)
+    # Nothing to extract is a broken file (or a limit that keeps only captionless images), not a success
+    # with empty shards.
+    if not ordered:
+        raise InvalidInputError(f"{path}: lists no images")
+    usable = sum(len(c) for c in per_image.values())
+    if usable == 0:
+        raise InvalidInputError(
+            f"{path}: no usable caption for the {len(ordered)} image(s) kept ({len(data['annotations'])} listed in "
+            f"all, {orphans} naming no listed image, {len(empty)} empty); is this the captions file of the split?")
     result = CocoCaptions(
         split=split, annotation_file=path, sha256=sha256, images=ordered, captions=per_image,
         empty_captions=empty, total_images=len(images), total_captions=len(data["annotations"]),

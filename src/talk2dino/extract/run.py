@@ -51,7 +51,7 @@ from PIL import Image
 from talk2dino.config import BackboneConfig, ExtractConfig, TextConfig
 from talk2dino.data.images import DECODE_ERRORS
 from talk2dino.errors import InvalidInputError, Talk2DinoError, error_reason, internal_error_guard
-from talk2dino.extract.coco import CocoCaptions, CocoImage, read_coco_captions
+from talk2dino.extract.coco import CocoCaptions, CocoImage, image_folder, image_inside, read_coco_captions
 from talk2dino.extract.format import FEATURE_FORMAT, MANIFEST_FILE, FeatureFormatError, read_manifest
 from talk2dino.extract.targets import head_targets, mean_head_target
 from talk2dino.fileio import atomic_write_bytes, fault_point, file_sha256, open_regular, temp_target
@@ -96,20 +96,23 @@ class ExtractionError(Talk2DinoError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
+def read_rgb(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Image.Image:
     """Decode an image file to an RGB PIL image, as the reference's extraction does.
 
     ``Image.open(path).convert("RGB")``: greyscale is replicated, CMYK converted by Pillow, alpha dropped.
     The EXIF orientation is **not** applied: COCO's annotations (and the reference's features) refer to
-    the stored pixels.
+    the stored pixels. With `root` (the COCO image folder), a path whose real location (symlinks resolved)
+    leaves the real `root` is refused unopened (`talk2dino.extract.coco.image_inside`).
 
     Raises:
-        InvalidInputError: ``"<path>: <reason>"`` for a missing, unreadable, truncated or non-image file, or
-            one that is not a regular file (a FIFO would block).
+        InvalidInputError: ``"<path>: <reason>"`` for a missing, unreadable, truncated or non-image file, one
+            that is not a regular file (a FIFO would block), or one that resolves outside `root`.
     """
+    # The real path is opened: a link out of the image folder (a.jpg -> /etc/passwd) is refused first.
+    real = path if root is None else image_inside(path, root)
     try:
         # open_regular: a FIFO or device named by a COCO file_name is refused instead of blocking forever.
-        with open_regular(path, "image") as handle, Image.open(handle) as image:
+        with open_regular(real, "image") as handle, Image.open(handle) as image:
             image.load()
             return image.convert("RGB")
     except FileNotFoundError as err:
@@ -185,16 +188,17 @@ def normalize_crops(crops: torch.Tensor, mean: Sequence[float], std: Sequence[fl
 class _CropDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Input position -> (position, ``[S, S, 3]`` uint8 crop or None, error or None); never raises for bad files."""
 
-    def __init__(self, paths: list[str], size: int) -> None:
+    def __init__(self, paths: list[str], size: int, root: str | None = None) -> None:
         self.paths = paths
         self.size = size
+        self.root = root  # the image folder every path must stay inside (symlinks resolved); None: unchecked
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            crop = resize_center_crop(read_rgb(self.paths[position]), self.size)
+            crop = resize_center_crop(read_rgb(self.paths[position], self.root), self.size)
         except InvalidInputError as err:
             return position, None, str(err)
         return position, torch.from_numpy(crop), None
@@ -734,7 +738,8 @@ def _extract_shards(extractor: _Extractor, todo: list[_Shard], device: torch.dev
         return
     batches = [list(range(a, min(a + config.batch_size, s.stop))) for s in todo
                for a in range(s.start, s.stop, config.batch_size)]
-    dataset = _CropDataset([str(im.path) for im in extractor.images], config.image_size)
+    dataset = _CropDataset([str(im.path) for im in extractor.images], config.image_size,
+                           root=str(image_folder(config.coco_root, config.split)))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
                                          collate_fn=_collate, pin_memory=device.type == "cuda")
     shard_of = {s.index: s for s in todo}

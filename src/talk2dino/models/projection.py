@@ -47,10 +47,13 @@ class Projection(nn.Module):
         return self.hidden_layers[0](torch.tanh(self.linear_layer(x)))
 
     def load_checked(self, state: dict[str, torch.Tensor], *, origin: str) -> None:
-        """Strictly load `state`: every key present, none extra, every shape equal (house-style §4).
+        """Strictly load `state`: every key present, none extra, every shape equal (house-style §4), floating
+        point, finite, and no weight matrix all zeros. Every psi file (.pth and .safetensors, via
+        `talk2dino.weights.load_state_dict`) and every training checkpoint's psi goes through here.
 
         Raises:
-            WeightsError: listing missing and unexpected keys and mismatched shapes, naming `origin`.
+            WeightsError: listing missing and unexpected keys and mismatched shapes, or naming the non-float,
+                non-finite or all-zero tensors; the message names `origin`.
         """
         renamed: dict[str, torch.Tensor] = {}
         for key, value in state.items():
@@ -85,6 +88,13 @@ class Projection(nn.Module):
         nonfinite = [k for k, v in renamed.items() if not bool(torch.isfinite(v).all())]
         if nonfinite:
             raise WeightsError(f"{origin}: projection weights hold NaN or infinity in {nonfinite}; the file is corrupt")
+        # A weight matrix of zeros makes psi's output the same for every text (tanh(b1), then W2 tanh(.) + b2):
+        # every class gets the same embedding and the segmentation is uniform garbage with exit 0. Only a
+        # placeholder or truncated export looks like this; trained (or randomly initialised) psi never does.
+        zero = sorted(k for k, v in renamed.items() if k.endswith(".weight") and v.numel() > 0 and not bool(v.any()))
+        if zero:
+            raise WeightsError(f"{origin}: projection weight matrices {zero} hold only zeros, so every text would "
+                               "map to the same embedding; the file is a placeholder or corrupt: use the released psi")
         self.load_state_dict({k: v.to(torch.float32) for k, v in renamed.items()}, strict=True)
 
 
