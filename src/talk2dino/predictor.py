@@ -390,12 +390,15 @@ class Segmenter:
         Raises:
             InvalidInputError: empty vocabulary, a non-string, empty or whitespace-only label, a label longer
                 than :data:`MAX_LABEL_CHARS` or holding a control character or line break (NUL, tab, CR, LF,
-                U+2028 ...), a duplicate, or 'background' while the background channel is on. The message is
-                one line and quotes the label (escaped and shortened).
+                U+2028 ...), text that is not text (a lone surrogate, U+FFFD) or CLIP's special token text, a
+                duplicate, two labels the text encoder cannot tell apart (the same after Unicode NFC, whitespace
+                collapsing and lower-casing: `talk2dino.labels.canonical_label`), or 'background' while the
+                background channel is on. The message is one line and quotes the label (escaped and shortened).
         """
         import unicodedata
 
         from talk2dino.errors import one_line
+        from talk2dino.labels import canonical_label, label_text_problem
 
         if isinstance(names, str):
             raise InvalidInputError("labels must be a list of strings, not one string; split it first")
@@ -403,6 +406,7 @@ class Segmenter:
         if not names:
             raise InvalidInputError("no labels given")
         seen: set[str] = set()
+        same: dict[str, int] = {}  # canonical form -> 1-based index of its first label
         for index, name in enumerate(names, start=1):
             if not isinstance(name, str):
                 raise InvalidInputError(f"label {index} ({one_line(repr(name))}) is not a string")
@@ -423,13 +427,29 @@ class Segmenter:
                 raise InvalidInputError(
                     f"label {index} {shown} contains the control character U+{ord(bad):04X}; remove it"
                 )
+            problem = label_text_problem(name)
+            if problem is not None:
+                raise InvalidInputError(f"label {index} {shown} {problem}")
             if name in seen:
                 raise InvalidInputError(f"duplicate label {shown} (label {index})")
-            if background and name.strip().lower() == BACKGROUND_NAME:
+            canonical = canonical_label(name)
+            if background and canonical == BACKGROUND_NAME:
                 raise InvalidInputError(
                     "label 'background' clashes with the background channel; remove it or turn background off"
                 )
+            if canonical in same:
+                # The CLIP tokenizer normalises exactly this away: both labels get bit-identical embeddings and
+                # the later one could never win a pixel (issue 14).
+                first = same[canonical]
+                # Labels that differ only in Unicode normalisation (NFC/NFD) print alike: show their code points.
+                alike = unicodedata.normalize("NFC", names[first - 1]) == unicodedata.normalize("NFC", name)
+                quote = ascii if alike else repr
+                raise InvalidInputError(
+                    f"labels {first} {one_line(quote(names[first - 1]), 60)} and {index} "
+                    f"{one_line(quote(name), 60)} are the same label to the text encoder (it ignores case, "
+                    "repeated spaces and Unicode normalisation); keep one of them")
             seen.add(name)
+            same[canonical] = index
         return names
 
     def class_embeddings(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
@@ -448,6 +468,7 @@ class Segmenter:
             return cached
         from talk2dino.models.text_encoder import collect_truncations
 
+        self._refuse_same_tokens(names, templates)
         with collect_truncations() as cut:
             embeddings = self.model.embed_classes(names, templates, pad_to_context=self.reference)
         self._report_truncated(names, templates, cut)
@@ -455,6 +476,46 @@ class Segmenter:
         while len(self._text_cache) > _TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return embeddings
+
+    def _refuse_same_tokens(self, names: Sequence[str], templates: Sequence[str]) -> None:
+        """Refuse two labels whose prompts are the same tokens in every template, up to the end-of-text token.
+
+        Their embeddings would be bit-identical and the later label could never win a pixel (issue 14).
+        `check_labels` already refuses what the tokenizer's normaliser merges (case, whitespace, NFC); this is
+        the exact test behind it: punctuation splitting (``cat.`` and ``cat .``), and labels that only differ
+        after the context's last token (the prompt is cut there).
+
+        Raises:
+            InvalidInputError: one line naming both labels.
+        """
+        encoder = self.model.text_encoder
+        if len(names) < 2 or not callable(getattr(encoder, "tokenize", None)):
+            return
+        from talk2dino.errors import one_line
+        from talk2dino.models.text_encoder import collect_truncations
+
+        prompts = [t.format(name) for name in names for t in templates]
+        with collect_truncations():  # cut prompts are reported once, by the embedding that follows
+            ids, mask = encoder.tokenize(prompts)
+        eot = getattr(encoder, "eot_id", None)
+        context = getattr(encoder, "context_length", None)
+        rows = [row[:int(n)] for row, n in zip(ids.tolist(), mask.sum(dim=1).tolist(), strict=True)]
+        if eot is not None:
+            # CLIP pools the first end-of-text token under causal attention: whatever follows it is never seen.
+            rows = [row[:row.index(eot) + 1] if eot in row else row for row in rows]
+        first_of: dict[tuple[tuple[int, ...], ...], int] = {}
+        count = len(templates)
+        for index in range(len(names)):
+            key = tuple(tuple(row) for row in rows[index * count:(index + 1) * count])
+            first = first_of.setdefault(key, index)
+            if first != index:
+                cut = context is not None and any(len(row) >= context for row in key)
+                why = (f"their prompts are cut at the {context}-token context" if cut
+                       else "the tokenizer splits their punctuation and spacing the same way")
+                raise InvalidInputError(
+                    f"labels {first + 1} {one_line(repr(names[first]), 60)} and {index + 1} "
+                    f"{one_line(repr(names[index]), 60)} are the same tokens to the text encoder ({why}), so they "
+                    "would get identical embeddings; keep one of them or make them differ earlier")
 
     def _report_truncated(self, names: Sequence[str], templates: Sequence[str], cut: list[tuple[str, int]]) -> None:
         """One warning line per label whose prompts were cut to the text encoder's context (not one per prompt)."""
