@@ -31,7 +31,6 @@ import base64
 import contextlib
 import functools
 import hashlib
-import http.client
 import io
 import json
 import logging
@@ -41,9 +40,6 @@ import signal
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -67,6 +63,7 @@ from talk2dino import Segmenter, __version__
 from talk2dino.config import check_template
 from talk2dino.data.images import load_image
 from talk2dino.errors import InternalError, InvalidInputError, error_reason, one_line
+from talk2dino.labels import split_labels
 from talk2dino.outputs import (
     DEFAULT_OVERLAY_ALPHA,
     attention_tiles,
@@ -79,6 +76,8 @@ from talk2dino.outputs import (
 )
 from talk2dino.predictor import ImageFeatures
 from talk2dino.server.config import ServerConfig
+from talk2dino.server.fetch import FetchTooLargeError, fetch_image_url
+from talk2dino.server.formtext import Utf8FormMiddleware
 from talk2dino.server.worker import (
     EmbedTextJob,
     InferenceWorker,
@@ -330,7 +329,8 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 def parse_labels(text: str, *, max_json_chars: int | None = None) -> list[str]:
     """Labels from a form field: a JSON list of strings (``["a, b", "c"]``) or a comma-separated string.
 
-    Comma-separated entries are trimmed; an empty entry is an error, as in ``talk2dino segment --labels``.
+    Comma-separated entries are trimmed, and ``"..."`` quotes one that holds commas; an empty entry is an
+    error, as in ``talk2dino segment --labels`` (`talk2dino.labels.split_labels`).
     A JSON list longer than `max_json_chars` is refused before parsing (the server passes a bound from its
     label limits), and deep nesting or huge numbers are refused, never raised as RecursionError/ValueError.
 
@@ -353,11 +353,8 @@ def parse_labels(text: str, *, max_json_chars: int | None = None) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidInputError("labels as JSON must be a list of strings")
         return value
-    parts = [p.strip() for p in text.split(",")]
-    for i, part in enumerate(parts, 1):
-        if not part:
-            raise InvalidInputError(f"labels entry {i} of {len(parts)} is empty in {text[:200]!r}")
-    return parts
+    # As `talk2dino segment --labels`: '"cat, dog", bird' is two labels, not '"cat' and 'dog"'.
+    return split_labels(text, what="labels")
 
 
 def _max_json_labels_chars(config: ServerConfig) -> int:
@@ -418,32 +415,40 @@ def _load_upload(path: Path, display: str, *, config: ServerConfig, channels: in
         raise InvalidInputError(str(err).replace(str(path), display)) from None
 
 
-def _fetch_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
-    """GET an http(s) URL, at most `max_bytes`; redirects only to http(s) (no ftp/file handlers installed)."""
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise InvalidInputError(f"image_url must start with http:// or https://; got {url[:100]!r}")
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor(),
-                    urllib.request.HTTPDefaultErrorHandler()):
-        opener.add_handler(handler)
-    request = urllib.request.Request(url, headers={"User-Agent": f"talk2dino-server/{__version__}"})
+async def _fetch_image_url(request: Request, url: str, config: ServerConfig, started: float) -> bytes:
+    """Fetch an ``image_url`` (server/fetch.py: public addresses only, one deadline, a byte cap) off the loop.
+
+    It runs before admission, so a slow or stalled URL never holds a queue slot that uploads need; fetches have
+    their own bound (`ServerConfig.url_fetch_limit`), and when all are busy the answer is 429 at once rather
+    than a wait. The deadline is the request's (``--request-timeout`` counts from arrival, so it includes the
+    fetch) and at most ``--url-timeout`` for the fetch itself.
+
+    Raises:
+        QueueFullError: `url_fetch_limit` fetches are in progress (429).
+        FetchError: the one generic 400 of every fetch failure (the reason is logged).
+        PayloadTooLargeError: the content is over ``--max-upload-bytes`` (413).
+    """
+    state = request.app.state
+    limiter: anyio.CapacityLimiter | None = getattr(state, "url_fetch_limiter", None)
+    if limiter is None:  # made on first use, on the event loop thread (no await in between: no race)
+        limiter = state.url_fetch_limiter = anyio.CapacityLimiter(config.url_fetch_limit)
     try:
-        with opener.open(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise PayloadTooLargeError(f"image_url content is {int(declared):,} bytes, above this server's "
-                                           f"limit of {max_bytes:,} (--max-upload-bytes)")
-            data = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as err:
-        raise InvalidInputError(f"cannot fetch image_url: HTTP {err.code} {err.reason}") from err
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
-        reason = getattr(err, "reason", err)
-        raise InvalidInputError(f"cannot fetch image_url: {reason}") from err
-    if len(data) > max_bytes:
-        raise PayloadTooLargeError(f"image_url content is larger than this server's limit of {max_bytes:,} bytes "
-                                   "(--max-upload-bytes)")
-    return data
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        raise QueueFullError(f"the server is busy: {config.url_fetch_limit} image_url fetches are already in "
+                             "progress; retry after the Retry-After seconds, or upload the image as 'image'") from None
+    deadline = min(started + config.request_timeout_s, time.monotonic() + config.url_timeout_s)
+    drain: Drain | None = getattr(state, "drain", None)
+    if drain is not None and drain.deadline is not None:  # shutting down: no fetch outlives the grace period
+        deadline = min(deadline, drain.deadline)
+    try:
+        return await anyio.to_thread.run_sync(functools.partial(
+            fetch_image_url, url, max_bytes=config.max_upload_bytes, deadline=deadline,
+            allowed_networks=config.url_allow_networks))
+    except FetchTooLargeError as err:
+        raise PayloadTooLargeError(str(err)) from None
+    finally:
+        limiter.release()
 
 
 def _sha256(path: Path) -> str:
@@ -591,6 +596,9 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
     _tidy_openapi(app)
     drain = Drain()
     app.state.drain = drain
+    # Form text fields in UTF-8 or a 400 (not Starlette's silent Latin-1 reading); added first, so the body
+    # limit stays the outermost check.
+    app.add_middleware(Utf8FormMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes, timeout_s=cfg.body_timeout_s)
     _add_error_handlers(app, cfg)
 
@@ -725,6 +733,10 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
         names = Segmenter.check_labels(names, background=use_background)
         channels = len(names) + int(use_background)
 
+        fetched: bytes | None = None
+        if image_url is not None:
+            # Before admit(): a slow URL holds one of the fetch slots (429 when all are busy), never a queue slot.
+            fetched = await _fetch_image_url(request, image_url, cfg, started)
         admit(request, worker)
         submitted = False
         temp: Path | None = None
@@ -733,11 +745,9 @@ def create_app(segmenter: Segmenter | Callable[[], Segmenter], config: ServerCon
                 display = Path(image.filename or "upload").name
                 temp = await anyio.to_thread.run_sync(_write_temp, Path(display).suffix[:10], image.file)
             else:
-                assert image_url is not None
+                assert fetched is not None
                 display = "image_url"
-                data = await anyio.to_thread.run_sync(lambda: _fetch_url(
-                    image_url, max_bytes=cfg.max_upload_bytes, timeout=cfg.url_timeout_s))
-                temp = await anyio.to_thread.run_sync(_write_temp, "", data)
+                temp = await anyio.to_thread.run_sync(_write_temp, "", fetched)
             path = temp
             rgb, digest = await anyio.to_thread.run_sync(
                 lambda: (_load_upload(path, display, config=cfg, channels=channels), _sha256(path)),
@@ -831,7 +841,9 @@ def _add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
             # more): name the expected format and the parser's own reason.
             kind = request.headers.get("content-type", "none").split(";")[0].strip() or "none"
             reason = f": {error_reason(exc.__cause__)}" if exc.__cause__ is not None else ""
-            message = f"cannot parse the {one_line(kind)} body; send multipart/form-data{reason}"
+            # The JSON endpoints (/v1/embed-text) want UTF-8 JSON, not a form: name what this path takes.
+            expected = "multipart/form-data" if request.url.path in _FORM_PATHS else "a UTF-8 JSON body"
+            message = f"cannot parse the {one_line(kind)} body; send {expected}{reason}"
         return error(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -44,7 +44,12 @@ class ServerConfig:
     feature_cache_size: int = 8
     max_connections: int = 64  # concurrent connections before uvicorn itself answers 503
     allow_image_url: bool = False  # fetch `image_url` from the server (off: it lets clients make it fetch URLs)
-    url_timeout_s: float = 10.0  # connect/read timeout of an `image_url` fetch
+    # The whole `image_url` fetch (lookups, connections, redirects, body) must finish within this, and within
+    # what is left of request_timeout_s, which counts from the request's arrival and so includes the fetch.
+    url_timeout_s: float = 10.0
+    # Networks (CIDR) an `image_url` may point into although they are not public (loopback, private, link-local
+    # ...): for images on a private network. Empty: only globally routable addresses are fetched (server/fetch.py).
+    url_allow_networks: tuple[str, ...] = ()
     retry_after_s: int = 5  # Retry-After of 503 answers, and the least one of 429 answers, in seconds
 
     def validate(self) -> None:
@@ -72,6 +77,24 @@ class ServerConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInputError(message)
+        # Imported here: `talk2dino serve --help` builds a ServerConfig, and fetch.py pulls in ssl and http.client.
+        from talk2dino.server.fetch import parse_networks
+
+        parse_networks(self.url_allow_networks)  # a typo in a CIDR fails at start-up, in one line
+
+    @property
+    def url_fetch_limit(self) -> int:
+        """How many `image_url` fetches may run at once; one more is answered 429 at once.
+
+        Fetches run before admission (a slow URL must not hold a queue slot), so they get their own bound: half
+        the queue, since each fetched image then needs a queue slot to be segmented.
+        """
+        return max(2, self.queue_size // 2)
+
+    def __post_init__(self) -> None:
+        # A list from argparse (--url-allow-network is repeatable) would make the frozen config unhashable.
+        if not isinstance(self.url_allow_networks, tuple):
+            object.__setattr__(self, "url_allow_networks", tuple(self.url_allow_networks))
 
     def replace(self, **changes: Any) -> ServerConfig:
         """A copy with `changes` applied (None values ignored), validated."""
@@ -100,6 +123,8 @@ class ServerConfig:
                     if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                         raise ValueError(raw)
                     changes[item.name] = lowered in ("1", "true", "yes", "on")
+                elif kind is tuple:  # a comma-separated list, e.g. TALK2DINO_SERVE_URL_ALLOW_NETWORKS=10.0.0.0/8
+                    changes[item.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
                 else:
                     changes[item.name] = kind(raw)
             except ValueError as err:
