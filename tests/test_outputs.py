@@ -125,7 +125,7 @@ def test_label_png_accepts_tensor_and_max_index(tmp_path: Path) -> None:
         (np.array([[0, 256]]), 256, r"\[0, 256\)"),
         (np.array([[0, 3]]), 3, r"\[0, 3\)"),
         (np.array([[-1, 0]]), 3, "-1"),
-        (np.array([[0, 1]]), 300, "num_classes"),
+        (np.array([[0, 1]]), 70_000, "num_classes"),  # above 65,536 (a 16-bit label map's limit)
         (np.zeros((2, 2), dtype=np.float32), 3, "integer"),
         (np.zeros((2, 2, 1), dtype=np.int64), 3, "integer"),
     ],

@@ -29,22 +29,19 @@ DEFAULT_MODEL = "talk2dino-vitb14-reg"
 
 
 def parse_label_list(text: str) -> list[str]:
-    """Split a comma-separated label string, trimming spaces around each label.
+    """Split a comma-separated label string, trimming spaces around each label; ``"..."`` quotes a label that
+    holds commas (``'"cat, dog", bird'``: two labels), as `talk2dino.labels.split_labels` describes.
 
     Only the splitting is done here; :meth:`Segmenter.check_labels` then checks the labels themselves
-    (duplicates, control characters, length).
+    (duplicates, labels the text encoder cannot tell apart, control characters, length).
 
     Raises:
-        InvalidInputError: when an entry is empty (``"cat,,dog"``) or nothing is given; the message is one line
-            and quotes the (escaped, shortened) string.
+        InvalidInputError: when an entry is empty (``"cat,,dog"``) or nothing is given, or a quote is not
+            closed; the message is one line and quotes the (escaped, shortened) string.
     """
-    from talk2dino.errors import InvalidInputError, one_line
+    from talk2dino.labels import split_labels
 
-    parts = [p.strip() for p in text.split(",")]
-    for i, part in enumerate(parts, 1):
-        if not part:
-            raise InvalidInputError(f"--labels entry {i} of {len(parts)} is empty in {one_line(repr(text))}")
-    return parts
+    return split_labels(text, what="--labels")
 
 
 LABEL_FILE_MAX_BYTES = 16 * 1024 * 1024
@@ -93,6 +90,25 @@ def read_label_file(path: str) -> list[str]:
     if not labels:
         raise InvalidInputError(f"{shown}: labels file holds no labels; write one label per line")
     return labels
+
+
+def _check_label_count(count: int, *, background: bool) -> None:
+    """Refuse more classes than a label PNG holds before any image is computed (issue 14: 1000 labels failed
+    every image after its embedding, with exit 0). Up to 256 classes the label PNG is an 8-bit palette image,
+    beyond that a 16-bit greyscale one (`outputs.MAX_LABEL_CLASSES`).
+
+    Raises:
+        InvalidInputError: `count` labels (plus the background class) above `outputs.MAX_LABEL_CLASSES`.
+    """
+    from talk2dino.errors import InvalidInputError
+    from talk2dino.outputs import MAX_LABEL_CLASSES
+
+    classes = count + int(bool(background))
+    if classes > MAX_LABEL_CLASSES:
+        what = (f"{count:,} labels and the background class are {classes:,} classes" if background
+                else f"{count:,} labels are {classes:,} classes")
+        raise InvalidInputError(f"{what}, more than the {MAX_LABEL_CLASSES:,} a 16-bit label PNG holds; split the "
+                                "labels over several runs")
 
 
 def _add_model_args(parser: argparse.ArgumentParser, *, runtime: bool = True) -> None:
@@ -147,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "legend PNG and a JSON summary.")
     seg.add_argument("inputs", nargs="+", help="image files, folders, or list files (@list.txt, one path per line)")
     labels = seg.add_argument_group("Labels").add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", default=None, help='comma-separated labels, e.g. "cat, sofa, window"')
+    labels.add_argument("--labels", default=None,
+                        help='comma-separated labels, e.g. "cat, sofa, window"; double-quote a label that holds a '
+                             'comma: \'"dining table, wooden", sofa\'')
     labels.add_argument("--labels-file", default=None,
                         help="a text file with one label per line; blank lines and lines starting with '#' "
                              "(comments) are skipped, a '#' inside a label is kept")
@@ -172,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-overlay", action="store_true", default=None, help="skip the overlay PNG")
     out.add_argument("--overlay-alpha", type=float, default=None, help="overlay opacity in [0, 1] (default 0.5)")
     out.add_argument("--batch-size", type=int, default=None, help="images embedded together (default 4)")
+    out.add_argument("--max-image-memory", default=None, metavar="SIZE",
+                     help="refuse an image (that image only) whose segmentation would need more memory than this, "
+                          "estimated from its size in the file header before decoding, the number of labels and "
+                          "the outputs asked for: e.g. 8GB, 16GiB, 512M (K, M, G: powers of 1024). Default: half "
+                          "of this machine's (or container's) memory. Images in flight together add up"),
     out.add_argument("--workers", type=int, default=None,
                      help="processes decoding and resizing the next images while the model runs (default: 0 on "
                           "CPU, up to 8 on GPU)")
@@ -307,7 +330,11 @@ def _add_serve_parser(sub: Any) -> None:
     limits.add_argument("--allow-image-url", action="store_true", default=None,
                         help="let clients send image_url for the server to fetch (default off: it fetches nothing)")
     limits.add_argument("--url-timeout", type=float, default=None,
-                        help=f"image_url fetch timeout in seconds (default {d.url_timeout_s:g})")
+                        help="seconds for a whole image_url fetch (lookup, connections, redirects, body), also "
+                             f"within --request-timeout (default {d.url_timeout_s:g})")
+    limits.add_argument("--url-allow-network", action="append", default=None, metavar="CIDR",
+                        help="let image_url reach this non-public network too, e.g. 10.0.0.0/8 for a private "
+                             "image store (repeatable; default: public addresses only)")
 
 
 # Commands that load no model. They do not import transformers (over a second) or torch, so they start fast
@@ -459,6 +486,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         max_connections=args.max_connections, allow_image_url=args.allow_image_url, url_timeout_s=args.url_timeout,
         body_timeout_s=args.body_timeout, shutdown_grace_s=args.shutdown_grace,
         feature_cache_size=args.feature_cache_size,
+        url_allow_networks=tuple(args.url_allow_network) if args.url_allow_network is not None else None,
     )
 
 
@@ -492,17 +520,24 @@ def run_segment(args: argparse.Namespace) -> int:
     from talk2dino.errors import InvalidInputError, internal_error_guard
     from talk2dino.folder import (
         BackgroundWriter,
+        MemoryBudget,
         check_output_folder,
+        default_image_memory,
         default_workers,
+        format_bytes,
+        max_stem_bytes,
         output_names,
+        parse_byte_size,
         plan_stems,
         prepared_batches,
         refuse_overwrites,
+        remove_stale_temps,
         talk2dino_outputs,
     )
     from talk2dino.outputs import write_result_files
     from talk2dino.predictor import ImageFeatures
 
+    started = time.time()  # temp files older than this are an interrupted run's, not a concurrent one's
     names = parse_label_list(args.labels) if args.labels is not None else read_label_file(args.labels_file)
     if args.underscores_to_spaces:
         names = [n.replace("_", " ") for n in names]
@@ -517,11 +552,17 @@ def run_segment(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--workers must be >= 0, got {args.workers}")
     if not 0.0 <= alpha <= 1.0:
         raise InvalidInputError(f"--overlay-alpha must be in [0, 1], got {alpha}")
+    memory_limit = (parse_byte_size(args.max_image_memory) if args.max_image_memory is not None
+                    else default_image_memory())
     # Every flag is checked before any weights are resolved or loaded (seconds to minutes): a typo fails at once.
     from talk2dino.predictor import Segmenter
 
     Segmenter.check_labels(names, background=_inference_config(args).background)
+    _check_label_count(len(names), background=_inference_config(args).background)
     _check_model_flags(args)
+    # So many labels that even a small image's score maps exceed --max-image-memory: say so now, not per image.
+    flag_config = _inference_config(args)
+    MemoryBudget(memory_limit, len(names) + int(flag_config.background), flag_config).check_labels()
     # The output folder too (issue 14): usable, and no file there that this run did not create is written over.
     out_dir = Path(args.out or "talk2dino-out")
     check_output_folder(out_dir)
@@ -534,13 +575,20 @@ def run_segment(args: argparse.Namespace) -> int:
         paths = [p for p in paths if p not in skipped]
         if not paths:
             raise InvalidInputError(f"no images found in {args.inputs} besides earlier talk2dino outputs")
-    used = plan_stems(paths)
+    # Output names too long for the file system (a 250-byte image name) are shortened here, not failed later.
+    used = plan_stems(paths, stem_bytes=max_stem_bytes(out_dir))
     targets = [name for stem in used.values() for name in output_names(
         stem, overlay=not args.no_overlay, save_scores=bool(args.save_scores),
         save_heatmaps=bool(args.save_heatmaps), save_attention=bool(args.save_attention))]
     refuse_overwrites(out_dir, targets, paths, overwrite=bool(args.overwrite), ours=ours)
+    # Never an input or a listed output, whatever it is named (an image may be called ".t2d-0123456789ab.tmp.png").
+    inputs_here = {p.name for p in paths if p.resolve().parent == out_resolved}
+    stale = remove_stale_temps(out_dir, before=started, keep=ours | inputs_here)
+    if stale:
+        logger.info("removed %d temp file(s) left in %s by an interrupted run", len(stale), out_dir)
     segmenter = _build_segmenter(args)
     segmenter.set_classes(names)
+    _check_label_count(len(names), background=segmenter.config.background)  # a model folder's own default
     device = segmenter.model.device
     workers = args.workers if args.workers is not None else default_workers(device)
 
@@ -555,8 +603,13 @@ def run_segment(args: argparse.Namespace) -> int:
     # Host work overlaps the model: the next batches are decoded by `workers` processes, and each image's
     # files are written on a background thread while the next batch runs (talk2dino.folder).
     writer = BackgroundWriter(max_pending=2 * batch_size)
+    # Each image's memory need is estimated from its header, before decoding, with the model's own settings.
+    budget = MemoryBudget(memory_limit, len(names) + int(segmenter.config.background), segmenter.config,
+                          overlay=not args.no_overlay, save_scores=bool(args.save_scores),
+                          save_heatmaps=bool(args.save_heatmaps))
+    logger.debug("memory limit per image: %s", format_bytes(memory_limit))
     batches = prepared_batches(paths, segmenter.config, batch_size=batch_size, workers=workers,
-                               pin_memory=device.type == "cuda")
+                               pin_memory=device.type == "cuda", budget=budget)
     # Per image only input errors (InvalidInputError); anything else becomes one InternalError and stops
     # the run here, instead of being reported against every image (issue 12; main() exits 3).
     try:

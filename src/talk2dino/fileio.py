@@ -21,7 +21,7 @@ import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from talk2dino.errors import InvalidInputError, one_line
 
@@ -69,6 +69,40 @@ def fault_point(site: str) -> None:
 # (bad JSON, bad UTF-8, or an integer over CPython's 4,300-digit limit, found by atheris); RecursionError (JSON
 # nested deeper than the json module can parse, "[[[[...").
 JSON_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RecursionError)
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (raised by `json_loads_unique`; a ``ValueError``, so it is one
+    of `JSON_READ_ERRORS`). The message names the key, escaped and cut by `one_line`."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook`` of `json_loads_unique`: the object as a dict, or DuplicateKeyError."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(f"duplicate key '{one_line(key, max_chars=80)}' in one JSON object")
+            seen.add(key)
+    return obj
+
+
+def json_loads_unique(data: str | bytes) -> Any:
+    """``json.loads(data)``, refusing an object that names a key twice, at any depth.
+
+    Python's json keeps the last value silently, so a file with a real ``"annotations"`` list followed by an
+    empty one would read as empty (or a hidden second ``"image_std"`` would win); a file we did not write
+    must mean one thing. Bytes are decoded as UTF-8 (a BOM is refused, as by ``json.loads``).
+
+    Raises:
+        DuplicateKeyError: naming the key (callers add the file name).
+        ValueError, RecursionError: as ``json.loads`` (bad JSON, bad UTF-8, absurd nesting).
+    """
+    import json
+
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
 
 
 def stays_inside(name: str) -> bool:
@@ -168,15 +202,16 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it over `path`, on failure remove it.
 
-    The temporary name is hidden, unique, and keeps `path`'s extension, so writers that choose a format
-    from the extension (Pillow, numpy, safetensors) behave as for the final name.
+    The temporary name (`temp_name`) is hidden, unique, and keeps `path`'s extension, so writers that choose a
+    format from the extension (Pillow, numpy, safetensors) behave as for the final name; for a final name too
+    long to carry the temp decorations it is the short ``.t2d-<hex>.tmp<suffix>``.
 
     Raises:
         Whatever the body raises, after the temporary file is removed; ``FileNotFoundError`` if the body
         succeeds without creating the temporary file.
     """
     final = Path(path)
-    temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:12]}.tmp{final.suffix}")
+    temporary = final.with_name(temp_name(final.name, final.parent))
     try:
         yield temporary
         fault_point("atomic-temp-written")
@@ -207,6 +242,49 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<stem>.*)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)$")
+# The stem-free form `temp_name` falls back to for long final names: it names no target.
+_SHORT_TEMP_NAME = re.compile(r"^\.t2d-[0-9a-f]{12}\.tmp(\.[^./\\]{1,16})?$")
+
+NAME_MAX_DEFAULT = 255
+"""Longest file name, in bytes, of the common file systems (ext4, XFS, Btrfs, tmpfs, APFS); used where
+``os.pathconf`` cannot tell."""
+
+
+def name_max(folder: str | os.PathLike[str]) -> int:
+    """The longest file name, in bytes, that `folder`'s file system accepts (``PC_NAME_MAX``; else 255)."""
+    try:
+        value = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder, no pathconf (Windows), unknown name
+        return NAME_MAX_DEFAULT
+    return value if isinstance(value, int) and value > 0 else NAME_MAX_DEFAULT
+
+
+def name_bytes(name: str) -> int:
+    """Length of a file name as the file system counts it: bytes of its encoding (UTF-8 on Linux and macOS)."""
+    return len(os.fsencode(name))
+
+
+def temp_name(final_name: str, folder: str | os.PathLike[str] = ".") -> str:
+    """A fresh `atomic_path` temp name for `final_name` in `folder`.
+
+    Normally ``.<stem>.<12 hex>.tmp<suffix>``, which `temp_target` maps back to `final_name` (resume code uses
+    that to tell its own leftovers apart). When that would be longer than 255 bytes or the folder's `name_max`
+    (the decorations add 18 bytes: a final name of 238+ bytes), the stem-free ``.t2d-<12 hex>.tmp<suffix>``
+    (the suffix dropped if over 16 characters): a long output name must not fail on its temp file alone.
+    `is_temp_name` recognises both forms.
+    """
+    token = uuid.uuid4().hex[:12]
+    final = Path(final_name)
+    name = f".{final.stem}.{token}.tmp{final.suffix}"
+    if name_bytes(name) <= min(name_max(folder), NAME_MAX_DEFAULT):
+        return name
+    suffix = final.suffix if _SHORT_TEMP_NAME.match(f".t2d-{token}.tmp{final.suffix}") else ""
+    return f".t2d-{token}.tmp{suffix}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is an `atomic_path` temp file name, of either form (see `temp_name`)."""
+    return _TEMP_NAME.match(name) is not None or _SHORT_TEMP_NAME.match(name) is not None
 
 
 def temp_target(name: str) -> str | None:

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TILE_SIZE",
     "LEGEND_ROW_HEIGHT",
+    "MAX_LABEL_CLASSES",
     "MAX_PALETTE_COLORS",
+    "OVERLAY_CHUNK_PIXELS",
     "atomic_path",
     "atomic_write_bytes",
     "attention_grid",
@@ -71,7 +73,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_PALETTE_COLORS: int = 256
-"""A palette PNG stores at most 256 colours, so label maps may hold at most 256 classes (indices 0-255)."""
+"""A palette PNG stores at most 256 colours: label maps of up to 256 classes (indices 0-255) are palette PNGs."""
+
+MAX_LABEL_CLASSES: int = 65536
+"""Most classes a label map may hold: above :data:`MAX_PALETTE_COLORS` it is a 16-bit greyscale PNG (indices
+0-65535, no palette), and the overlay and legend take the colours from :func:`label_colors`, which go on past 256."""
+
+OVERLAY_CHUNK_PIXELS: int = 1 << 20
+"""Pixels blended at a time by :func:`overlay`: its float64 arithmetic costs ~100 bytes a pixel, so a
+150-megapixel image blended at once needed 15 GB; in bands of rows it needs a few hundred MB at most."""
 
 DEFAULT_OVERLAY_ALPHA: float = 0.5
 """Weight of the class colour in :func:`overlay`; the image gets ``1 - alpha``."""
@@ -163,19 +173,22 @@ def label_colors(num_classes: int, *, background_index: int | None = None) -> np
     real label is ever black; with the background at index 0 this is exactly :func:`palette`. The label PNG's
     palette, the overlay, the server's ``color`` fields and the CLI's JSON all use these colours.
 
+    Past 256 classes the colours continue the VOC colour map (distinct up to 2**24), for the overlay and the
+    legend of 16-bit label maps.
+
     Args:
-        num_classes: Number of classes C (background included), in [0, 256].
+        num_classes: Number of classes C (background included), in [0, :data:`MAX_LABEL_CLASSES`].
         background_index: Index of the background class, or None when every class is a real label.
 
     Returns:
         ``[num_classes, 3]`` uint8, RGB.
 
     Raises:
-        InvalidInputError: ``num_classes`` outside [0, 256] or ``background_index`` outside [0, num_classes).
+        InvalidInputError: ``num_classes`` outside [0, 65536] or ``background_index`` outside [0, num_classes).
     """
-    if not 0 <= num_classes <= MAX_PALETTE_COLORS:
+    if not 0 <= num_classes <= MAX_LABEL_CLASSES:
         raise InvalidInputError(
-            f"label colours exist for 0 to {MAX_PALETTE_COLORS} classes (a palette PNG's limit); got {num_classes}"
+            f"label colours exist for 0 to {MAX_LABEL_CLASSES} classes (a 16-bit label map's limit); got {num_classes}"
         )
     if background_index is not None and not 0 <= background_index < num_classes:
         raise InvalidInputError(f"background_index must be in [0, {num_classes}); got {background_index}")
@@ -191,20 +204,22 @@ def label_colors(num_classes: int, *, background_index: int | None = None) -> np
 def save_label_png(
     path: str | os.PathLike[str], labels: np.ndarray, num_classes: int, *, background_index: int | None = None
 ) -> None:
-    """Save a label map as a palette ("P" mode) PNG, atomically.
+    """Save a label map as a palette ("P" mode) PNG, atomically; above 256 classes as a 16-bit greyscale PNG.
 
     Pixel values in the file are the class indices themselves; the PNG palette gives them the colours of
     :func:`label_colors`, so the file is both viewable and machine-readable (``np.array(Image.open(path))``).
+    A palette holds 256 colours, so a map of more classes is a 16-bit greyscale PNG of the indices, without
+    colours (dark to the eye; the overlay and the legend show the colours).
 
     Args:
         path: Destination ``.png`` file; its parent folder must exist.
         labels: ``[H, W]`` integer class indices in [0, num_classes).
-        num_classes: Number of classes C (score channels, background included), in [1, 256].
+        num_classes: Number of classes C (score channels, background included), in [1, 65536].
         background_index: Index of the background class (coloured black), or None when there is none.
 
     Raises:
         InvalidInputError: ``labels`` is not a 2-D integer array, holds values outside [0, num_classes), or
-            ``num_classes`` is outside [1, 256].
+            ``num_classes`` is outside [1, 65536].
     """
     image = label_image(labels, num_classes, background_index=background_index)
     with atomic_path(path) as temporary:
@@ -216,15 +231,19 @@ def label_image(labels: np.ndarray, num_classes: int, *, background_index: int |
 
     Args:
         labels: ``[H, W]`` integer class indices in [0, num_classes).
-        num_classes: Number of classes C (background included), in [1, 256].
+        num_classes: Number of classes C (background included), in [1, 65536].
         background_index: Index of the background class, or None when there is none.
 
     Returns:
-        A "P" mode PIL image whose palette is :func:`label_colors` ``(num_classes, background_index=...)``.
+        A "P" mode PIL image whose palette is :func:`label_colors` ``(num_classes, background_index=...)``;
+        above 256 classes an "I;16" image of the indices (16-bit greyscale, no palette).
 
     Raises:
         InvalidInputError: As :func:`save_label_png`.
     """
+    if num_classes > MAX_PALETTE_COLORS:
+        wide = _validated_labels(labels, num_classes, max_classes=MAX_LABEL_CLASSES)
+        return Image.fromarray(wide.astype(np.uint16))  # mode "I;16": saved as a 16-bit greyscale PNG
     indices = _validated_labels(labels, num_classes)
     image = Image.fromarray(indices)  # mode "L"; putpalette turns it into "P"
     image.putpalette(label_colors(num_classes, background_index=background_index).tobytes())
@@ -341,7 +360,7 @@ def overlay(
     Args:
         image: ``[H, W, 3]`` uint8, RGB, values in [0, 255].
         labels: ``[H, W]`` integer class indices in [0, num_classes), same H and W as ``image``.
-        num_classes: Number of classes C (background included), in [1, 256].
+        num_classes: Number of classes C (background included), in [1, 65536].
         alpha: Weight of the class colour, in [0, 1].
         background_index: Class index left uncoloured, or None to colour every class (none of them black).
 
@@ -354,7 +373,7 @@ def overlay(
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         described = f"shape {getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', type(image).__name__)}"
         raise InvalidInputError(f"overlay expects a uint8 HxWx3 RGB image; got {described}")
-    indices = _validated_labels(labels, num_classes)
+    indices = _validated_labels(labels, num_classes, max_classes=MAX_LABEL_CLASSES)
     if indices.shape != image.shape[:2]:
         raise InvalidInputError(
             f"labels shape {indices.shape} does not match image shape {image.shape[:2]}; resize one to the other"
@@ -363,12 +382,19 @@ def overlay(
         raise InvalidInputError(f"overlay alpha must be in [0, 1]; got {alpha}")
     if background_index is not None and not 0 <= background_index < num_classes:
         raise InvalidInputError(f"background_index must be in [0, {num_classes}); got {background_index}")
-    colors = label_colors(num_classes, background_index=background_index).astype(np.float64)[indices]
-    blended = np.floor((1.0 - alpha) * image.astype(np.float64) + alpha * colors + 0.5)
-    result = np.clip(blended, 0, 255).astype(np.uint8)
-    if background_index is not None:
-        keep = indices == background_index
-        result[keep] = image[keep]
+    table = label_colors(num_classes, background_index=background_index).astype(np.float64)
+    result = np.empty_like(image)
+    # In bands of rows: the float64 temporaries of one band are ~100 bytes a pixel (see OVERLAY_CHUNK_PIXELS);
+    # each pixel's arithmetic is the same as for the whole image at once.
+    rows = max(1, OVERLAY_CHUNK_PIXELS // max(1, image.shape[1]))
+    for top in range(0, image.shape[0], rows):
+        band = slice(top, top + rows)
+        colors = table[indices[band]]
+        blended = np.floor((1.0 - alpha) * image[band].astype(np.float64) + alpha * colors + 0.5)
+        result[band] = np.clip(blended, 0, 255).astype(np.uint8)
+        if background_index is not None:
+            keep = indices[band] == background_index
+            result[band][keep] = image[band][keep]
     return result
 
 
@@ -387,7 +413,7 @@ def save_overlay_png(
         path: Destination ``.png`` file; its parent folder must exist.
         image: ``[H, W, 3]`` uint8, RGB, values in [0, 255].
         labels: ``[H, W]`` integer class indices in [0, num_classes).
-        num_classes: Number of classes C (background included), in [1, 256].
+        num_classes: Number of classes C (background included), in [1, 65536].
         alpha: Weight of the class colour, in [0, 1].
         background_index: Class index left uncoloured, or None.
 
@@ -424,9 +450,11 @@ def save_scores_npz(
     names = [str(name) for name in class_names]
     if array.shape[0] != len(names):
         raise InvalidInputError(f"scores have {array.shape[0]} channels but {len(names)} class names were given")
-    finite = array[np.isfinite(array)]
-    if finite.size and float(np.abs(finite).max()) > _FLOAT16_MAX:
-        raise InvalidInputError(f"scores exceed the float16 range (|value| > {_FLOAT16_MAX:g}); save probabilities")
+    # One channel at a time: a mask and a copy of the whole [C, H, W] array cost 9 bytes per value.
+    for channel in array:
+        finite = channel[np.isfinite(channel)]
+        if finite.size and float(np.abs(finite).max()) > _FLOAT16_MAX:
+            raise InvalidInputError(f"scores exceed the float16 range (|value| > {_FLOAT16_MAX:g}); save probabilities")
     name_array = np.array(names, dtype=np.str_) if names else np.zeros((0,), dtype="<U1")
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         # A file handle, not a name: np.savez_compressed would append ".npz" to a name lacking it.
@@ -907,9 +935,11 @@ def result_file_names(stem: str, *, overlay: bool, save_scores: bool, save_heatm
 def _validated_labels(
     labels: np.ndarray, num_classes: int, *, max_classes: int | None = MAX_PALETTE_COLORS
 ) -> np.ndarray:
-    """Check ``[H, W]`` integer labels in [0, num_classes); return them as uint8 (or int64 if unbounded)."""
+    """Check ``[H, W]`` integer labels in [0, num_classes); return them as uint8 (uint16 when `max_classes` is
+    above 256, int64 if unbounded)."""
     if max_classes is not None and not 1 <= num_classes <= max_classes:
-        raise InvalidInputError(f"num_classes must be in [1, {max_classes}] for a palette image; got {num_classes}")
+        kind = "a palette image" if max_classes <= MAX_PALETTE_COLORS else "a label map"
+        raise InvalidInputError(f"num_classes must be in [1, {max_classes}] for {kind}; got {num_classes}")
     array = _to_numpy(labels)
     if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
         raise InvalidInputError(f"labels must be an [H, W] integer array; got shape {array.shape}, dtype {array.dtype}")
@@ -919,7 +949,9 @@ def _validated_labels(
             raise InvalidInputError(
                 f"labels must lie in [0, {num_classes}) for {num_classes} classes; got values in [{low}, {high}]"
             )
-    return array.astype(np.uint8 if max_classes is not None else np.int64)
+    if max_classes is None:
+        return array.astype(np.int64)
+    return array.astype(np.uint8 if max_classes <= MAX_PALETTE_COLORS else np.uint16)
 
 
 def _to_numpy(values: Any) -> np.ndarray:

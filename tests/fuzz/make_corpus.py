@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import random
+import re
 import shutil
 import struct
 import sys
@@ -241,6 +242,8 @@ def image_cases(scratch: Path) -> dict[str, bytes]:
     cases["ok_exif_loop.jpg"] = jpeg_with_exif(b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00"
                                                + struct.pack("<HHII", 0x8769, 4, 1, 8) + struct.pack("<I", 8))
     cases["ok_png_2x2.png"] = encode(Image.new("RGB", (2, 2), (1, 2, 3)), "PNG")
+    # Thinner than 1:4096: its resize target rounded to 0 rows and segment failed without naming it (issue 14).
+    cases["ok_png_3x40000.png"] = encode(Image.new("L", (40000, 3), 77), "PNG")
     cases["ok_tiff_f_outside_unit.tif"] = encode(Image.fromarray(np.full((4, 4), 300.0, dtype=np.float32)), "TIFF")
     return cases
 
@@ -288,6 +291,13 @@ def label_file_cases() -> dict[str, bytes]:
         "gzip_bytes.txt": b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\x00" * 10,
         "many_duplicates.txt": b"".join(b"class%d\n" % (i % 100) for i in range(1000)),
         "zero_width_space_only.txt": "\u200b\n".encode(),
+        # Issue 14: labels the text encoder cannot tell apart, and text that is not a label.
+        "case_duplicate.txt": b"Person\nperson\n",
+        "nfd_duplicate.txt": "caf\u00e9\ncafe\u0301\n".encode(),
+        "whitespace_run_duplicate.txt": b"cat  dog\ncat dog\n",
+        "nbsp_duplicate.txt": "cat\u00a0dog\ncat dog\n".encode(),
+        "replacement_char.txt": "cat\ufffd\ndog\n".encode(),
+        "endoftext_token.txt": b"cat\n<|endoftext|>\n",
     }
 
 
@@ -317,6 +327,20 @@ def label_string_cases() -> dict[str, bytes]:
         "only_whitespace_unicode.txt": "\u3000,\u00a0",
         "nbsp_only.txt": "\u00a0",
         "bom_only.txt": "\ufeff,cat",
+        # Issue 14: labels the text encoder cannot tell apart, quoting mistakes, text that is not a label.
+        "case_duplicate.txt": "Person, person",
+        "case_triple.txt": "Cat, dog, CAT",
+        "nfd_duplicate.txt": "caf\u00e9, cafe\u0301",
+        "whitespace_run_duplicate.txt": "cat  dog, cat dog",
+        "ideographic_space_duplicate.txt": "cat\u3000dog, cat dog",
+        "background_upper.txt": "BACKGROUND, cat",
+        "replacement_char.txt": "cat\ufffd, dog",
+        "endoftext_token.txt": "a <|endoftext|>, dog",
+        "startoftext_token.txt": "<|startoftext|>cat",
+        "unclosed_quote.txt": '"cat, dog',
+        "text_after_quote.txt": '"cat" x, dog',
+        "empty_quoted.txt": '"", cat',
+        "quoted_duplicate.txt": '"cat", cat',
     }
     return {name: text.encode("utf-8") for name, text in strings.items()}
 
@@ -420,6 +444,30 @@ def caption_cases() -> dict[str, bytes]:
         "image_id_5000_digits.json": b'{"images": [{"id": ' + b"9" * 5000 + b', "file_name": "a.jpg"}], '
                                      b'"annotations": []}',
         "long_file_name_newline.json": doc(images=[{"id": 1, "file_name": "../" + "x\n" * 500}]),
+        # Issue 14: a key given twice (json keeps the last silently: the real list, then an empty one).
+        "duplicate_annotations_key.json": doc()[:-1] + b', "annotations": []}',
+        "duplicate_images_key.json": doc()[:-1] + b', "images": []}',
+        "duplicate_key_in_image.json": b'{"images": [{"id": 1, "file_name": "a.jpg", "id": 2}], '
+                                       b'"annotations": [{"id": 10, "image_id": 2, "caption": "a cat"}]}',
+        "duplicate_key_in_caption.json": b'{"images": [{"id": 1, "file_name": "a.jpg"}], '
+                                         b'"annotations": [{"id": 10, "image_id": 1, "caption": "a cat", '
+                                         b'"caption": ""}]}',
+        # Ids outside int64 (or negative) used to fail only when the first shard was written.
+        "image_id_1e30.json": doc(images=[{"id": 10**30, "file_name": "a.jpg"}],
+                                  annotations=[dict(caption, image_id=10**30)]),
+        "image_id_2_pow_63.json": doc(images=[{"id": 2**63, "file_name": "a.jpg"}],
+                                      annotations=[dict(caption, image_id=2**63)]),
+        "image_id_negative.json": doc(images=[{"id": -1, "file_name": "a.jpg"}],
+                                      annotations=[dict(caption, image_id=-1)]),
+        "caption_id_huge.json": doc(annotations=[dict(caption, id=10**20)]),
+        "caption_id_negative.json": doc(annotations=[dict(caption, id=-10)]),
+        "caption_id_bool.json": doc(annotations=[dict(caption, id=False)]),
+        "caption_image_id_huge.json": doc(annotations=[dict(caption, image_id=2**64)]),
+        # Nothing to extract: an error, not an empty success.
+        "no_images_listed.json": doc(images=[], annotations=[]),
+        "no_captions_listed.json": doc(annotations=[]),
+        "only_empty_captions.json": doc(annotations=[dict(caption, caption="  \n ")]),
+        "only_orphan_captions.json": doc(annotations=[dict(caption, image_id=2)]),
     }
 
 
@@ -456,6 +504,8 @@ def coco_json_cases() -> dict[str, bytes]:
         "invalid_utf8.json": b'{"annotations": [], "images": [{"id": 1, "file_name": "\xfe"}]}',
         "height_5000_digits.json": b'{"annotations": [], "images": [{"id": 1, "height": ' + b"7" * 5000
                                    + b', "width": 5}]}',
+        # The real list first, an empty one last: json.loads would keep the empty one silently.
+        "duplicate_annotations_key.json": doc()[:-1] + b', "annotations": []}',
     }
 
 
@@ -726,11 +776,12 @@ def build(scratch: Path) -> dict[str, bytes]:
 
 
 def _clear(folder: Path) -> None:
-    """Remove what this script wrote under ``folder``, keeping hand-kept ``found/`` inputs from atheris."""
+    """Remove what this script wrote under ``folder``, keeping hand-kept ``found/`` inputs from atheris and its
+    coverage corpus (files named by their SHA-1), which this script never writes."""
     if not folder.is_dir():
         return
     for child in folder.iterdir():
-        if child.name == "found":
+        if child.name == "found" or re.fullmatch(r"[0-9a-f]{40}", child.name):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

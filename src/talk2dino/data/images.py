@@ -21,7 +21,7 @@ import struct
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -91,7 +91,8 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 _WARNINGS_LOCK = threading.Lock()
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None,
+               check_header: Callable[[int, int, str], None] | None = None) -> np.ndarray:
     """Decode an image file into an RGB uint8 array.
 
     Decoding uses Pillow; method.md §4.3 notes that Pillow and OpenCV decode the test JPEGs identically, and
@@ -110,6 +111,10 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         max_pixels: Largest accepted width × height, checked from the header before any pixel is decoded.
             ``None`` uses :data:`MAX_IMAGE_PIXELS`. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``, a hard
             error at twice that value) still applies on top; raise it too to open larger files.
+        check_header: Called with the header's ``(width, height, mode)`` (before EXIF orientation, which keeps
+            the pixel count), after the `max_pixels` check and before any pixel is decoded; it refuses the image
+            by raising :class:`InvalidInputError`, whose message then follows the file name (the CLI's memory
+            guard, ``--max-image-memory``).
 
     Returns:
         ``[H, W, 3]`` uint8 array, RGB, values in [0, 255], C-contiguous and writable; H and W are those of the
@@ -149,10 +154,11 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
     except OSError as exc:
         raise InvalidInputError(f"{shown}: cannot open file ({one_line(exc.strerror or exc)})") from exc
     with handle:
-        return _load_opened(handle, file_path, shown, limit)
+        return _load_opened(handle, file_path, shown, limit, check_header)
 
 
-def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int) -> np.ndarray:
+def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int,
+                 check_header: Callable[[int, int, str], None] | None = None) -> np.ndarray:
     """`load_image` on an opened regular file."""
     try:
         # Our own limit (checked below, before decoding) is authoritative; silence Pillow's softer warning for
@@ -180,6 +186,11 @@ def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int) -> n
                 f"{limit:,}; refused without decoding (pass a larger max_pixels if the file is trusted)"
             )
         _check_min_size(width, height, where=shown)
+        if check_header is not None:
+            try:
+                check_header(width, height, image.mode)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{shown}: {exc}") from exc
         try:
             image.load()
         except DECODE_ERRORS as exc:
@@ -239,7 +250,8 @@ def to_rgb_uint8(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def as_rgb_image(
-    image: str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor, *, max_pixels: int | None = None
+    image: str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor, *, max_pixels: int | None = None,
+    check_header: Callable[[int, int, str], None] | None = None,
 ) -> np.ndarray:
     """Convert a `Segmenter` image input into an RGB uint8 array: :func:`to_rgb_uint8`'s forms, a path, HWC tensors.
 
@@ -264,6 +276,7 @@ def as_rgb_image(
     Args:
         image: The input image, in one of the forms above.
         max_pixels: For paths: the decompression-bomb guard of :func:`load_image` (None: its default).
+        check_header: For paths: :func:`load_image`'s header check (e.g. a memory guard), else None.
 
     Returns:
         ``[H, W, 3]`` uint8 array, RGB, C-contiguous and writable, sharing no memory with the input.
@@ -274,7 +287,7 @@ def as_rgb_image(
             :data:`MIN_IMAGE_SIDE`.
     """
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image, max_pixels=max_pixels)
+        return load_image(image, max_pixels=max_pixels, check_header=check_header)
     if isinstance(image, (bytes, bytearray, memoryview)):
         raise InvalidInputError(
             f"{_API_FORMS}; got {_describe(image)} (for encoded file content pass PIL.Image.open(io.BytesIO(data)))"

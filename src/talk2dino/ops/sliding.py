@@ -17,6 +17,12 @@ def resized_size(height: int, width: int, *, short_side: int, max_long_side: int
     s = min(max_long_side / max(h, w), short_side / min(h, w)) and each side becomes ⌊x·s + 0.5⌋, in
     Python float arithmetic (mmcv ``rescale_size`` semantics). See method.md §4.3 step 2.
 
+    A side that this rounds to 0 becomes 1 pixel: that happens only above an aspect ratio of 2·max_long_side
+    (4096:1 with the defaults, e.g. 3×40000), where mmcv's size would be empty and the resize impossible. The
+    windows of such an image are stretched to the backbone's square input anyway (method.md §4.4 step 2), and
+    the scores are resized back to the original size, so the result is still defined. Every other size is the
+    protocol's, bit for bit.
+
     Args:
         height: original image height h in pixels, positive.
         width: original image width w in pixels, positive.
@@ -32,7 +38,7 @@ def resized_size(height: int, width: int, *, short_side: int, max_long_side: int
     _check_positive("image size", height=height, width=width)
     _check_positive("resize targets", short_side=short_side, max_long_side=max_long_side)
     scale = min(max_long_side / max(height, width), short_side / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def _check_positive(what: str, **values: int) -> None:
