@@ -441,7 +441,10 @@ def fetch_image_url(url: str, *, max_bytes: int, deadline: float, allowed_networ
     except _Refused as err:
         reason = str(err)
     except (OSError, ValueError, http.client.HTTPException) as err:  # ssl.SSLError and TimeoutError are OSErrors
-        reason = f"{type(err).__name__}: {err}" if watchdog.fired is False else f"deadline reached ({err})"
+        # A socket timeout is the deadline too (each socket call gets only the time left): whether the socket's
+        # timeout or the watchdog fires first is a race, and the log must name the cause either way.
+        timed_out = watchdog.fired or isinstance(err, TimeoutError) or time.monotonic() >= deadline
+        reason = f"deadline reached ({type(err).__name__}: {err})" if timed_out else f"{type(err).__name__}: {err}"
     finally:
         watchdog.cancel()
     logger.info("image_url %r not fetched (last URL %r): %s", url[:200], current[:200], reason[:300])
