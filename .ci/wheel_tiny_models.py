@@ -59,10 +59,10 @@ def _stub_pytest() -> None:
 
 def _synthetic_bpe(path: Path) -> Path:
     """A merge list with CLIP's layout and count (pairs of byte symbols), for when the real one is absent."""
-    from talk2dino.models.tokenizer import _NUM_MERGES, _byte_symbols
+    from talk2dino.testing.clip_vocab import NUM_MERGES, byte_symbols
 
-    symbols = _byte_symbols()
-    merges = [f"{a} {b}" for a in symbols for b in symbols][:_NUM_MERGES]
+    symbols = byte_symbols()
+    merges = [f"{a} {b}" for a in symbols for b in symbols][:NUM_MERGES]
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.write("\n".join(["#synthetic merge list for .ci/wheel-check", *merges, ""]))
     return path

@@ -95,7 +95,7 @@ def build_model(device: torch.device, dtype: torch.dtype, bpe: Path, workdir: Pa
 
     from talk2dino.config import BackboneConfig, ModelConfig, ProjectionConfig, TextConfig
     from talk2dino.models import ClipTextEncoder, DinoV2Backbone, Projection, Talk2DINO
-    from talk2dino.models.tokenizer import write_clip_tokenizer
+    from talk2dino.testing.clip_vocab import write_clip_tokenizer
 
     torch.manual_seed(0)
     dino_config = Dinov2WithRegistersConfig(
@@ -103,7 +103,7 @@ def build_model(device: torch.device, dtype: torch.dtype, bpe: Path, workdir: Pa
         num_register_tokens=4, layerscale_value=1.0,
     )
     # transformers 5: the model constructor takes no attn_implementation; the config attribute selects it
-    # (this is what from_pretrained(..., attn_implementation="sdpa") does in the registry).
+    # (this is what from_pretrained(..., attn_implementation="sdpa") does in talk2dino.factory).
     dino_config._attn_implementation = "sdpa"
     dino = Dinov2WithRegistersModel(dino_config)
     text_config = CLIPTextConfig(

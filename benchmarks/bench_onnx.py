@@ -2,8 +2,8 @@
 
 Builds the same model as ``bench_inference.py`` (DINOv2 ViT-B/14 with 4 registers + the CLIP ViT-B/16
 text tower + psi 512->768, seeded random weights, real CLIP tokenizer; nothing is downloaded), exports
-it with `talk2dino.export.export_onnx` at a 448-pixel window, loads the folder with
-`talk2dino.models.onnx_runtime.load_onnx_model`, and then times, in the same process and interleaved
+it with `talk2dino.onnx.export.export_onnx` at a 448-pixel window, loads the folder with
+`talk2dino.factory.load_onnx_model`, and then times, in the same process and interleaved
 (PyTorch, then ONNX Runtime, per repeat, so load changes hit both alike):
 
 - the backbone on one 448² window (batch 1) and on two (batch 2), seconds per window;
@@ -81,8 +81,8 @@ def measure(name: str, per: int, torch_fn: Callable[[], Any], onnx_fn: Callable[
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from talk2dino import InferenceConfig, Segmenter
-    from talk2dino.export import export_onnx
-    from talk2dino.models.onnx_runtime import load_onnx_model
+    from talk2dino.factory import load_onnx_model
+    from talk2dino.onnx.export import export_onnx
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")

@@ -56,7 +56,7 @@ def run_child_server(args: argparse.Namespace) -> int:
 
     from talk2dino import InferenceConfig, Segmenter
     from talk2dino.server import ServerConfig, create_app
-    from talk2dino.server.app import serve
+    from talk2dino.server.http import serve
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -94,13 +94,14 @@ def vocabulary(rep: int) -> list[str]:
 
 def write_outputs(out_dir: Path, segmenter: Any, rgb: np.ndarray, result: Any) -> None:
     """What ``talk2dino segment`` writes per image: label PNG, overlay PNG and JSON summary."""
-    from talk2dino.outputs import save_json, save_label_png, save_overlay_png
+    from talk2dino.fileio import write_json
+    from talk2dino.render import save_label_png, save_overlay_png
 
     labels = result.labels.numpy()
     num = len(result.class_names)
     save_label_png(out_dir / "image_labels.png", labels, num)
     save_overlay_png(out_dir / "image_overlay.png", rgb, labels, num, background_index=result.background_index)
-    save_json(out_dir / "image.json", {"image": "image.png", **segmenter.summary(result)})
+    write_json(out_dir / "image.json", {"image": "image.png", **segmenter.summary(result)})
 
 
 # ---------------------------------------------------------------------------------------------- sections

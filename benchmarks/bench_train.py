@@ -4,7 +4,7 @@ Builds random features of the full COCO Captions 2014 train size (414,113 captio
 ViT-B: M = 12 heads, D = 768; float16 in RAM as ``talk2dino extract`` stores them: about 1.5 GB of
 heads and 0.4 GB of text), then times, in the same process and on the same features:
 
-- **loop**: the real training step (`talk2dino.training.trainer.Trainer` with `ContrastiveObjective`,
+- **loop**: the real training step (`talk2dino.training.loop.Trainer` with `ContrastiveObjective`,
   strategy ``max`` by default): index batches are slices of one seeded ``randperm``, features are
   gathered by direct indexing, no DataLoader;
 - **DataLoader**: the same loss, psi and Adam, fed by a ``torch.utils.data.DataLoader`` over a
@@ -41,15 +41,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from talk2dino.config import TrainConfig
-from talk2dino.extract.format import FeatureSet
+from talk2dino.data.features import FeatureSet
 from talk2dino.models.projection import Projection
-from talk2dino.training.trainer import (
-    ContrastiveObjective,
-    Trainer,
-    build_optimizer,
-    shuffled_batches,
-    strategy_images,
-)
+from talk2dino.training.loop import Trainer, shuffled_batches
+from talk2dino.training.objective import ContrastiveObjective, strategy_images
+from talk2dino.training.run import build_optimizer
 
 COCO_CAPTIONS = 414_113  # COCO Captions 2014 train, method.md §3.1
 COCO_IMAGES = 82_783

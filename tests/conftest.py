@@ -40,7 +40,7 @@ def parity_weights() -> Path:
 
 def write_clip_tokenizer(folder: Path) -> None:
     """Write a real CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`."""
-    from talk2dino.models.tokenizer import write_clip_tokenizer as write
+    from talk2dino.testing.clip_vocab import write_clip_tokenizer as write
 
     write(BPE, folder)
 

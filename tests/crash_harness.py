@@ -372,8 +372,8 @@ def _warm_imports() -> None:
     """Import here what the runs import lazily (~3 s, mostly transformers), so that forked runs start warm."""
     import importlib
 
-    for name in ("talk2dino.cli", "talk2dino.evaluation.runner", "talk2dino.extract.run", "talk2dino.training.trainer",
-                 "talk2dino.outputs", "talk2dino.plots", "safetensors.torch", "safetensors.numpy", "tqdm",
+    for name in ("talk2dino.cli", "talk2dino.evaluation.runner", "talk2dino.extract.run", "talk2dino.training.run",
+                 "talk2dino.render", "safetensors.torch", "safetensors.numpy", "tqdm",
                  "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
                  "transformers.models.dinov2.modeling_dinov2",
                  "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",

@@ -30,9 +30,10 @@ from conftest import (
 
 from talk2dino import InferenceConfig, Segmenter
 from talk2dino.errors import Talk2DinoError, WeightsError
+from talk2dino.factory import create_model
 from talk2dino.models import DinoV1Backbone, DinoV2Backbone, DinoV3Backbone, Projection, Talk2DINO, VisionBackbone
 from talk2dino.models.backbones.layouts import attention_projections, block_list
-from talk2dino.registry import BACKBONES, create_model, get_model_config, list_models
+from talk2dino.registry import BACKBONES, get_model_config, list_models
 from talk2dino.weights import load_state_dict, resolve_file
 
 HIDDEN = 32
@@ -320,11 +321,11 @@ def test_segmenter_runs_end_to_end(family: str, models: dict[str, Talk2DINO]) ->
     patch = model.backbone.patch_size
     segmenter = Segmenter(model, InferenceConfig(short_side=4 * patch, max_long_side=8 * patch, window=2 * patch,
                                                  stride=patch, pamr_iterations=2))
-    segmenter.set_classes(["cat", "sofa"], background=True)
+    segmenter.set_classes(["cat", "sofa"])
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)
     segmenter.set_image(image)
-    result = segmenter.predict()
+    result = segmenter.predict(background=True)
     assert result.labels.shape == (30, 45)
     assert result.scores.shape == (3, 30, 45)
     assert torch.isfinite(result.scores).all()

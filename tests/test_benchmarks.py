@@ -13,18 +13,15 @@ from talk2dino.data.benchmarks import (
     BENCHMARKS,
     FOLDER_IMAGE_SUFFIXES,
     Sample,
-    check_sample,
     class_lists,
     dataset_root,
     folder_benchmark,
     get_benchmark,
-    list_samples,
-    load_label,
-    load_sample,
     read_class_names_file,
 )
+from talk2dino.data.samples import check_sample, list_samples, load_label, load_sample
 from talk2dino.errors import InvalidInputError
-from talk2dino.outputs import palette
+from talk2dino.render import palette
 
 HEIGHT, WIDTH = 6, 8
 METHOD_MD = Path(__file__).resolve().parents[2] / "shared" / "docs" / "method.md"

@@ -11,7 +11,9 @@ from conftest import tiny_model_args as _model_args
 from conftest import write_noise_image as _write_image
 from PIL import Image
 
-from talk2dino.cli import build_parser, main, parse_label_list
+from talk2dino.cli import main
+from talk2dino.cli.main import build_parser
+from talk2dino.labels import split_labels
 
 
 def test_segment_writes_every_output_and_reports_bad_files(tiny_sources, tmp_path: Path, capsys) -> None:
@@ -86,8 +88,8 @@ def test_models_subcommand_lists_registry(capsys) -> None:
     assert "talk2dino-vitb14-reg\t" in capsys.readouterr().out
 
 
-def test_parse_label_list_trims_and_keeps_inner_spaces() -> None:
-    assert parse_label_list(" cat ,  dining table,tv") == ["cat", "dining table", "tv"]
+def test_split_labels_trims_and_keeps_inner_spaces() -> None:
+    assert split_labels(" cat ,  dining table,tv") == ["cat", "dining table", "tv"]
 
 
 def test_help_documents_the_flags_the_readme_uses() -> None:
@@ -123,7 +125,7 @@ def test_segment_saves_heatmap_and_attention_grids(tiny_sources, tmp_path: Path,
 
 
 def test_serve_flags_and_environment_build_the_server_config(monkeypatch) -> None:
-    from talk2dino.cli import serve_config
+    from talk2dino.cli.serve import serve_config
 
     parser = build_parser()
     monkeypatch.setenv("TALK2DINO_SERVE_PORT", "9001")

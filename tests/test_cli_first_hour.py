@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from talk2dino.cli import build_parser, main, read_label_file
+from talk2dino.cli import main
+from talk2dino.cli.main import build_parser
+from talk2dino.cli.segment import read_label_file
 from talk2dino.errors import WeightsError
 
 
@@ -27,15 +29,15 @@ def _write_image(path: Path, h: int = 32, w: int = 40, seed: int = 0, fmt: str |
 
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Fail the test if the CLI resolves or loads any model (registry.create_model or the ONNX loader)."""
+    """Fail the test if the CLI resolves or loads any model (factory.create_model or factory.load_onnx_model)."""
     calls: list[object] = []
 
     def refuse(*args: object, **kwargs: object) -> None:
         calls.append(args)
         raise AssertionError("a model was loaded although a flag was invalid")
 
-    monkeypatch.setattr("talk2dino.registry.create_model", refuse)
-    monkeypatch.setattr("talk2dino.models.onnx_runtime.load_onnx_model", refuse)
+    monkeypatch.setattr("talk2dino.factory.create_model", refuse)
+    monkeypatch.setattr("talk2dino.factory.load_onnx_model", refuse)
     return calls
 
 
@@ -196,7 +198,7 @@ def test_export_onnx_offers_no_runtime_flags(capsys) -> None:
 def test_onnx_export_silences_the_optimiser_info_logs() -> None:
     """onnx_ir / onnxscript log each pass at INFO (368 lines per export): off during an export, restored after."""
     pytest.importorskip("torch")
-    from talk2dino.export.onnx import _quiet_exporter
+    from talk2dino.onnx.export import _quiet_exporter
 
     chatty = logging.getLogger("onnx_ir.passes.common")
     before = {name: logging.getLogger(name).level for name in ("onnx_ir", "onnxscript")}

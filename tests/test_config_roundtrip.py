@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from talk2dino.config import BackboneConfig, InferenceConfig, ModelConfig, ProjectionConfig, TextConfig
+from talk2dino.factory import create_model
 from talk2dino.fileio import file_sha256
 from talk2dino.predictor import Segmenter
-from talk2dino.registry import MODEL_CONFIG_FILE, create_model, get_model_config, save_model_folder
+from talk2dino.registry import MODEL_CONFIG_FILE, get_model_config, save_model_folder
 
 # Values for fields whose type alone does not tell a valid non-default value.
 _SPECIAL: dict[str, Any] = {
@@ -237,7 +238,7 @@ def onnx_folder(tiny_sources: dict[str, str], tiny_model: Any, tmp_path_factory:
     pytest.importorskip("onnx", reason="ONNX export needs the onnx extra")
     pytest.importorskip("onnxscript", reason="ONNX export needs the onnx extra")
     pytest.importorskip("onnxruntime", reason="the ONNX backend needs the onnx extra")
-    from talk2dino.export import export_onnx
+    from talk2dino.onnx.export import export_onnx
 
     # Export a model whose saved settings differ from the defaults everywhere bg_clean=None allows,
     # with the geometry the export fixes (window = exported size).
@@ -249,7 +250,8 @@ def onnx_folder(tiny_sources: dict[str, str], tiny_model: Any, tmp_path_factory:
 
 
 def test_onnx_export_keeps_every_setting(onnx_folder: Path, tiny_model: Any) -> None:
-    from talk2dino.models.onnx_runtime import CONFIG_FILE, load_onnx_model
+    from talk2dino.factory import load_onnx_model
+    from talk2dino.onnx.runtime import CONFIG_FILE
 
     manifest = json.loads((onnx_folder / CONFIG_FILE).read_text(encoding="utf-8"))
     assert manifest["model_config"]["inference"]["bg_clean"] is None
@@ -264,7 +266,7 @@ def test_onnx_export_keeps_every_setting(onnx_folder: Path, tiny_model: Any) -> 
 
 def test_onnx_background_turns_cleaning_on_as_with_torch(onnx_folder: Path, tiny_model: Any) -> None:
     """`--background` on a reloaded export cleans, as the torch model does: the labels agree."""
-    from talk2dino.models.onnx_runtime import load_onnx_model
+    from talk2dino.factory import load_onnx_model
 
     onnx_model = load_onnx_model(onnx_folder)
     ort_config = dataclasses.replace(onnx_model.config.inference, background=True)  # what --background does

@@ -9,23 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from talk2dino.data.benchmarks import get_benchmark, read_label_png
+from talk2dino.data.benchmarks import get_benchmark
+from talk2dino.data.coco_masks import coco_masks_to_stuffthingmap, write_stuffthingmaps
+from talk2dino.data.convert_folders import convert_cityscapes, convert_coco_object, convert_coco_stuff, convert_context
 from talk2dino.data.converters import (
     CITYSCAPES_LABEL_TO_TRAIN_ID,
     COCO_THING_IDS,
     cityscapes_train_ids,
-    coco_masks_to_stuffthingmap,
     coco_object_from_stuffthingmap,
     coco_stuff_train_ids,
     context_from_459,
     context_mapping,
-    convert_cityscapes,
-    convert_coco_object,
-    convert_coco_stuff,
-    convert_context,
     read_numbered_names_file,
-    write_stuffthingmaps,
 )
+from talk2dino.data.samples import read_label_png
 from talk2dino.errors import InvalidInputError
 
 # Written out independently of the module: COCO ids 1..90 minus the 10 ids that have no category.

@@ -19,8 +19,8 @@ import torch
 from conftest import BPE
 
 from talk2dino import fileio
-from talk2dino.evaluation.runner import _Cache
-from talk2dino.extract.run import _canonical_safetensors
+from talk2dino.evaluation.runner import ProgressCache
+from talk2dino.extract.shards import canonical_safetensors
 
 HARNESS = Path(__file__).resolve().parent / "crash_harness.py"
 
@@ -73,21 +73,21 @@ def test_eval_cache_cuts_a_torn_last_line(tmp_path: Path) -> None:
     whole = json.dumps({"name": "a", "counts": [[0, 0, 5]]}) + "\n"
     torn = json.dumps({"name": "b", "counts": [[1, 1, 7]]})[:15]
     path.write_text(whole + torn, encoding="utf-8")
-    cache = _Cache(path)
+    cache = ProgressCache(path)
     assert set(cache.done) == {"a"}
     cache.add({"name": "b", "counts": [[1, 1, 7]]})  # must not be glued onto the torn fragment
     cache.close()
     assert path.read_text(encoding="utf-8") == whole + json.dumps({"name": "b", "counts": [[1, 1, 7]]}) + "\n"
-    assert set(_Cache(path).done) == {"a", "b"}
+    assert set(ProgressCache(path).done) == {"a", "b"}
 
 
 def test_shard_bytes_do_not_depend_on_the_metadata_order() -> None:
     from safetensors.torch import load, save
 
     tensors = {"b": torch.arange(3, dtype=torch.int64), "a": torch.ones(2, 5, dtype=torch.float16)}
-    one = _canonical_safetensors(save(tensors, metadata={"rank": "0", "format": "f", "index": "1"}))
-    two = _canonical_safetensors(save(tensors, metadata={"index": "1", "format": "f", "rank": "0"}))
-    assert one == two and _canonical_safetensors(one) == one
+    one = canonical_safetensors(save(tensors, metadata={"rank": "0", "format": "f", "index": "1"}))
+    two = canonical_safetensors(save(tensors, metadata={"index": "1", "format": "f", "rank": "0"}))
+    assert one == two and canonical_safetensors(one) == one
     loaded = load(one)
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     size = int.from_bytes(one[:8], "little")

@@ -26,7 +26,8 @@ from test_training import small_config, synthetic_split, write_features
 
 from talk2dino import InferenceConfig, Segmenter
 from talk2dino.extract.run import run_extract
-from talk2dino.training.trainer import CHECKPOINT_FILE, run_train
+from talk2dino.training.run import run_train
+from talk2dino.training.run_folder import CHECKPOINT_FILE
 
 SCORE_TOLERANCE = 1e-6  # across different window batch sizes only (see the module docstring)
 
@@ -41,9 +42,9 @@ IMAGES = [_image(60, 90, 0), _image(60, 90, 1), _image(40, 40, 2), _image(70, 50
 def _segment(model: Any, *, window_batch_size: int, batched: bool, pamr: bool = False,
              background: bool = True) -> list[Any]:
     segmenter = Segmenter(model, InferenceConfig(short_side=56, max_long_side=400, window=28, stride=14,
-                                                 pamr_iterations=3, pamr=pamr,
+                                                 pamr_iterations=3, pamr=pamr, background=background,
                                                  window_batch_size=window_batch_size))
-    segmenter.set_classes(["cat", "dog", "sky"], background=background)
+    segmenter.set_classes(["cat", "dog", "sky"])
     if batched:
         return segmenter.predict_batch(IMAGES)
     results = []

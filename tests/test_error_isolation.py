@@ -27,6 +27,7 @@ from conftest import tiny_model_args as _model_args
 from conftest import write_noise_image as _write_image
 
 from talk2dino.cli import main
+from talk2dino.cli.batch import BackgroundWriter
 from talk2dino.errors import (
     InternalError,
     InvalidInputError,
@@ -37,7 +38,6 @@ from talk2dino.errors import (
     is_input_error,
     is_out_of_memory,
 )
-from talk2dino.folder import BackgroundWriter
 from talk2dino.models.backbones.base import VisionBackbone
 from talk2dino.predictor import Segmenter
 
@@ -225,16 +225,16 @@ def test_cli_corrupt_image_among_good_ones_is_still_per_image(tiny_sources, tmp_
 
 def test_cli_input_error_in_a_batch_retries_one_by_one(tiny_sources, tmp_path: Path, monkeypatch, capsys) -> None:
     _three_images(tmp_path / "in")  # heights 36, 40, 44: the middle one is "bad" for the model
-    original = Segmenter.embed_images
+    original = Segmenter._embed_prepared  # the backbone pass under embed_images' isolate-the-bad-image fallback
     calls: list[int] = []
 
-    def embed_images(self: Segmenter, images: Any, **kwargs: Any) -> Any:
+    def embed_prepared(self: Segmenter, images: Any, *args: Any) -> Any:
         calls.append(len(images))
         if any(image.rgb.shape[0] == 40 for image in images):
             raise InvalidInputError("an image the model cannot take")
-        return original(self, images, **kwargs)
+        return original(self, images, *args)
 
-    monkeypatch.setattr(Segmenter, "embed_images", embed_images)
+    monkeypatch.setattr(Segmenter, "_embed_prepared", embed_prepared)
     code = _segment(tiny_sources, tmp_path / "in", tmp_path / "out", "--batch-size", "4")
     err = capsys.readouterr().err
     assert code == 1, err
@@ -261,7 +261,7 @@ def test_cli_internal_error_while_decoding_stops_the_run(tiny_sources, tmp_path:
     def prepare_image(image: Any, config: Any) -> Any:
         raise TypeError("resized_size() got an unexpected keyword argument 'max_long_side'")
 
-    monkeypatch.setattr("talk2dino.folder.prepare_image", prepare_image)
+    monkeypatch.setattr("talk2dino.cli.batch.prepare_image", prepare_image)
     code = _segment(tiny_sources, tmp_path / "in", tmp_path / "out", "--workers", "0")
     err = capsys.readouterr().err
     assert code == 3, err
@@ -270,10 +270,10 @@ def test_cli_internal_error_while_decoding_stops_the_run(tiny_sources, tmp_path:
 
 
 def test_cli_unexpected_error_outside_a_loop_is_one_line_exit_3(monkeypatch, capsys) -> None:
-    def run_models() -> int:
+    def run_models(args: Any) -> int:
         raise KeyError("describe_models")
 
-    monkeypatch.setattr("talk2dino.cli.run_models", run_models)
+    monkeypatch.setattr("talk2dino.cli.models.run", run_models)
     assert main(["models"]) == 3
     (line,) = _error_lines(capsys.readouterr().err)
     assert "internal error" in line and "KeyError" in line and f"torch {TORCH}" in line
@@ -353,7 +353,13 @@ class _FakeSegmenter:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def embed_images(self, images: list[np.ndarray]) -> list[str]:
+    # The real fallback (embed the batch, then one by one on an input error) over a fake backbone pass.
+    embed_images = Segmenter.embed_images
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def _embed_prepared(self, images: list[np.ndarray], progress: Any = None) -> list[str]:
         self.calls.append(len(images))
         rows = {image.shape[0] for image in images}
         if 66 in rows:
@@ -366,8 +372,8 @@ class _FakeSegmenter:
 def _job(rows: int) -> Any:
     from talk2dino.server.worker import OutputOptions, SegmentJob
 
-    return SegmentJob(image=np.zeros((rows, 20, 3), np.uint8), labels=["cat"], background=False, threshold=None,
-                      clean=None, pamr=None, outputs=OutputOptions(), deadline=time.monotonic() + 60)
+    return SegmentJob(image=np.zeros((rows, 20, 3), np.uint8), labels=["cat"], background=False, bg_threshold=None,
+                      bg_clean=None, pamr=None, outputs=OutputOptions(), deadline=time.monotonic() + 60)
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def test_wrong_folder_layout_names_images_labels_and_classes_file(tmp_path: Path
     (tmp_path / "data" / "pictures").mkdir(parents=True)  # not images/
     config = EvalConfig(dataset="folder", root=str(tmp_path / "data"), classes_file=str(classes))
     (spec,) = benchmarks_for(config)
-    from talk2dino.data.benchmarks import list_samples
+    from talk2dino.data.samples import list_samples
 
     with pytest.raises(InvalidInputError) as info:
         list_samples(spec, tmp_path / "data")
@@ -88,7 +88,7 @@ def test_log_names_the_overriding_weights(tiny_sources, tmp_path: Path, caplog: 
 
 
 def test_sweep_plot_has_axis_labels_and_ticks(tmp_path: Path) -> None:
-    from talk2dino.plots import line_chart
+    from talk2dino.render import line_chart
 
     points = [(0.5, 41.2), (0.55, 43.9), (0.6, 42.1)]
     plain = np.asarray(Image.open(line_chart(points, tmp_path / "a.png", title="t")).convert("L"))
@@ -101,16 +101,16 @@ def test_sweep_plot_has_axis_labels_and_ticks(tmp_path: Path) -> None:
 
 
 def test_sweep_writes_a_labelled_plot(tiny_sources, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import talk2dino.plots as plots
+    import talk2dino.render as render
 
     seen: dict[str, object] = {}
-    original = plots.line_chart
+    original = render.line_chart
 
     def spy(points, path, **kwargs):
         seen.update(kwargs)
         return original(points, path, **kwargs)
 
-    monkeypatch.setattr(plots, "line_chart", spy)
+    monkeypatch.setattr(render, "line_chart", spy)
     data = make_voc(tmp_path / "data", stems=("2007_000001",))
     run_eval(_config(data, tmp_path / "out", tiny_sources, bg_threshold=(0.5, 0.6), limit=1), progress=False)
     assert seen["x_label"] == "background threshold" and seen["y_label"] == "mIoU (%)"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from talk2dino import Segmenter
 from talk2dino.config import EvalConfig
-from talk2dino.data.benchmarks import get_benchmark, list_samples, load_sample
+from talk2dino.data.benchmarks import get_benchmark
+from talk2dino.data.samples import list_samples, load_sample
 from talk2dino.errors import InvalidInputError
 from talk2dino.evaluation.metric import ConfusionMatrix
 from talk2dino.evaluation.runner import evaluate_benchmark, inference_config, option_grid, run_eval
@@ -131,7 +132,7 @@ def _rank_main(rank: int, world: int, port: int, data: str, out: str, sources: d
                result_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from talk2dino.registry import create_model
+    from talk2dino.factory import create_model
 
     model = create_model(None, device="cpu", **sources)
     config = _config(Path(data), Path(out), sources)

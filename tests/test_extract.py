@@ -20,19 +20,15 @@ from conftest import save_tiny_dinov2
 from PIL import Image, ImageDraw
 
 from talk2dino.config import IMAGENET_MEAN, IMAGENET_STD, ExtractConfig
+from talk2dino.data.features import FeatureFormatError, FeatureSet, iter_shards, load_features, read_manifest
 from talk2dino.errors import InvalidInputError
-from talk2dino.extract import run as run_module
+from talk2dino.extract import shards as shards_module
 from talk2dino.extract.coco import read_coco_captions
-from talk2dino.extract.format import FeatureFormatError, FeatureSet, iter_shards, load_features, read_manifest
-from talk2dino.extract.run import (
-    ExtractionError,
-    center_crop_box,
-    normalize_crops,
-    resize_center_crop,
-    resized_size,
-    run_extract,
-)
-from talk2dino.extract.targets import head_targets, mean_head_target
+from talk2dino.extract.head_targets import head_targets, mean_head_target
+from talk2dino.extract.preprocess import center_crop_box, normalize_crops, resize_center_crop
+from talk2dino.extract.run import run_extract
+from talk2dino.extract.shards import ExtractionError
+from talk2dino.ops.sliding import resized_size
 
 # (image id, (width, height), PIL mode); listed out of id order on purpose.
 GOOD = [(42, (40, 60), "RGB"), (7, (90, 50), "RGB"), (13, (64, 64), "RGB"), (100, (50, 80), "RGB"),
@@ -169,9 +165,12 @@ def test_targets_are_batched_float32_and_check_shapes() -> None:
 
 
 def test_resize_and_crop_rounding() -> None:
-    assert resized_size(640, 480, 448) == (597, 448)  # 597.33 truncated, as torchvision's Resize
-    assert resized_size(480, 640, 448) == (448, 597)
-    assert resized_size(448, 448, 448) == (448, 448)
+    # (height, width) -> (height, width); 597.33 truncated, as torchvision's Resize
+    assert resized_size(480, 640, short_side=448, rounding="truncate") == (448, 597)
+    assert resized_size(640, 480, short_side=448, rounding="truncate") == (597, 448)
+    assert resized_size(448, 448, short_side=448, rounding="truncate") == (448, 448)
+    with pytest.raises(ValueError, match="max_long_side"):
+        resized_size(480, 640, short_side=448, max_long_side=2048, rounding="truncate")
     assert center_crop_box(597, 448, 448) == (74, 0, 522, 448)  # round(74.5) = 74 (halves to even)
     assert center_crop_box(448, 451, 448) == (0, 2, 448, 450)  # round(1.5) = 2
 
@@ -271,7 +270,8 @@ def test_extract_writes_documented_shards_and_manifest(reference_run: Path, coco
     }
     failed = {f["image_id"]: f for f in manifest["failed_images"]}
     assert set(failed) == {BROKEN_ID, MISSING_ID}
-    assert failed[BROKEN_ID]["file_name"] == _file_name(BROKEN_ID) and "cannot decode" in failed[BROKEN_ID]["error"]
+    assert failed[BROKEN_ID]["file_name"] == _file_name(BROKEN_ID)
+    assert "cannot identify image file" in failed[BROKEN_ID]["error"]
     assert "no such file" in failed[MISSING_ID]["error"]
     assert manifest["skipped_empty_captions"] == [{"caption_id": EMPTY_CAPTION_ID, "image_id": 7}]
     assert [t["caption_id"] for t in manifest["truncated_captions"]] == [LONG_CAPTION_ID]
@@ -298,10 +298,10 @@ def test_extract_writes_documented_shards_and_manifest(reference_run: Path, coco
 
 def test_stored_features_equal_a_direct_recomputation(reference_run: Path, coco_root: Path,
                                                       tiny_sources: dict[str, str]) -> None:
-    from talk2dino.registry import _load_backbone, _load_text
+    from talk2dino.factory import load_backbone, load_text_encoder
 
     features = load_features(reference_run)
-    dino, _ = _load_backbone(tiny_sources["backbone"], dtype=torch.float32, cache_dir=None)
+    dino, _ = load_backbone(tiny_sources["backbone"], dtype=torch.float32, cache_dir=None)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for row, image_id in enumerate(features.image_ids.tolist()):
@@ -316,7 +316,7 @@ def test_stored_features_equal_a_direct_recomputation(reference_run: Path, coco_
         torch.testing.assert_close(features.heads[row].float(), heads, atol=1e-3, rtol=0)
         torch.testing.assert_close(features.mean_heads[row].float(), mean_heads, atol=1e-3, rtol=0)
         torch.testing.assert_close(features.cls[row].float(), out.cls_token[0].float(), atol=1e-2, rtol=1e-3)
-    text, _ = _load_text(tiny_sources["text_encoder"], context_length=77, cache_dir=None)
+    text, _ = load_text_encoder(tiny_sources["text_encoder"], context_length=77, cache_dir=None)
     coco = read_coco_captions(coco_root, "train")
     by_id = {c.caption_id: c.text for caps in coco.captions.values() for c in caps}
     expected = text.encode([by_id[i] for i in features.caption_ids.tolist()], batch_size=64)
@@ -329,14 +329,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(reference_run: Path, co
                                                          caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "features"
     config = make_config(coco_root, out, tiny_sources)
-    real_write = run_module._write_atomic
+    real_write = shards_module._write_atomic
 
     def killed_after_shard_1_images(path: Path, data: bytes) -> None:
         if path.name == "captions-000-00001.safetensors":
             raise KeyboardInterrupt  # the process dies between the two files of shard 1
         real_write(path, data)
 
-    monkeypatch.setattr(run_module, "_write_atomic", killed_after_shard_1_images)
+    monkeypatch.setattr(shards_module, "_write_atomic", killed_after_shard_1_images)
     with pytest.raises(KeyboardInterrupt):
         run_extract(config, progress=False)
     monkeypatch.undo()
@@ -349,7 +349,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(reference_run: Path, co
     (out / ".captions-000-00002.safetensors.0123456789ab.tmp").write_bytes(b"half")
     shard0 = (out / "images-000-00000.safetensors").stat().st_mtime_ns
 
-    caplog.set_level("INFO", logger="talk2dino.extract.run")
+    caplog.set_level("INFO", logger="talk2dino.extract")
     run_extract(config, progress=False)
     assert "resuming; 1 of 3 shard(s) already written" in caplog.text
     assert "deleting images-000-00001.safetensors" in caplog.text
@@ -379,7 +379,7 @@ def test_disk_full_keeps_written_shards_and_resumes(reference_run: Path, coco_ro
 
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to name the file being written")
-    monkeypatch.setattr(run_module.os, "fsync", full_at_shard_2)
+    monkeypatch.setattr(os, "fsync", full_at_shard_2)
     with pytest.raises(ExtractionError, match="disk is full") as info:
         run_extract(config, progress=False)
     monkeypatch.undo()
@@ -438,7 +438,7 @@ def test_features_of_another_backbone_are_refused(reference_run: Path, coco_root
 
 
 def test_bad_settings_are_refused(coco_root: Path, tiny_sources: dict[str, str], tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match="shard_size must be positive"):
+    with pytest.raises(InvalidInputError, match=r"shard_size \(--shard-size\) must be in \[1, "):
         run_extract(make_config(coco_root, tmp_path / "a", tiny_sources, shard_size=0), progress=False)
     with pytest.raises(InvalidInputError, match="not a multiple of the backbone's patch size 14"):
         run_extract(make_config(coco_root, tmp_path / "b", tiny_sources, image_size=30), progress=False)

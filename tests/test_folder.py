@@ -16,8 +16,8 @@ from PIL import Image
 
 from talk2dino import InferenceConfig, Segmenter, create_model
 from talk2dino.cli import main
-from talk2dino.folder import BackgroundWriter, PreparedFile, default_workers, prepared_batches
-from talk2dino.predictor import prepare_image
+from talk2dino.cli.batch import BackgroundWriter, PreparedFile, default_workers, prepared_batches
+from talk2dino.prepare import prepare_image
 
 CONFIG = InferenceConfig(short_side=56, window=28, stride=14, background=True)
 

@@ -40,7 +40,7 @@ def test_compiled_backbone_on_cuda_matches_eager(tiny_sources) -> None:
 def test_folder_loader_pins_windows_for_cuda(tmp_path) -> None:
     from PIL import Image
 
-    from talk2dino.folder import prepared_batches
+    from talk2dino.cli.batch import prepared_batches
 
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from talk2dino import outputs
-from talk2dino.outputs import _caption_font, attention_tiles, heatmap_grid, heatmap_tiles, image_grid
+from talk2dino.render import attention_tiles, heatmap_grid, heatmap_tiles, image_grid
+from talk2dino.render.text import caption_font, caption_fonts, has_glyph
 
 
 def _scores(height: int = 30, width: int = 40) -> np.ndarray:
@@ -41,18 +41,18 @@ def test_heatmap_grid_marks_the_threshold_on_the_colour_bar() -> None:
 
 def test_non_latin_captions_never_draw_missing_glyph_boxes() -> None:
     for label in ["кошка", "θ", "猫", "🐶 dog", "狗 and 🐱"]:
-        font, text = _caption_font(label)
-        fonts = outputs._caption_fonts()
+        font, text = caption_font(label)
+        fonts = caption_fonts()
         missing = dict((id(f), m) for f, m in fonts)[id(font)]
         for char in text:
-            assert outputs._has_glyph(font, missing, char), (label, text, char)
+            assert has_glyph(font, missing, char), (label, text, char)
         if text != label:  # a character no available font has: an escape instead of a box
             assert "\\u" in text or "\\U" in text
-    font, text = _caption_font("кошка")
+    font, text = caption_font("кошка")
     assert text == "кошка"  # DejaVu Sans or Pillow's own FreeType font covers Cyrillic
     grid = image_grid([np.zeros((20, 200, 3), np.uint8)], ["🐶"])
     canvas = Image.new("L", (200, 16), 255)
-    ImageDraw.Draw(canvas).text((0, 1), _caption_font("🐶")[1], fill=0, font=_caption_font("🐶")[0])
+    ImageDraw.Draw(canvas).text((0, 1), caption_font("🐶")[1], fill=0, font=caption_font("🐶")[0])
     assert np.array_equal(grid[4:20, 4:204, 0] < 128, np.asarray(canvas) < 128)
 
 
@@ -71,9 +71,9 @@ def test_panorama_tiles_keep_a_readable_short_side() -> None:
 
 def test_legend_draws_non_latin_names_as_the_captions_do() -> None:
     """The legend picks fonts like the captions: a name no font covers is drawn as its escapes, never as boxes."""
-    from talk2dino.outputs import _caption_font, legend_image
+    from talk2dino.render import legend_image
 
     colors = np.array([[128, 0, 0]], dtype=np.uint8)
     for name in ("\u732b", "\u043a\u043e\u0442", "dog \U0001f436"):
-        drawable = _caption_font(name)[1]
+        drawable = caption_font(name)[1]
         assert np.array_equal(np.asarray(legend_image([name], colors)), np.asarray(legend_image([drawable], colors)))

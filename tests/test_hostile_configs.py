@@ -19,14 +19,17 @@ import torch
 from conftest import save_tiny_projection, write_noise_image
 
 from talk2dino.cli import main
+from talk2dino.cli.flags import add_config_flags, build_config
+from talk2dino.cli.recipes import load_recipe, parse_recipe_text
 from talk2dino.config import EvalConfig, ExtractConfig, ModelConfig, TrainConfig
 from talk2dino.errors import InvalidInputError, WeightsError
 from talk2dino.extract.coco import image_inside, read_coco_captions
-from talk2dino.extract.run import _CropDataset, read_rgb, run_extract
+from talk2dino.extract.preprocess import CropDataset, read_rgb
+from talk2dino.extract.run import run_extract
+from talk2dino.factory import create_model, load_projection
 from talk2dino.fileio import DuplicateKeyError, json_loads_unique
 from talk2dino.models.projection import Projection
-from talk2dino.recipes import add_dataclass_arguments, build_config, load_recipe, parse_recipe_text
-from talk2dino.registry import MODEL_CONFIG_FILE, _load_projection, create_model, get_model_config, save_model_folder
+from talk2dino.registry import MODEL_CONFIG_FILE, get_model_config, save_model_folder
 from talk2dino.weights import load_state_dict
 
 
@@ -46,7 +49,7 @@ def _recipe(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
 
 def _train_flags(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, TrainConfig)
+    add_config_flags(parser, TrainConfig, title="Training")
     return parser.parse_args(list(argv))
 
 
@@ -352,7 +355,7 @@ def test_image_link_out_of_the_folder_is_refused_unopened(linked_coco: tuple[Pat
 def test_crop_dataset_reports_the_escaping_link_as_a_failed_image(linked_coco: tuple[Path, Path]) -> None:
     coco, _ = linked_coco
     root = coco / "train2014"
-    dataset = _CropDataset([str(root / n) for n in ("good.png", "alias.png", "escape.png")], 14, root=str(root))
+    dataset = CropDataset([str(root / n) for n in ("good.png", "alias.png", "escape.png")], 14, root=str(root))
     results = [dataset[i] for i in range(3)]
     assert [crop is not None for _, crop, _ in results] == [True, True, False]
     assert "outside the image folder" in str(results[2][2])
@@ -478,7 +481,7 @@ def test_all_zero_projection_weights_are_refused(tmp_path: Path, suffix: str, ze
 
     path = _save(_psi_state(zero=zero), tmp_path / f"psi{suffix}")
     with pytest.raises(WeightsError) as info:
-        _load_projection(ProjectionConfig(source=str(path)), out_dim=8, pretrained=True, cache_dir=tmp_path / "c")
+        load_projection(ProjectionConfig(source=str(path)), out_dim=8, pretrained=True, cache_dir=tmp_path / "c")
     zeroed = sorted(k for k in zero if k.endswith(".weight"))
     _one_line(info.value, f"{path}: projection weight matrices {zeroed} hold only zeros")
 
@@ -496,9 +499,21 @@ def test_resumed_training_checkpoint_with_zero_psi_is_refused() -> None:
         Projection(512, 8).load_checked(_psi_state(zero=("hidden_layers.0.weight",)), origin="run/checkpoint.pt")
 
 
-def test_config_dataclasses_unchanged() -> None:
-    # The range table names real fields only (a renamed field would silently lose its bound).
-    from talk2dino.config import _RUN_LIMITS
+def test_ranges_sit_on_numeric_fields() -> None:
+    # A range is declared on its field (talk2dino.settings.meta), so a renamed field keeps its bound; it must sit
+    # on a number (or a tuple of numbers), or it would never be checked.
+    import typing
 
-    for cls, limits in _RUN_LIMITS.items():
-        assert set(limits) <= {f.name for f in dataclasses.fields(cls)}, cls.__name__
+    from talk2dino.settings import field_meta, unwrap_optional
+
+    ranged = 0
+    for cls in (TrainConfig, ExtractConfig, EvalConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if field_meta(f).range is None:
+                continue
+            ranged += 1
+            kind = unwrap_optional(hints[f.name])
+            items = set(typing.get_args(kind)) - {Ellipsis} if typing.get_origin(kind) is tuple else {kind}
+            assert items <= {int, float}, f"{cls.__name__}.{f.name}: {kind}"
+    assert ranged >= 24  # every range of the former table (12 train, 6 extract, 6 eval)

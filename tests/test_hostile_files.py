@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_model_args, write_noise_image
 
-from talk2dino.cli import main, read_label_file
-from talk2dino.data.images import list_images, load_image
+from talk2dino.cli import main
+from talk2dino.cli.segment import read_label_file
+from talk2dino.data.image_lists import list_images
+from talk2dino.data.images import load_image
 from talk2dino.errors import InvalidInputError
 from talk2dino.extract.coco import read_coco_captions
 from talk2dino.fileio import check_regular_file, open_regular
@@ -165,7 +167,7 @@ def test_failed_summary_escapes_forged_names(tiny_sources, tmp_path: Path, capsy
 
 def test_coco_image_fifo_is_refused_by_extraction(tmp_path: Path) -> None:
     """A COCO file_name that names a FIFO inside the images folder: extraction's reader refuses it at once."""
-    from talk2dino.extract.run import read_rgb
+    from talk2dino.extract.preprocess import read_rgb
 
     fifo = _fifo(tmp_path / "COCO_train2014_000000000001.jpg")
     start = time.monotonic()

@@ -14,9 +14,10 @@ import torch
 from conftest import tiny_model_args, write_noise_image
 
 from talk2dino import Segmenter
-from talk2dino.cli import main, parse_label_list
+from talk2dino.cli import main
 from talk2dino.errors import InvalidInputError
 from talk2dino.labels import canonical_label, split_labels
+from talk2dino.labels import split_labels as parse_label_list
 
 # Pairs the CLIP tokenizer normalises to the same text: bit-identical embeddings before the fix.
 SAME_TO_CLIP = [
@@ -59,7 +60,7 @@ def assert_one_line(err: BaseException, *fragments: str) -> None:
 def test_quoted_labels_keep_their_commas(text: str, labels: list[str]) -> None:
     assert parse_label_list(text) == labels
     pytest.importorskip("fastapi", reason="the server needs the 'serve' extra")
-    from talk2dino.server.app import parse_labels
+    from talk2dino.server.uploads import parse_labels
 
     assert parse_labels(text) == labels
 
@@ -166,7 +167,7 @@ def test_cli_refuses_more_labels_than_a_label_png_holds_at_once(tiny_sources, tm
                                                                 ok: bool) -> None:
     """1000 labels used to be computed for every image and then fail each one at the PNG (exit 0); now they are
     written as a 16-bit label PNG, and only more than a 16-bit PNG holds is refused, before the model loads."""
-    import talk2dino.cli as cli
+    import talk2dino.cli.segment as cli
 
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"thing {i}" for i in range(count)), encoding="utf-8")
@@ -176,14 +177,14 @@ def test_cli_refuses_more_labels_than_a_label_png_holds_at_once(tiny_sources, tm
         raise AssertionError("the label count must be refused before the model loads")
 
     if not ok:
-        monkeypatch.setattr(cli, "_build_segmenter", no_model)
+        monkeypatch.setattr(cli, "build_segmenter", no_model)
         code = main(["segment", str(image), "--labels-file", str(labels), "--out", str(tmp_path / "out"),
                      *(["--background"] if background else []), *tiny_model_args(tiny_sources)])
         err = capsys.readouterr().err
         assert code == 2, err
         assert f"{count:,} labels" in err and "65,536 a 16-bit label PNG holds" in err and "Traceback" not in err
     else:
-        cli._check_label_count(count, background=background)  # accepted: no exception
+        cli.check_label_count(count, background=background)  # accepted: no exception
 
 
 # ---------------------------------------------------------------------------------------------- server

@@ -20,7 +20,7 @@ from test_server import FAST, LIMITS, WAIT_S, png_bytes, running_server  # noqa:
 
 from talk2dino import Segmenter  # noqa: E402
 from talk2dino.server import ServerConfig, create_app  # noqa: E402
-from talk2dino.server.app import parse_labels  # noqa: E402
+from talk2dino.server.uploads import parse_labels  # noqa: E402
 
 BAD_TEMPLATES = ["a {} {x}", "{} {0}", "{} {", "{} }", "{} {:>99999999999}", "{!r}", "{0}", "{}{}", "none",
                  "{[0]}", "{.real}"]

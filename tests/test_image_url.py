@@ -273,7 +273,8 @@ def test_allowed_networks_are_validated_in_one_line() -> None:
 
 
 def test_allowed_networks_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    from talk2dino.cli import build_parser, serve_config
+    from talk2dino.cli.main import build_parser
+    from talk2dino.cli.serve import serve_config
 
     config = ServerConfig.from_env({"TALK2DINO_SERVE_URL_ALLOW_NETWORKS": "10.0.0.0/8, fd00::/8"})
     assert config.url_allow_networks == ("10.0.0.0/8", "fd00::/8")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import torch
 from PIL import Image, ImageFile
 
 from talk2dino.data import images
-from talk2dino.data.images import list_images, load_image, resize_uint8, to_rgb_uint8
+from talk2dino.data.image_lists import list_images
+from talk2dino.data.images import load_image, resize_uint8, to_rgb_uint8
 from talk2dino.errors import InvalidInputError, Talk2DinoError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,6 +176,85 @@ def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
     top, bottom = array[5, 10].astype(int), array[35, 10].astype(int)
     assert top[0] > 240 and top[2] < 15
     assert bottom[2] > 240 and bottom[0] < 15
+
+
+def _rotated_jpeg(path: Path) -> Path:
+    """Stored 40 wide x 20 high (left half red), EXIF orientation 6 (displayed 20 x 40, red on top)."""
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_orientation_can_be_left_alone(tmp_path: Path) -> None:
+    # Training-feature extraction keeps the stored pixels (COCO annotations refer to them): the same decoder,
+    # with the flag off.
+    path = _rotated_jpeg(tmp_path / "rotated.jpg")
+    stored = load_image(path, exif_transpose=False)
+    assert stored.shape == (20, 40, 3)
+    np.testing.assert_array_equal(stored, np.array(Image.open(path).convert("RGB")))
+    assert load_image(path).shape == (40, 20, 3)
+
+
+def test_bytes_and_file_objects_decode_like_the_path(tmp_path: Path) -> None:
+    path = _rotated_jpeg(tmp_path / "rotated.jpg")
+    expected = load_image(path)
+    data = path.read_bytes()
+    for source in (data, bytearray(data), memoryview(data), io.BytesIO(data)):
+        np.testing.assert_array_equal(load_image(source), expected)
+    with path.open("rb") as handle:
+        handle.read(7)  # read from the start whatever the position
+        np.testing.assert_array_equal(load_image(handle), expected)
+    spooled = tempfile.SpooledTemporaryFile(max_size=10)  # rolled over to disk, as a framework spools uploads
+    spooled.write(data)
+    np.testing.assert_array_equal(load_image(spooled, exif_transpose=False), load_image(path, exif_transpose=False))
+
+
+def test_bytes_errors_use_the_given_name(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match=r"^notes\.png: cannot identify image file"):
+        load_image(b"certainly not an image", name="notes.png")
+    with pytest.raises(InvalidInputError, match=r"^image data: cannot identify"):
+        load_image(b"certainly not an image")
+    with pytest.raises(InvalidInputError, match=r"^upload\.png: cannot identify"):
+        load_image(io.BytesIO(b"nope"), name="upload.png")
+    with pytest.raises(InvalidInputError, match="file path, the file's bytes, or a binary file object"):
+        load_image(12)  # type: ignore[arg-type]
+
+
+def test_size_refusals_are_image_too_large_and_keep_the_checks_type(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(_noise(20, 30)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+
+    def _must_not_decode(self: Image.Image) -> None:
+        raise AssertionError("pixels were decoded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile.ImageFile, "load", _must_not_decode)
+        with pytest.raises(images.ImageTooLargeError, match=r"^big\.png: image is 30x20 pixels"):
+            load_image(data, name="big.png", max_pixels=599)
+        headers: list[tuple[int, int, str]] = []
+
+        def refuse(width: int, height: int, mode: str) -> None:
+            headers.append((width, height, mode))
+            raise images.ImageTooLargeError("over the server's limit")
+
+        with pytest.raises(images.ImageTooLargeError, match=r"^big\.png: over the server's limit$"):
+            load_image(data, name="big.png", check_header=refuse)
+        assert headers == [(30, 20, "RGB")]
+
+        def reject(width: int, height: int, mode: str) -> None:
+            raise InvalidInputError("not wanted")
+
+        with pytest.raises(InvalidInputError, match="not wanted") as info:
+            load_image(data, check_header=reject)
+        assert not isinstance(info.value, images.ImageTooLargeError)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's own guard: also "too large"
+    with pytest.raises(images.ImageTooLargeError, match="decompression bomb"):
+        load_image(data, max_pixels=10**6)
 
 
 # --------------------------------------------------------------------------------------------------------------

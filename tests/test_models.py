@@ -10,9 +10,10 @@ import torch
 from conftest import REFERENCE_WEIGHTS, save_tiny_dinov2, save_tiny_projection
 
 from talk2dino.errors import WeightsError
+from talk2dino.factory import create_model
 from talk2dino.models import DinoV2Backbone, Projection
 from talk2dino.models.projection import save_projection
-from talk2dino.registry import create_model, get_model_config, list_models, save_model_folder
+from talk2dino.registry import get_model_config, list_models, save_model_folder
 from talk2dino.weights import file_git_blob_sha1, file_sha256, load_state_dict, parse_source, resolve_file
 
 

@@ -22,15 +22,10 @@ pytest.importorskip("onnxruntime", reason="the ONNX backend needs the onnx extra
 
 from talk2dino.config import InferenceConfig  # noqa: E402
 from talk2dino.errors import InvalidInputError, WeightsError  # noqa: E402
-from talk2dino.export import export_onnx  # noqa: E402
+from talk2dino.factory import load_onnx_model  # noqa: E402
 from talk2dino.fileio import file_sha256  # noqa: E402
-from talk2dino.models.onnx_runtime import (  # noqa: E402
-    CONFIG_FILE,
-    OnnxBackbone,
-    OnnxProjection,
-    OnnxTextEncoder,
-    load_onnx_model,
-)
+from talk2dino.onnx.export import export_onnx  # noqa: E402
+from talk2dino.onnx.runtime import CONFIG_FILE, OnnxBackbone, OnnxProjection, OnnxTextEncoder  # noqa: E402
 from talk2dino.predictor import Segmenter  # noqa: E402
 
 SIZE = 28  # the exported window: 2×2 patches of the tiny DINOv2 (patch 14)

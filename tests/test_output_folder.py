@@ -20,7 +20,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr("talk2dino.registry.create_model", refuse)
+    monkeypatch.setattr("talk2dino.factory.create_model", refuse)
 
 
 def _segment(image: Path, out: Path, tiny_sources: dict[str, str], *extra: str) -> int:

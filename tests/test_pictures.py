@@ -12,7 +12,7 @@ from PIL import Image
 
 from talk2dino import InferenceConfig, Segmenter
 from talk2dino.errors import InvalidInputError
-from talk2dino.outputs import (
+from talk2dino.render import (
     attention_grid,
     colormap,
     heatmap_grid,

@@ -21,8 +21,9 @@ import pytest
 from conftest import tiny_model_args as _model_args
 from PIL import Image
 
-from talk2dino.cli import build_parser, main
-from talk2dino.outputs import label_image, overlay
+from talk2dino.cli import main
+from talk2dino.cli.main import build_parser
+from talk2dino.render import label_image, overlay
 
 DARK = 64  # a colour whose brightest channel is below this reads as black on a photo
 
@@ -105,7 +106,7 @@ def test_server_json_colours_match_the_label_png_and_are_never_black(tiny_model,
 @pytest.mark.parametrize("background", [False, True])
 def test_cli_json_carries_each_label_colour_and_a_legend_row_per_label(tiny_sources, tmp_path: Path,
                                                                        background: bool) -> None:
-    from talk2dino.outputs import LEGEND_PADDING, LEGEND_ROW_HEIGHT, LEGEND_SWATCH
+    from talk2dino.render import LEGEND_PADDING, LEGEND_ROW_HEIGHT, LEGEND_SWATCH
 
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(image)
@@ -161,7 +162,7 @@ def test_help_cites_no_internal_documents(command: str | None, capsys) -> None:
 def test_cli_overlay_and_legend_of_the_example_photo(tiny_sources, tmp_path: Path) -> None:
     """The README's photo through the CLI: overlay and legend exist, sized as the photo and one row per class;
     with TALK2DINO_ARTIFACTS set (CI), both are copied there to be looked at."""
-    from talk2dino.outputs import LEGEND_PADDING, LEGEND_ROW_HEIGHT
+    from talk2dino.render import LEGEND_PADDING, LEGEND_ROW_HEIGHT
 
     photo = Path(__file__).resolve().parents[1] / "examples" / "rocket.jpg"
     out = tmp_path / "out"

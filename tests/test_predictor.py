@@ -27,12 +27,12 @@ def segmenter(tiny_model) -> Segmenter:
 
 
 def test_result_shapes_and_label_ranges(segmenter: Segmenter) -> None:
-    segmenter.set_classes(["cat", "sofa", "window"], background=True)
+    segmenter.set_classes(["cat", "sofa", "window"])
     image = _image(60, 90)
     features = segmenter.set_image(image)
     assert features.resized_size == (56, 84)
     assert len(features.boxes) == 3 * 5
-    result = segmenter.predict()
+    result = segmenter.predict(background=True)
     assert result.labels.shape == (60, 90) and result.labels.dtype == torch.int64
     assert result.scores.shape == (4, 60, 90)
     assert result.class_names == ["background", "cat", "sofa", "window"]
@@ -44,11 +44,11 @@ def test_result_shapes_and_label_ranges(segmenter: Segmenter) -> None:
 
 
 def test_background_threshold_extremes(segmenter: Segmenter) -> None:
-    segmenter.set_classes(["cat", "dog"], background=True)
+    segmenter.set_classes(["cat", "dog"])
     segmenter.set_image(_image())
     # Scores are sigmoids of cosines, inside (0.2689, 0.7311): a threshold above makes all background.
-    assert int(segmenter.predict(threshold=0.99).labels.max()) == 0
-    assert int(segmenter.predict(threshold=0.01).labels.min()) >= 1
+    assert int(segmenter.predict(background=True, bg_threshold=0.99).labels.max()) == 0
+    assert int(segmenter.predict(background=True, bg_threshold=0.01).labels.min()) >= 1
 
 
 def test_image_is_embedded_once_for_many_vocabularies(segmenter: Segmenter, monkeypatch) -> None:
@@ -66,7 +66,7 @@ def test_image_is_embedded_once_for_many_vocabularies(segmenter: Segmenter, monk
     for names in (["cat"], ["cat", "dog"], ["sky", "road", "tree"]):
         segmenter.set_classes(names)
         segmenter.predict(pamr=False)
-        segmenter.predict(pamr=True, clean=True)
+        segmenter.predict(pamr=True, bg_clean=True)
     assert calls["n"] == after_embedding
 
 
@@ -77,12 +77,12 @@ def test_vocabulary_cache_skips_text_encoder(segmenter: Segmenter, monkeypatch) 
 
 
 def test_predict_batch_equals_single_image_predictions(segmenter: Segmenter) -> None:
-    segmenter.set_classes(["cat", "dog", "sky"], background=True)
+    segmenter.set_classes(["cat", "dog", "sky"])
     images = [_image(60, 90, 0), _image(60, 90, 1), _image(40, 40, 2)]
-    batch = segmenter.predict_batch(images)
+    batch = segmenter.predict_batch(images, background=True)
     for image, got in zip(images, batch, strict=True):
         segmenter.set_image(image)
-        single = segmenter.predict()
+        single = segmenter.predict(background=True)
         torch.testing.assert_close(got.scores, single.scores, atol=1e-6, rtol=0)
         assert torch.equal(got.labels, single.labels)
 
@@ -144,9 +144,85 @@ def test_bad_labels_are_rejected(segmenter: Segmenter, labels, message: str) -> 
 
 
 def test_background_label_clashes_with_background_channel(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["background", "cat"])  # allowed as a plain label ...
+    segmenter.set_image(_image())
+    assert segmenter.predict().class_names == ["background", "cat"]
     with pytest.raises(InvalidInputError, match="clashes with the background channel"):
+        segmenter.predict(background=True)  # ... but not next to the background channel
+    with pytest.raises(InvalidInputError, match="clashes with the background channel"):
+        Segmenter.check_labels(["cat", " Background"], background=True)
+
+
+def test_set_classes_sets_the_vocabulary_only(segmenter: Segmenter) -> None:
+    """Options are per call: one call's background or threshold does not leak into the next."""
+    before = segmenter.config
+    segmenter.set_classes(["cat", "dog"], ["a photo of a {}."])
+    segmenter.set_image(_image())
+    with_background = segmenter.predict(background=True, bg_threshold=0.99, bg_clean=False, pamr=False)
+    assert with_background.background_index == 0 and int(with_background.labels.max()) == 0
+    assert with_background.config.bg_threshold == 0.99 and not with_background.config.pamr
+    plain = segmenter.predict()
+    assert plain.background_index is None and plain.config == before and segmenter.config is before
+
+
+def test_deprecated_option_spellings_warn_and_still_work(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["cat", "dog"])
+    segmenter.set_image(_image())
+    with pytest.warns(DeprecationWarning, match="use bg_") as caught:
+        old = segmenter.predict(background=True, threshold=0.99, clean=False)
+    assert {warning.filename for warning in caught} == {__file__}  # pointing at the caller
+    with pytest.warns(DeprecationWarning, match="bg_clean") as caught:
+        segmenter.predict_features(segmenter.set_image(_image()), clean=True)
+    assert {warning.filename for warning in caught} == {__file__}
+    assert old.config.bg_threshold == 0.99 and old.config.bg_clean is False
+    assert torch.equal(old.labels, segmenter.predict(background=True, bg_threshold=0.99, bg_clean=False).labels)
+    with pytest.raises(TypeError, match="bg_threshold"):
+        segmenter.predict(threshold=0.5, bg_threshold=0.5)
+    # set_classes(background=, threshold=): deprecated; they change the segmenter's defaults, as they used to.
+    with pytest.warns(DeprecationWarning, match="set_classes"):
+        segmenter.set_classes(["cat", "dog"], background=True, threshold=0.99)
+    assert segmenter.config.background and segmenter.config.bg_threshold == 0.99
+    assert segmenter.predict().background_index == 0
+    with pytest.warns(DeprecationWarning), pytest.raises(InvalidInputError, match="clashes"):
         segmenter.set_classes(["background", "cat"], background=True)
-    segmenter.set_classes(["background", "cat"], background=False)  # allowed as a plain label
+
+
+def test_a_checked_vocabulary_is_checked_once(segmenter: Segmenter, monkeypatch) -> None:
+    import talk2dino.vocabulary as vocabulary
+
+    checked = Segmenter.check_labels(["cat", "background"])
+    assert checked == ["cat", "background"] and checked.background_label == 2
+    def refuse(name: str) -> str:
+        raise RuntimeError("checked twice")
+
+    monkeypatch.setattr(vocabulary, "canonical_label", refuse)
+    segmenter.set_classes(checked)
+    segmenter.set_image(_image())
+    assert segmenter.predict().class_names == ["cat", "background"]
+    with pytest.raises(InvalidInputError, match="clashes"):  # one flag, not a second pass over the names
+        segmenter.predict(background=True)
+    checked.append("dog")  # edited after the check: checked again
+    with pytest.raises(RuntimeError, match="checked twice"):
+        segmenter.set_classes(checked)
+
+
+def test_embed_images_can_isolate_a_bad_image(segmenter: Segmenter) -> None:
+    good, other = _image(60, 90, 0), _image(40, 40, 1)
+    bad = np.zeros((4, 4, 5), np.uint8)  # five channels: not an image
+    with pytest.raises(InvalidInputError):
+        segmenter.embed_images([good, bad, other])
+    calls: list[tuple[int, int]] = []
+    got = segmenter.embed_images([good, bad, other], isolate_failures=True,
+                                 progress=lambda image, count: calls.append((image, count)))
+    assert isinstance(got[1], InvalidInputError)
+    alone = [segmenter.embed_images([good])[0], segmenter.embed_images([other])[0]]
+    for index, expected in ((0, alone[0]), (2, alone[1])):
+        features = got[index]
+        assert not isinstance(features, InvalidInputError)
+        assert torch.equal(features.output.patch_tokens, expected.output.patch_tokens)
+        assert features.embed_seconds > 0
+    assert {image for image, _ in calls} == {0, 2}
+    assert sum(count for image, count in calls if image == 0) >= len(alone[0].boxes)
 
 
 def test_predict_without_image_or_labels_says_what_is_missing(segmenter: Segmenter) -> None:
@@ -160,8 +236,10 @@ def test_predict_without_image_or_labels_says_what_is_missing(segmenter: Segment
 
 
 def test_invalid_options_are_rejected(segmenter: Segmenter) -> None:
+    segmenter.set_classes(["cat"])
+    segmenter.set_image(_image())
     with pytest.raises(ValueError, match="bg_threshold"):
-        segmenter.set_classes(["cat"], threshold=1.5)
+        segmenter.predict(bg_threshold=1.5)
     with pytest.raises(ValueError, match="multiple of the backbone patch size"):
         Segmenter(segmenter.model, InferenceConfig(window=30, stride=15))
     with pytest.raises(InvalidInputError, match="exactly one"):
@@ -173,9 +251,9 @@ def test_real_photo_end_to_end(segmenter: Segmenter) -> None:
     path = IMAGES / "rocket.jpg"
     if not path.is_file():
         pytest.skip(f"{path} missing")
-    segmenter.set_classes(["rocket", "sky", "smoke"], background=True)
+    segmenter.set_classes(["rocket", "sky", "smoke"])
     segmenter.set_image(Image.open(path))
-    result = segmenter.predict()
+    result = segmenter.predict(background=True)
     assert result.labels.shape == (427, 640)
     summary = segmenter.summary(result)
     assert summary["settings"]["bg_clean"] is True  # cleaning follows background by default
@@ -214,10 +292,10 @@ def _plain_prediction(segmenter: Segmenter, features, cfg: InferenceConfig) -> t
 def test_fast_path_equals_plain_pipeline_bit_for_bit(segmenter: Segmenter, background: bool, pamr: bool) -> None:
     """One window at a time, the background channel added by `stitch`, labels without the full softmax:
     the same numbers as the plain all-windows pipeline."""
-    segmenter.set_classes(["cat", "dog", "sky", "road"], background=background)
+    segmenter.set_classes(["cat", "dog", "sky", "road"])
     for seed, (h, w) in enumerate(((60, 90), (41, 37), (90, 30))):
         features = segmenter.set_image(_image(h, w, seed))
-        result = segmenter.predict(pamr=pamr)
+        result = segmenter.predict(background=background, pamr=pamr)
         stitched, labels = _plain_prediction(segmenter, features, result.config)
         assert result.stitched is not None and torch.equal(result.stitched, stitched)
         assert torch.equal(result.labels, labels)
@@ -227,16 +305,16 @@ def test_scores_are_resized_on_first_access_only(segmenter: Segmenter, monkeypat
     import talk2dino.predictor as predictor
 
     calls = {"n": 0}
-    original = predictor._resize_scores
+    original = predictor.resize_scores
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(predictor, "_resize_scores", counting)
-    segmenter.set_classes(["cat", "dog"], background=True)
+    monkeypatch.setattr(predictor, "resize_scores", counting)
+    segmenter.set_classes(["cat", "dog"])
     segmenter.set_image(_image())
-    result = segmenter.predict()
+    result = segmenter.predict(background=True)
     assert calls["n"] == 1  # the labels' resize; the scores are not kept
     first = result.scores
     assert calls["n"] == 2 and result.scores is first  # computed once, then cached

@@ -25,21 +25,14 @@ from conftest import tiny_model_args, write_noise_image
 from PIL import Image
 
 from talk2dino.cli import main
+from talk2dino.cli.batch import MemoryBudget, format_bytes, parse_byte_size
+from talk2dino.cli.output_folder import fit_stem, max_stem_bytes, plan_stems, remove_stale_temps
 from talk2dino.config import InferenceConfig
 from talk2dino.data.images import load_image
 from talk2dino.errors import InvalidInputError
 from talk2dino.fileio import atomic_write_bytes, is_temp_name, name_bytes, temp_name, temp_target
-from talk2dino.folder import (
-    MemoryBudget,
-    fit_stem,
-    format_bytes,
-    max_stem_bytes,
-    parse_byte_size,
-    plan_stems,
-    remove_stale_temps,
-)
 from talk2dino.ops.sliding import resized_size
-from talk2dino.outputs import label_colors, overlay, save_label_png, write_result_files
+from talk2dino.render import label_colors, overlay, save_label_png, write_result_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
 from make_corpus import png_with_header  # noqa: E402
@@ -54,7 +47,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr("talk2dino.registry.create_model", refuse)
+    monkeypatch.setattr("talk2dino.factory.create_model", refuse)
 
 
 def _segment(tiny_sources: dict[str, str], inputs: list[Path | str], out: Path, *extra: str,
@@ -155,12 +148,12 @@ def test_cli_refuses_the_big_image_only(tiny_sources, tmp_path: Path, capsys) ->
 
 
 def test_default_memory_limit_is_half_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    from talk2dino import folder
+    from talk2dino.cli import batch
 
-    monkeypatch.setattr(folder, "_machine_memory", lambda: 16 << 30)
-    assert folder.default_image_memory() == 8 << 30
-    monkeypatch.setattr(folder, "_machine_memory", lambda: None)
-    assert folder.default_image_memory() == folder.FALLBACK_IMAGE_MEMORY == 8 << 30
+    monkeypatch.setattr(batch, "_machine_memory", lambda: 16 << 30)
+    assert batch.default_image_memory() == 8 << 30
+    monkeypatch.setattr(batch, "_machine_memory", lambda: None)
+    assert batch.default_image_memory() == batch.FALLBACK_IMAGE_MEMORY == 8 << 30
     assert format_bytes(8 << 30) == "8.0 GiB"
 
 
@@ -233,7 +226,7 @@ def test_out_under_a_file_fails_before_the_model(tiny_sources, no_model, tmp_pat
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
 def test_a_fifo_named_json_in_out_is_not_read(tmp_path: Path) -> None:
     # Earlier outputs are recognised from the *.json in --out; reading a FIFO there blocked the run forever.
-    from talk2dino.folder import talk2dino_outputs
+    from talk2dino.cli.output_folder import talk2dino_outputs
 
     os.mkfifo(tmp_path / "trap.json")
     (tmp_path / "x.json").write_text(json.dumps({"image": "x.png", "files": {"labels": "x_labels.png"}}))
@@ -422,7 +415,7 @@ def test_write_result_files_with_300_labels(tiny_model, tmp_path: Path) -> None:
 
 
 def test_overlay_in_bands_equals_the_whole_image_formula(monkeypatch: pytest.MonkeyPatch) -> None:
-    from talk2dino import outputs
+    from talk2dino.render import labels as render_labels
 
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (37, 23, 3), dtype=np.uint8)
@@ -430,7 +423,7 @@ def test_overlay_in_bands_equals_the_whole_image_formula(monkeypatch: pytest.Mon
     colors = label_colors(5, background_index=0).astype(np.float64)[labels]
     expected = np.clip(np.floor(0.7 * image.astype(np.float64) + 0.3 * colors + 0.5), 0, 255).astype(np.uint8)
     expected[labels == 0] = image[labels == 0]
-    monkeypatch.setattr(outputs, "OVERLAY_CHUNK_PIXELS", 50)  # bands of 2 rows, the last one shorter
+    monkeypatch.setattr(render_labels, "OVERLAY_CHUNK_PIXELS", 50)  # bands of 2 rows, the last one shorter
     np.testing.assert_array_equal(overlay(image, labels, 5, alpha=0.3, background_index=0), expected)
 
 
@@ -439,9 +432,9 @@ def test_overlay_memory_is_bounded_by_its_band(monkeypatch: pytest.MonkeyPatch) 
     # in bands, the temporaries are those of one band whatever the image size.
     import tracemalloc
 
-    from talk2dino import outputs
+    from talk2dino.render import labels as render_labels
 
-    monkeypatch.setattr(outputs, "OVERLAY_CHUNK_PIXELS", 1 << 16)
+    monkeypatch.setattr(render_labels, "OVERLAY_CHUNK_PIXELS", 1 << 16)
     image = np.zeros((1000, 2000, 3), dtype=np.uint8)
     labels = np.ones((1000, 2000), dtype=np.uint8)
     tracemalloc.start()

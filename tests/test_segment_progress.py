@@ -125,7 +125,7 @@ def test_loading_a_model_shows_no_transformers_progress_bars(tiny_sources, capfd
         create_model(None, device="cpu", **tiny_sources)
         assert "Loading weights" not in capfd.readouterr().err
         assert hf_logging.is_progress_bar_enabled()  # the user's setting is left as it was
-        registry_logger = logging.getLogger("talk2dino.registry")
+        registry_logger = logging.getLogger("talk2dino.factory")
         old_level = registry_logger.level
         registry_logger.setLevel(logging.DEBUG)  # the CLI's -v: the bars show
         try:

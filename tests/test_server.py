@@ -10,6 +10,7 @@ import base64
 import contextlib
 import http.server
 import io
+import logging
 import socket
 import struct
 import threading
@@ -30,9 +31,9 @@ httpx = pytest.importorskip("httpx", reason="the server tests need httpx")
 uvicorn = pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra")
 
 from talk2dino import InferenceConfig, Segmenter  # noqa: E402
-from talk2dino.outputs import overlay, palette, rle_decode  # noqa: E402
+from talk2dino.render import overlay, palette, rle_decode  # noqa: E402
 from talk2dino.server import ServerConfig, create_app  # noqa: E402
-from talk2dino.server.app import parse_labels  # noqa: E402
+from talk2dino.server.uploads import parse_labels  # noqa: E402
 
 # Small geometry keeps the tiny model fast while still producing several windows (as tests/test_predictor.py).
 FAST = InferenceConfig(short_side=56, max_long_side=400, window=28, stride=14, pamr_iterations=3)
@@ -126,11 +127,11 @@ class _SlowSegmenter(Segmenter):
     computation alone takes anywhere from 0.3 s to several seconds depending on the machine's load.
     """
 
-    def embed_images(self, images):  # type: ignore[no-untyped-def]
+    def embed_images(self, images, **options):  # type: ignore[no-untyped-def]
         if any(getattr(image, "shape", (0, 0))[0] * getattr(image, "shape", (0, 0))[1] >= 400 * 400
                for image in images):
             time.sleep(HEAVY_SECONDS)
-        return super().embed_images(images)
+        return super().embed_images(images, **options)
 
 
 def heavy_segmenter(tiny_model) -> Segmenter:
@@ -198,14 +199,14 @@ def test_segment_returns_legend_label_map_rle_overlay_and_pictures(server: str, 
     assert label_image.mode == "P" and label_image.size == (64, 48)
     labels = np.array(label_image)
     direct = Segmenter(tiny_model, FAST)
-    direct.set_classes(["cat", "sofa"], background=True)
+    direct.set_classes(["cat", "sofa"])
     rgb = np.array(Image.open(io.BytesIO(image)).convert("RGB"))
     direct.set_image(rgb)
-    np.testing.assert_array_equal(labels, direct.predict(pamr=False).labels.numpy())
+    np.testing.assert_array_equal(labels, direct.predict(background=True, pamr=False).labels.numpy())
     for entry in body["labels"]:
         assert int((labels == entry["index"]).sum()) == entry["pixels"]
 
-    # One overlay implementation: the server's PNG is outputs.overlay of the same inputs.
+    # One overlay implementation: the server's PNG is render.overlay of the same inputs.
     np.testing.assert_array_equal(np.array(decode_png(body["overlay_png"])),
                                   overlay(rgb, labels, 3, alpha=0.4, background_index=0))
 
@@ -324,8 +325,9 @@ def test_bad_images_and_sources(server: str) -> None:
 
 
 @pytest.mark.parametrize(("data", "fragment"), [
-    ({"labels": "cat", "threshold": "abc"}, "threshold"),
-    ({"labels": "cat", "threshold": "1.5"}, "threshold"),
+    ({"labels": "cat", "bg_threshold": "abc"}, "bg_threshold"),
+    ({"labels": "cat", "bg_threshold": "1.5"}, "bg_threshold"),
+    ({"labels": "cat", "threshold": "1.5"}, "threshold"),  # the deprecated alias is validated alike
     ({"labels": "cat", "pamr": "maybe"}, "pamr"),
     ({"labels": "cat", "rle": "zip"}, "rle"),
     ({"labels": "cat", "alpha": "2"}, "alpha"),
@@ -333,6 +335,85 @@ def test_bad_images_and_sources(server: str) -> None:
 ])
 def test_wrong_field_types_are_422(server: str, data: dict[str, str], fragment: str) -> None:
     assert_error(post_segment(server, data, png_bytes()), 422, fragment)
+
+
+def test_bg_threshold_and_bg_clean_with_their_deprecated_aliases(tiny_model, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="talk2dino.server.uploads")
+    with running_server(create_app(Segmenter(tiny_model, FAST), LIMITS)) as url:
+        base = {"labels": "cat, sofa", "background": "true", "pamr": "false"}
+        new = post_segment(url, {**base, "bg_threshold": "0.3", "bg_clean": "false"}, png_bytes())
+        assert new.status_code == 200, new.text
+        assert new.json()["settings"]["bg_threshold"] == 0.3 and new.json()["settings"]["bg_clean"] is False
+        assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+        old = post_segment(url, {**base, "threshold": "0.3", "clean": "false"}, png_bytes())
+        assert old.status_code == 200, old.text
+        assert old.json()["settings"] == new.json()["settings"]
+        assert old.json()["labels"] == new.json()["labels"]
+        warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+        assert len(warned) == 2 and "'threshold'" in warned[0] and "'bg_threshold'" in warned[0]
+        assert "'clean'" in warned[1] and "'bg_clean'" in warned[1]
+        assert post_segment(url, {**base, "threshold": "0.3"}, png_bytes()).status_code == 200
+        assert len([r for r in caplog.records if "deprecated" in r.getMessage()]) == 2  # once per alias
+
+        # Both names (a client talking to old and new servers): fine when they agree, a 400 when not.
+        both = post_segment(url, {**base, "threshold": "0.3", "bg_threshold": "0.3"}, png_bytes())
+        assert both.status_code == 200 and both.json()["settings"]["bg_threshold"] == 0.3
+        assert_error(post_segment(url, {**base, "clean": "true", "bg_clean": "false"}, png_bytes()), 400,
+                     "bg_clean=False and its deprecated alias clean=True disagree; send bg_clean only")
+
+        schema = httpx.get(f"{url}/openapi.json").json()
+        ref = schema["paths"]["/v1/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        form = schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[-1]]["properties"]
+        assert form["threshold"]["deprecated"] is True and form["clean"]["deprecated"] is True
+        assert "deprecated" not in form["bg_threshold"] and "deprecated" not in form["bg_clean"]
+
+
+def test_request_options_never_change_the_served_segmenter(tiny_model) -> None:
+    segmenter = Segmenter(tiny_model, FAST)
+    defaults = segmenter.config
+    with running_server(create_app(segmenter, LIMITS)) as url:
+        first = post_segment(url, {"labels": "cat, sofa", "background": "true", "bg_threshold": "0.3",
+                                   "bg_clean": "false", "pamr": "false"}, png_bytes())
+        assert first.status_code == 200, first.text
+        assert segmenter.config is defaults
+        plain = post_segment(url, {"labels": "cat, sofa"}, png_bytes())
+        assert plain.status_code == 200, plain.text
+        settings = plain.json()["settings"]
+        assert settings["background"] is defaults.background and settings["bg_threshold"] == defaults.bg_threshold
+        assert settings["pamr"] is defaults.pamr
+        assert httpx.get(f"{url}/v1/models").json()["loaded"]["defaults"] == defaults.effective_dict()
+        # A label named 'background' is fine for a request without the background channel, whatever the other
+        # requests asked for.
+        named = post_segment(url, {"labels": "background, cat", "background": "false"}, png_bytes())
+        assert named.status_code == 200, named.text
+        assert_error(post_segment(url, {"labels": "background, cat", "background": "true"}, png_bytes()), 400,
+                     "clashes with the background channel")
+
+
+def test_uploads_are_decoded_from_memory_with_one_header_read(tiny_model, monkeypatch) -> None:
+    import tempfile
+
+    opened: list[object] = []
+    real_open = Image.open
+
+    def counting_open(source: Any, *args: Any, **kwargs: Any) -> Image.Image:
+        opened.append(source)
+        return real_open(source, *args, **kwargs)
+
+    def no_temp_file(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the upload was copied to a temporary file")
+
+    with running_server(create_app(Segmenter(tiny_model, FAST), LIMITS)) as url:
+        monkeypatch.setattr(Image, "open", counting_open)
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_temp_file)
+        monkeypatch.setattr(tempfile, "mkstemp", no_temp_file)
+        response = post_segment(url, {"labels": "cat", "pamr": "false"}, png_bytes(seed=5))
+        assert response.status_code == 200, response.text
+        assert len(opened) == 1 and not isinstance(opened[0], (str, Path))  # the spooled upload itself
+        # The bytes' sha256 still keys the feature cache.
+        again = post_segment(url, {"labels": "sofa", "pamr": "false"}, png_bytes(seed=5))
+        assert again.json()["timings"]["cached_features"] == 1
 
 
 def test_malformed_and_non_multipart_bodies(server: str) -> None:
@@ -375,7 +456,15 @@ def test_timeouts_answer_503_and_the_worker_survives(tiny_model) -> None:
     with running_server(create_app(heavy_segmenter(tiny_model), config)) as url:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(heavy_request, url, 50)
-            time.sleep(0.2)  # the second request queues behind the first
+            # The second request queues behind the first: sent once the worker holds the first (a fixed pause
+            # let it overtake the first's upload on a loaded machine).
+            # Up to WAIT_S: on a loaded CI machine the first upload can take longer than a few seconds, and a
+            # second request sent before the worker holds the first is simply served (200), which is not the
+            # case under test.
+            deadline = time.monotonic() + WAIT_S
+            while not httpx.get(f"{url}/healthz").json()["queue"]["busy"]:
+                assert time.monotonic() < deadline, "the worker never picked up the first request"
+                time.sleep(0.02)
             second = pool.submit(post_segment, url, {"labels": "cat", "pamr": "false"}, png_bytes())
             results = [first.result(), second.result()]
         for response in results:
@@ -482,7 +571,7 @@ def test_library_does_not_import_the_server() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, talk2dino.cli, talk2dino.outputs, talk2dino.predictor; "
+    code = ("import sys, talk2dino.cli, talk2dino.render, talk2dino.predictor; "
             "assert not [m for m in sys.modules if m.startswith(('talk2dino.server.app', 'fastapi', 'uvicorn'))]")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -148,7 +148,8 @@ def test_healthz_reports_seconds_per_request_for_the_page_estimate(page_server: 
 
 
 def test_feature_cache_size_flag_reaches_the_server_config() -> None:
-    from talk2dino.cli import build_parser, serve_config
+    from talk2dino.cli.main import build_parser
+    from talk2dino.cli.serve import serve_config
 
     parser = build_parser()
     assert serve_config(parser.parse_args(["serve", "--feature-cache-size", "3"])).feature_cache_size == 3

@@ -12,18 +12,12 @@ import pytest
 import torch
 
 from talk2dino.config import TrainConfig
-from talk2dino.extract.format import FEATURE_FORMAT, FeatureFormatError
+from talk2dino.data.features import FEATURE_FORMAT, FeatureFormatError
+from talk2dino.training.loop import Callback, EpochStats, Trainer
 from talk2dino.training.loss import infonce_loss
-from talk2dino.training.targets import batch_image_embeddings, cls_weighted, select_heads, unit
-from talk2dino.training.trainer import (
-    CHECKPOINT_FILE,
-    LOG_FILE,
-    Callback,
-    EpochStats,
-    Trainer,
-    TrainingError,
-    run_train,
-)
+from talk2dino.training.run import run_train
+from talk2dino.training.run_folder import CHECKPOINT_FILE, LOG_FILE, TrainingError
+from talk2dino.training.strategies import batch_image_embeddings, cls_weighted, select_heads, unit
 
 TAU = 0.07
 
@@ -461,7 +455,7 @@ def test_disk_full_mid_run_keeps_the_last_epoch_and_resumes(small_features: dict
                                                             monkeypatch: pytest.MonkeyPatch, target: str) -> None:
     import errno
 
-    import talk2dino.training.trainer as trainer_module
+    import talk2dino.training.run_folder as run_folder_module
 
     full = uninterrupted(small_features, tmp_path)
     calls = {"n": 0}
@@ -478,7 +472,7 @@ def test_disk_full_mid_run_keeps_the_last_epoch_and_resumes(small_features: dict
         monkeypatch.setattr(torch, "save", save)
         expected = CHECKPOINT_FILE
     else:
-        real_folder = trainer_module.save_model_folder
+        real_folder = run_folder_module.save_model_folder
 
         def save_folder(folder: Any, *args: Any, **kwargs: Any) -> Path:
             calls["n"] += 1
@@ -488,7 +482,7 @@ def test_disk_full_mid_run_keeps_the_last_epoch_and_resumes(small_features: dict
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_folder(folder, *args, **kwargs)
 
-        monkeypatch.setattr(trainer_module, "save_model_folder", save_folder)
+        monkeypatch.setattr(run_folder_module, "save_model_folder", save_folder)
         expected = "model files"
     config = small_config(small_features, tmp_path / "run")
     with pytest.raises(TrainingError, match=expected) as info:

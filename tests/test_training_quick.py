@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from talk2dino.config import TrainConfig
-from talk2dino.training.trainer import CHECKPOINT_FILE, Callback, Trainer, run_train
+from talk2dino.training.loop import Callback, Trainer
+from talk2dino.training.run import run_train
+from talk2dino.training.run_folder import CHECKPOINT_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training import read_log, synthetic_split, write_features  # noqa: E402
@@ -100,7 +102,7 @@ def test_log_lines_and_progress_bar_do_not_overwrite_each_other(features: Path, 
     screen = _screen(stream.getvalue())
     shown = [line for line in screen if "a message while the bar is shown" in line]
     assert shown == ["WARNING talk2dino.test: a message while the bar is shown"], screen
-    assert any(line.startswith("INFO talk2dino.training.trainer: epoch 1/2") for line in screen), screen
+    assert any(line.startswith("INFO talk2dino.training.run: epoch 1/2") for line in screen), screen
 
 
 def test_run_folder_keeps_sources_as_given(features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

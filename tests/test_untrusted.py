@@ -24,11 +24,11 @@ from conftest import save_tiny_dinov2, save_tiny_projection
 
 from talk2dino.config import ModelConfig, ProjectionConfig
 from talk2dino.errors import Talk2DinoError, WeightsError
+from talk2dino.factory import load_projection
 from talk2dino.models.projection import PROJECTION_FILE, Projection, projection_dims
 from talk2dino.registry import (
     MODEL_CONFIG_FILE,
     _check_folder_sources,
-    _load_projection,
     get_model_config,
     save_model_folder,
 )
@@ -195,7 +195,7 @@ def test_malicious_checkpoint_refused_as_projection_file_and_url(tmp_path: Path,
     path = make_malicious(tmp_path / "evil.pth", marker, variant)
     for source, pin in ((str(path), None), (path.as_uri(), hashlib.sha256(path.read_bytes()).hexdigest())):
         with pytest.raises(WeightsError) as info:
-            _load_projection(ProjectionConfig(source=source, sha256=pin), out_dim=32, pretrained=True,
+            load_projection(ProjectionConfig(source=source, sha256=pin), out_dim=32, pretrained=True,
                              cache_dir=tmp_path / "cache")
         assert_one_line(info.value)
 
@@ -213,11 +213,11 @@ def test_malicious_projection_refused_by_create_model(tiny_sources: dict[str, st
 
 
 def test_malicious_training_checkpoint_refused(tmp_path: Path, marker: Path) -> None:
-    from talk2dino.training.trainer import _load_checkpoint
+    from talk2dino.training.run_folder import load_checkpoint
 
     path = make_malicious(tmp_path / "checkpoint.pt", marker, "torch-zip-system")
     with pytest.raises(Talk2DinoError) as info:
-        _load_checkpoint(path)
+        load_checkpoint(path)
     assert_one_line(info.value)
 
 
@@ -237,7 +237,7 @@ def test_malicious_files_in_local_dir_model_folder(tmp_path: Path, marker: Path)
     make_malicious(folder / PROJECTION_FILE, marker, "torch-zip-system")
     config = get_model_config(f"local-dir:{folder}")
     with pytest.raises(WeightsError) as info:
-        _load_projection(config.projection, out_dim=32, pretrained=True, cache_dir=tmp_path / "cache")
+        load_projection(config.projection, out_dim=32, pretrained=True, cache_dir=tmp_path / "cache")
     assert_one_line(info.value)
     # the config itself replaced by a pickle
     make_malicious(folder / MODEL_CONFIG_FILE, marker, "raw-pickle-p0")
@@ -250,19 +250,19 @@ def test_malicious_backbone_and_text_weights_in_local_dir(tmp_path: Path, marker
     """transformers folders whose weights are a pickled payload (pytorch_model.bin): never unpickled."""
     from conftest import save_tiny_clip
 
-    from talk2dino.registry import _load_backbone, _load_text
+    from talk2dino.factory import load_backbone, load_text_encoder
 
     folder = save_tiny_dinov2(tmp_path / "dino")
     (folder / "model.safetensors").unlink()
     make_malicious(folder / "pytorch_model.bin", marker, "torch-zip-system")
     with pytest.raises(WeightsError, match="GLOBAL") as info:
-        _load_backbone(f"local-dir:{folder}", dtype=torch.float32, cache_dir=tmp_path / "cache")
+        load_backbone(f"local-dir:{folder}", dtype=torch.float32, cache_dir=tmp_path / "cache")
     assert_one_line(info.value)
     clip = save_tiny_clip(tmp_path / "clip")
     (clip / "model.safetensors").unlink()
     make_malicious(clip / "pytorch_model.bin", marker, "torch-zip-exec")
     with pytest.raises(WeightsError, match="GLOBAL") as info:
-        _load_text(f"local-dir:{clip}", context_length=77, cache_dir=tmp_path / "cache")
+        load_text_encoder(f"local-dir:{clip}", context_length=77, cache_dir=tmp_path / "cache")
     assert_one_line(info.value)
 
 
@@ -276,7 +276,7 @@ def _psi_state(out_dim: int = 32, in_dim: int = 512) -> dict[str, torch.Tensor]:
 
 
 def _load_psi(path: Path, tmp_path: Path) -> Projection:
-    psi, _ = _load_projection(ProjectionConfig(source=str(path)), out_dim=32, pretrained=True,
+    psi, _ = load_projection(ProjectionConfig(source=str(path)), out_dim=32, pretrained=True,
                               cache_dir=tmp_path / "cache")
     return psi
 

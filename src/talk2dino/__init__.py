@@ -23,17 +23,18 @@ __all__ = [
 _LAZY = {
     "InferenceConfig": "talk2dino.config",
     "ModelConfig": "talk2dino.config",
-    "SegmentationResult": "talk2dino.predictor",
+    "SegmentationResult": "talk2dino.results",
     "Segmenter": "talk2dino.predictor",
-    "create_model": "talk2dino.registry",
+    "create_model": "talk2dino.factory",
     "list_models": "talk2dino.catalog",  # names only: no torch
 }
 
 if TYPE_CHECKING:
     from talk2dino.catalog import list_models
     from talk2dino.config import InferenceConfig, ModelConfig
-    from talk2dino.predictor import SegmentationResult, Segmenter
-    from talk2dino.registry import create_model
+    from talk2dino.factory import create_model
+    from talk2dino.predictor import Segmenter
+    from talk2dino.results import SegmentationResult
 
 
 def __getattr__(name: str) -> Any:

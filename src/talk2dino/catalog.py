@@ -1,7 +1,7 @@
 """The registry's data: named models, backbones and text encoders (house-style §3). Pure data, no torch.
 
 `talk2dino models`, `talk2dino.list_models()` and the server's model list read these names without
-importing torch or transformers; `talk2dino.registry` re-exports them and builds models from them.
+importing torch or transformers; `talk2dino.registry` re-exports them and `talk2dino.factory` builds models from them.
 """
 
 from __future__ import annotations

@@ -2,6 +2,12 @@
 
 Each method constant has exactly one home: a field default below, with the method.md section
 that defines it. The CLI, the registry and the API only override these defaults.
+
+A field is the only declaration of its setting (issue 15): the command-line flags of ``talk2dino train``,
+``extract``, ``eval``, ``segment`` and ``serve`` are generated from these fields (help = the trailing comment),
+recipes and JSON files are read into them, and what the type cannot say (a flag spelled otherwise, a range) is
+the field's metadata (`talk2dino.settings.meta`). Every config has ``validate()``; the CLI and the library entry
+points call it.
 """
 
 from __future__ import annotations
@@ -9,12 +15,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-import types
 import typing
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal
 
 from talk2dino.errors import InvalidInputError
+from talk2dino.settings import Range, check_fields, check_ranges, field_values, meta, short_repr, to_json
+
+DEFAULT_MODEL = "talk2dino-vitb14-reg"
+"""The model every entry point loads when none is named (a registry name, `talk2dino.catalog`). It lives here,
+not in the catalog, because the catalog is built from these dataclasses and `EvalConfig.model` defaults to it."""
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # method.md §2.2
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)  # method.md §2.2
@@ -34,6 +46,33 @@ Profile = Literal["2025", "2024"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+# Upper bounds for settings read from files (model folders may come from anyone): far above any real value, low
+# enough that a hostile file cannot make us allocate terabytes (e.g. psi with in_dim 1e9). `ModelConfig.validate`.
+_FILE_LIMITS: dict[str, int] = {
+    "context_length": 4096, "batch_size": 1 << 16, "in_dim": 1 << 16, "short_side": 1 << 14,
+    "max_long_side": 1 << 16, "window": 1 << 14, "stride": 1 << 14, "pamr_iterations": 10_000,
+    "window_batch_size": 1 << 12,
+}
+
+# Input normalisation read from a model file: std divides every pixel, so 0 gives inf/NaN (every pixel one
+# label), a negative value inverts the image and 1e-30 saturates it; real models use ~0.2-0.5 (ImageNet,
+# CLIP) or 1.0 (no scaling). [1e-3, 10] keeps every real value and refuses those. Means are in pixel units
+# of [0, 1] images (ImageNet 0.485, 0.456, 0.406); [-10, 10] is far outside any real one.
+_STD_RANGE: tuple[float, float] = (1e-3, 10.0)
+_MEAN_RANGE: tuple[float, float] = (-10.0, 10.0)
+# A CLIP prompt is start token + words + end token: a context of 1 or 2 holds no word (every prompt embeds
+# the same), so 3 is the least that encodes anything.
+MIN_CONTEXT_LENGTH = 3
+
+
+def _check_file_limits(part: Any) -> None:
+    """`part`'s integer settings named in `_FILE_LIMITS` must lie in [1, limit] (``pamr_iterations`` may be 0)."""
+    for name, limit in _FILE_LIMITS.items():
+        value = getattr(part, name, None)
+        if isinstance(value, int) and not 0 < value <= limit and not (name == "pamr_iterations" and value == 0):
+            raise InvalidInputError(f"{type(part).__name__}.{name} must be in [1, {limit}], got {value}")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """The frozen visual backbone: DINOv2 (method.md §2.2), DINOv3 (§2.4) or DINO v1."""
@@ -42,6 +81,18 @@ class BackboneConfig:
     image_mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, §2.2
     image_std: tuple[float, float, float] = IMAGENET_STD  # input normalisation, §2.2
     logits_rope: Literal["model", "none"] = "model"  # DINOv3 logits with RoPE ("none": reference's, P20), §2.4
+
+    def validate(self) -> None:
+        """Refuse a normalisation that gives garbage (a zero, negative or huge std, an absurd mean).
+
+        Raises:
+            InvalidInputError: one line naming the field, its range and the values.
+        """
+        for name, values, (low, high) in (("image_std", self.image_std, _STD_RANGE),
+                                          ("image_mean", self.image_mean, _MEAN_RANGE)):
+            if not all(math.isfinite(v) and low <= v <= high for v in values):
+                raise InvalidInputError(f"BackboneConfig.{name} must be 3 finite values in [{low:g}, {high:g}], "
+                                        f"got {short_repr(list(values))}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +104,20 @@ class TextConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompt templates averaged before psi, §4.1
     batch_size: int = 256  # prompts per text forward; no effect beyond fp32 rounding, §4.1 item 5
 
+    def validate(self) -> None:
+        """Refuse templates that are not one bare ``{}``, a context too short to hold a word, and sizes beyond
+        `_FILE_LIMITS`.
+
+        Raises:
+            InvalidInputError: one line naming the field and the value.
+        """
+        for template in self.templates:
+            check_template(template)
+        if self.context_length < MIN_CONTEXT_LENGTH:
+            raise InvalidInputError(f"TextConfig.context_length must be >= {MIN_CONTEXT_LENGTH} (start and end "
+                                    f"tokens plus one word; CLIP uses 77), got {self.context_length}")
+        _check_file_limits(self)
+
 
 @dataclass(frozen=True)
 class ProjectionConfig:
@@ -63,27 +128,41 @@ class ProjectionConfig:
     git_blob_sha1: str | None = None  # pin used until a sha256 is recorded (method.md §7)
     in_dim: int = 512  # CLIP text embedding width, §2.1
 
+    def validate(self) -> None:
+        """Refuse an input width beyond `_FILE_LIMITS` and pins that are not hex digits of the right length.
+
+        Raises:
+            InvalidInputError: one line naming the field and the value.
+        """
+        _check_file_limits(self)
+        for pin, length, name in ((self.sha256, 64, "sha256"), (self.git_blob_sha1, 40, "git_blob_sha1")):
+            if pin is not None and (len(pin) != length or any(c not in "0123456789abcdefABCDEF" for c in pin)):
+                raise InvalidInputError(f"ProjectionConfig.{name} must be {length} hex digits, got {short_repr(pin)}")
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """The benchmark inference protocol (method.md §4), the default for every entry point."""
+    """The benchmark inference protocol (method.md §4), the default for every entry point.
+
+    The "Inference" flags of ``talk2dino segment`` and ``serve`` are generated from these fields (their help is
+    the trailing comment); every entry point overrides these defaults, none restates them.
+    """
 
     short_side: int = 448  # resized shorter side, §4.3 step 2
     max_long_side: int = 2048  # cap on the resized longer side, §4.3 step 2
     window: int = 448  # sliding-window crop, §4.3 step 3
     stride: int = 224  # sliding-window stride, §4.3 step 3
-    background: bool = False  # prepend the constant threshold channel as class 0, §4.6
-    bg_threshold: float = 0.55  # theta, ViT-B value; ViT-L models override it to 0.54, §4.6
-    bg_clean: bool | None = None  # background cleaning, §4.5; None = on exactly when `background` is on
+    background: bool = False  # add a background class: pixels whose every label scores below the threshold, §4.6
+    bg_threshold: float = 0.55  # background threshold theta (0.55 ViT-B; ViT-L models use 0.54), §4.6
+    bg_clean: bool | None = None  # background cleaning with the CLS attention heads (default: on with --background)
     clean_lambda: float = 0.2  # lambda of background cleaning, §4.5 step 5
     clean_head_embedding: Literal["logits", "softmax"] = "logits"  # "softmax" = the 2024 formula, §4.5
-    pamr: bool = True  # PAMR refinement, §4.7 (the paper's best rows use it)
+    pamr: bool = True  # PAMR mask refinement, §4.7 (the paper's best rows use it)
     pamr_iterations: int = 10  # §4.7
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # §4.7
-    # Windows per backbone forward: trades memory for speed. Label maps are identical for any value; scores
-    # may differ by ~1e-7, because CPU matrix products round differently for different row counts
-    # (tests/test_determinism.py).
-    window_batch_size: int = 8
+    # Trades memory for speed. Label maps are identical for any value; scores may differ by ~1e-7, because CPU
+    # matrix products round differently for different row counts (tests/test_determinism.py).
+    window_batch_size: int = 8  # windows per backbone forward
 
     @property
     def effective_bg_clean(self) -> bool:
@@ -113,7 +192,7 @@ class InferenceConfig:
 
         ``bg_clean=None`` stays None ("follow `background`"); `effective_dict` is for records.
         """
-        return _to_json(self)
+        return dict(to_json(self))
 
     def effective_dict(self) -> dict[str, Any]:
         """`to_dict` with cleaning resolved to what runs: for result records, never for saving."""
@@ -138,53 +217,65 @@ class ModelConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     profile: Profile = "2025"  # result-table profile the weights belong to, method.md §6
 
+    def validate(self) -> None:
+        """Every part's ``validate()``, and the inference settings held to `_FILE_LIMITS` (a model folder may
+        come from anyone): what `from_dict` runs on every configuration read from a file.
+
+        Raises:
+            InvalidInputError: one line naming the part, the field and the value.
+        """
+        self.backbone.validate()
+        self.text.validate()
+        self.projection.validate()
+        _check_file_limits(self.inference)
+        if any(d > 1024 for d in self.inference.pamr_dilations) or len(self.inference.pamr_dilations) > 64:
+            raise InvalidInputError(f"InferenceConfig.pamr_dilations out of range: "
+                                    f"{self.inference.pamr_dilations[:8]}")
+        try:
+            self.inference.validate()
+        except ValueError as err:
+            raise InvalidInputError(f"InferenceConfig: {err}") from err
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every setting, nested configs included (tuples become lists); exact:
         `from_dict` gives this config back, ``inference.bg_clean=None`` included."""
-        return _to_json(self)
+        return dict(to_json(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown keys are errors, not warnings (house-style §3)."""
-        def build(kind: type, values: Any) -> Any:
-            if not isinstance(values, dict):
-                raise InvalidInputError(f"{kind.__name__} must be a mapping, got {type(values).__name__}")
-            return kind(**check_fields(kind, values))
-
+        """Inverse of `to_dict`, validated; unknown keys are errors, not warnings (house-style §3)."""
         if not isinstance(d, dict):
             raise InvalidInputError(f"a model configuration must be a mapping, got {type(d).__name__}")
-        top = dict(d)
-        unknown = set(top) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise InvalidInputError(f"unknown ModelConfig keys: {sorted(map(str, unknown))[:10]}")
-        missing = [k for k in ("name", "backbone", "text", "projection") if k not in top]
+        missing = [k for k in ("name", "backbone", "text", "projection") if k not in d]
         if missing:
             raise InvalidInputError(f"model configuration lacks {missing}")
-        # Every field, found by `dataclasses.fields`: a field added later is read back too. Absent
+        for name in ("backbone", "text", "projection", "inference"):
+            if name in d and not isinstance(d[name], dict):
+                kind = typing.get_type_hints(cls)[name]
+                raise InvalidInputError(f"{kind.__name__} must be a mapping, got {type(d[name]).__name__}")
+        # Every field, nested configs included (`check_fields`): a field added later is read back too. Absent
         # optional fields (older files) take their defaults. Files written before issue 13 hold
-        # `inference.bg_clean` resolved (false for "follow background"); they cannot be told apart from
-        # a deliberate false and load as they are.
-        hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in top:
-                continue
-            kind = hints[f.name]
-            if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-                values[f.name] = build(kind, top[f.name])
-            else:
-                values.update(check_fields(cls, {f.name: top[f.name]}))
-        config = cls(**values)
-        _check_file_limits(config)
+        # `inference.bg_clean` resolved (false for "follow background"); they cannot be told apart from a
+        # deliberate false and load as they are.
+        config = cls(**check_fields(cls, d))
+        config.validate()
         return config
 
 
 TargetStrategy = Literal["max", "avg", "cls", "cls-weighted"]
+_COUNT = Range(1, 10**9)  # a number of images or steps: far above any real run
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Feature extraction from COCO Captions (method.md §3.1–3.3)."""
+    """Feature extraction from COCO Captions (method.md §3.1–3.3).
+
+    Every field is a flag of ``talk2dino extract`` (``--batch-size``) and a recipe key; numeric fields carry the
+    range `validate` holds them to.
+    """
 
     coco_root: str  # folder with train2014/, val2014/ and annotations/captions_<split>2014.json
     split: Literal["train", "val"] = "train"  # COCO Captions 2014 split
@@ -192,45 +283,77 @@ class ExtractConfig:
     backbone: str = "dinov2-vitb14-reg"  # backbone name (registry.BACKBONES) or a DINOv2 source (hf-hub:/local-dir:)
     text_encoder: str = "clip-vitb16"  # text encoder name (registry.TEXT_ENCODERS) or a CLIP source
     logits_rope: Literal["model", "none"] | None = None  # DINOv3 logits with/without RoPE; None: the model's
-    image_size: int = 448  # shorter side (bicubic) then centre crop
-    shard_size: int = 1024  # images per shard file
-    batch_size: int = 32  # images per backbone forward
-    text_batch_size: int = 256  # captions per text forward
-    num_workers: int = 2  # image decoding workers
+    image_size: int = field(default=448, metadata=meta(range=Range(1, 1 << 13)))  # shorter side then centre crop
+    shard_size: int = field(default=1024, metadata=meta(range=Range(1, 1 << 20)))  # images per shard file
+    batch_size: int = field(default=32, metadata=meta(range=Range(1, 1 << 14)))  # images per backbone forward
+    text_batch_size: int = field(default=256, metadata=meta(range=Range(1, 1 << 16)))  # captions per text forward
+    num_workers: int = field(default=2, metadata=meta(range=Range(0, 256)))  # image decoding workers
     device: str | None = None  # auto: CUDA when available
     dtype: DType = "float32"  # backbone dtype; features are stored as float16 either way
     cache_dir: str | None = None  # weight download cache
-    limit: int | None = None  # only the first N images (quick looks, tests)
+    limit: int | None = field(default=None, metadata=meta(range=_COUNT))  # only the first N images (quick looks)
+
+    def validate(self) -> None:
+        """Refuse a numeric setting outside its range (one line naming the setting and its flag)."""
+        check_ranges(type(self), field_values(self))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training psi with the max-head InfoNCE recipe (method.md §3.4–3.6)."""
+    """Training psi with the max-head InfoNCE recipe (method.md §3.4–3.6).
+
+    Every field is a flag of ``talk2dino train`` (``--lr``) and a recipe key. The ranges refuse what only a typo
+    or a hostile recipe gives (``epochs: 100000000``, a 10**12 batch, a zero or NaN rate), each far wider than any
+    real run; lower bounds of positive settings repeat the trainer's own checks, so a recipe fails at once.
+    """
 
     features: str  # folder written by `talk2dino extract` (train split)
     out: str  # run folder; becomes a loadable model folder (must be new or empty: never a released file)
     val_features: str | None = None  # folder of the val split for recall@K logging
     target_strategy: TargetStrategy = "max"  # image embedding: max over heads (the method) or an ablation
-    epochs: int = 100  # passes over the training captions
-    max_steps: int | None = None  # stop after this many optimiser steps in all (a quick run); None: every epoch
-    batch_size: int = 128  # captions per step; the last partial batch is kept
-    lr: float = 1e-4  # Adam learning rate, constant
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
-    eps: float = 1e-8  # Adam epsilon
-    weight_decay: float = 0.0  # Adam weight decay (the recipe uses none)
-    temperature: float = 0.07  # InfoNCE temperature tau, fixed (never trained)
+    epochs: int = field(default=100, metadata=meta(range=Range(1, 100_000)))  # passes over the training captions
+    max_steps: int | None = field(default=None, metadata=meta(range=_COUNT))  # stop after N steps; None: all epochs
+    batch_size: int = field(default=128, metadata=meta(range=Range(1, 1 << 16)))  # captions per step (last kept)
+    lr: float = field(default=1e-4, metadata=meta(range=Range(0, 10, open_low=True)))  # Adam learning rate, constant
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=meta(range=Range(0, 1, open_high=True)))  # Adam
+    eps: float = field(default=1e-8, metadata=meta(range=Range(0, 1, open_low=True)))  # Adam epsilon
+    weight_decay: float = field(default=0.0, metadata=meta(range=Range(0, 10)))  # Adam weight decay (recipe: none)
+    temperature: float = field(default=0.07, metadata=meta(range=Range(1e-4, 100)))  # InfoNCE tau, fixed (not trained)
     loss_divide_by_batch_squared: bool = True  # divide the loss by B^2 as the reference code does
-    seed: int = 123  # Python, NumPy and torch seeds
+    seed: int = field(default=123, metadata=meta(range=Range(0, 2**63 - 1)))  # Python, NumPy and torch seeds
     device: str | None = None  # auto: CUDA when available
     on_device: bool | None = None  # keep all features on the device (None: when they fit)
-    eval_every: int = 1  # epochs between validation recall@K evaluations
-    recall_ks: tuple[int, ...] = (1, 5, 10)  # text->image recall@K on the val split
-    val_max_images: int | None = 5000  # val loss + recall@K over the first N val images (COCO 5k size); None = all
+    eval_every: int = field(default=1, metadata=meta(range=Range(1, 100_000)))  # epochs between recall@K evaluations
+    recall_ks: tuple[int, ...] = field(default=(1, 5, 10), metadata=meta(range=Range(1, 1 << 20)))  # text->image R@K
+    val_max_images: int | None = field(default=5000, metadata=meta(range=_COUNT))  # val on N images (5k); None: all
+
+    def validate(self) -> None:
+        """Refuse a numeric setting outside its range (one line naming the setting and its flag)."""
+        check_ranges(type(self), field_values(self))
+
+
+EVAL_INFERENCE = InferenceConfig(pamr=False)
+"""`EvalConfig.inference`'s default: PAMR off, the paper's main rows (method.md §5.1; ``--pamr`` gives its
+"+ PAMR" rows), unlike every other entry point. ``bg_clean=None`` here means each benchmark's published setting."""
+
+_PROTOCOL_FIELDS = ("background", "bg_clean", "pamr")  # set by `EvalConfig.protocol_changes` itself
+_SIDE = Range(1, 1 << 14)  # a side in pixels
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Benchmark evaluation (method.md §5). Model defaults (θ, dtype) come from the registry entry."""
+    """Benchmark evaluation (method.md §5). Model defaults (θ, dtype) come from the registry entry.
+
+    Inference settings: each benchmark runs with the model's own `InferenceConfig` (its registry entry or model
+    folder: θ, the cleaning formula), changed by `protocol_changes`: ``background`` from the benchmark;
+    ``inference.pamr`` (off by default, `EVAL_INFERENCE`); ``inference.bg_clean``, or the benchmark's published
+    setting when None; every other field of `inference` that differs from `InferenceConfig`'s default; then, run
+    by run, the swept values (``bg_threshold``, ``clean_lambda``, ``short_side``, ``window``, ``stride``).
+
+    Renamed (issue 15): the flat ``pamr`` and ``bg_clean`` are ``inference.pamr`` / ``inference.bg_clean``, and
+    ``bg_clean_lambda`` is ``clean_lambda`` (the `InferenceConfig` name). Recipes and `from_dict` still read the
+    old keys, with a deprecation warning (`DEPRECATED_KEYS`); the old attributes read with one too.
+    """
 
     dataset: str | None = None  # one benchmark (voc20, voc21, context59, ..., ade20k) or `folder`
     root: str | None = None  # that dataset's folder (e.g. /data/VOCdevkit/VOC2012); default: data_root/<standard place>
@@ -238,44 +361,116 @@ class EvalConfig:
     suite: Literal["all", "background", "no-background"] | None = None  # several benchmarks in the paper's order
     classes_file: str | None = None  # class names, one per line, for the `folder` dataset
     folder_background: bool = False  # `folder` dataset: class 0 is background (threshold channel)
-    model: str = "talk2dino-vitb14-reg"  # registry name or model folder
+    model: str = DEFAULT_MODEL  # registry name or model folder
     backbone: str | None = None  # override of the model's backbone source
     text_encoder: str | None = None  # override of the model's text-encoder source
     projection: str | None = None  # override of the model's psi
     device: str | None = None  # auto: CUDA when available
     dtype: DType = "float32"  # backbone dtype, recorded in the results
     cache_dir: str | None = None  # weight download cache
-    pamr: bool = False  # the "+ PAMR" rows of the paper's table
-    bg_clean: bool | None = None  # background cleaning; None: the benchmark's published setting
-    bg_threshold: tuple[float, ...] = ()  # background thresholds to sweep; empty: the model's
-    bg_clean_lambda: tuple[float, ...] = ()  # background-cleaning weights (lambda) to sweep; empty: 0.2
-    short_side: tuple[int, ...] = ()  # resized shorter sides to sweep; empty: 448
-    window: tuple[int, ...] = ()  # window sizes to sweep; empty: 448
-    stride: tuple[int, ...] = ()  # strides to sweep; empty: 224
-    limit: int | None = None  # only the first N images of each split (a quick look)
+    inference: InferenceConfig = field(default_factory=lambda: EVAL_INFERENCE)  # settings on the model's; see above
+    # The sweeps: every combination of the listed values is one run; an empty list keeps the model's value.
+    bg_threshold: tuple[float, ...] = field(  # background thresholds to sweep; empty: the model's
+        default=(), metadata=meta(range=Range(0, 1, open_low=True, open_high=True)))
+    clean_lambda: tuple[float, ...] = field(  # background-cleaning weights (lambda) to sweep; empty: the model's
+        default=(), metadata=meta(range=Range(0, 100), aliases=("--bg-clean-lambda",)))
+    short_side: tuple[int, ...] = field(default=(), metadata=meta(range=_SIDE))  # short sides to sweep; empty: model's
+    window: tuple[int, ...] = field(default=(), metadata=meta(range=_SIDE))  # window sizes to sweep; empty: the model's
+    stride: tuple[int, ...] = field(default=(), metadata=meta(range=_SIDE))  # strides to sweep; empty: the model's
+    limit: int | None = field(default=None, metadata=meta(range=_COUNT))  # only the first N images of each split
     out: str = "results"  # results folder: JSON records, Markdown tables, resume caches
     save_predictions: bool = False  # write palette PNG predictions next to the records
     skip_bad: bool = False  # skip unreadable or inconsistent samples and list them, instead of failing
 
+    DEPRECATED_KEYS: ClassVar[dict[str, str]] = {
+        "pamr": "inference.pamr", "bg_clean": "inference.bg_clean", "bg_clean_lambda": "clean_lambda"}
+    """Old recipe keys -> their new (dotted) place; read with a deprecation warning."""
 
-# Upper bounds for settings read from files (model folders may come from anyone): far above any real
-# value, low enough that a hostile file cannot make us allocate terabytes (e.g. psi with in_dim 1e9).
-_FILE_LIMITS: dict[str, int] = {
-    "context_length": 4096, "batch_size": 1 << 16, "in_dim": 1 << 16, "short_side": 1 << 14,
-    "max_long_side": 1 << 16, "window": 1 << 14, "stride": 1 << 14, "pamr_iterations": 10_000,
-    "window_batch_size": 1 << 12,
-}
-_MAX_STR = 4096
+    def validate(self) -> None:
+        """Refuse a swept or numeric setting outside its range, and impossible inference settings.
 
-# Input normalisation read from a model file: std divides every pixel, so 0 gives inf/NaN (every pixel one
-# label), a negative value inverts the image and 1e-30 saturates it; real models use ~0.2-0.5 (ImageNet,
-# CLIP) or 1.0 (no scaling). [1e-3, 10] keeps every real value and refuses those. Means are in pixel units
-# of [0, 1] images (ImageNet 0.485, 0.456, 0.406); [-10, 10] is far outside any real one.
-_STD_RANGE: tuple[float, float] = (1e-3, 10.0)
-_MEAN_RANGE: tuple[float, float] = (-10.0, 10.0)
-# A CLIP prompt is start token + words + end token: a context of 1 or 2 holds no word (every prompt embeds
-# the same), so 3 is the least that encodes anything.
-MIN_CONTEXT_LENGTH = 3
+        Raises:
+            InvalidInputError: one line naming the setting and its flag.
+        """
+        check_ranges(type(self), field_values(self))
+        try:
+            self.inference.validate()
+        except ValueError as err:
+            raise InvalidInputError(f"EvalConfig.inference: {err}") from err
+
+    def protocol_changes(self, *, background: bool, bg_clean: bool) -> dict[str, Any]:
+        """The `InferenceConfig` changes this evaluation makes to a model's defaults on one benchmark, before the
+        swept values (method.md §5.1; the rule is in the class docstring).
+
+        Args:
+            background: whether the benchmark has a background class (its channel 0).
+            bg_clean: the benchmark's published background-cleaning setting.
+        """
+        library = InferenceConfig()
+        changes = {name: value for name, value in field_values(self.inference).items()
+                   if name not in _PROTOCOL_FIELDS and value != getattr(library, name)}
+        changes.update(background=background, pamr=self.inference.pamr,
+                       bg_clean=bg_clean if self.inference.bg_clean is None else self.inference.bg_clean)
+        return changes
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalConfig:
+        """An `EvalConfig` from a mapping (a JSON record's ``config``): unknown keys are errors, old keys
+        (`DEPRECATED_KEYS`) are read with a `DeprecationWarning`, nested ``inference`` takes a mapping."""
+        values = upgrade_keys(cls, d, warn=lambda message: warnings.warn(message, DeprecationWarning, stacklevel=3))
+        config = cls(**check_fields(cls, values))
+        config.validate()
+        return config
+
+    @property
+    def pamr(self) -> bool:
+        """Deprecated: ``inference.pamr``."""
+        warnings.warn("EvalConfig.pamr is deprecated; read EvalConfig.inference.pamr", DeprecationWarning,
+                      stacklevel=2)
+        return self.inference.pamr
+
+    @property
+    def bg_clean(self) -> bool | None:
+        """Deprecated: ``inference.bg_clean``."""
+        warnings.warn("EvalConfig.bg_clean is deprecated; read EvalConfig.inference.bg_clean", DeprecationWarning,
+                      stacklevel=2)
+        return self.inference.bg_clean
+
+    @property
+    def bg_clean_lambda(self) -> tuple[float, ...]:
+        """Deprecated: ``clean_lambda``."""
+        warnings.warn("EvalConfig.bg_clean_lambda is deprecated; read EvalConfig.clean_lambda", DeprecationWarning,
+                      stacklevel=2)
+        return self.clean_lambda
+
+
+def upgrade_keys(cls: type, values: Mapping[str, Any], *, warn: Callable[[str], None]) -> dict[str, Any]:
+    """`values` with the old keys of `cls` (its ``DEPRECATED_KEYS``, old -> dotted new) moved to their new place,
+    calling `warn` once per old key; a nested new place (``inference.pamr``) goes into that mapping.
+
+    Raises:
+        InvalidInputError: an old key given together with its new one (which is meant is unclear).
+    """
+    renamed: dict[str, str] = getattr(cls, "DEPRECATED_KEYS", {})
+    out = dict(values)
+    for old, new in renamed.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        warn(f"{cls.__name__} key '{old}' is deprecated; write '{new}' instead")
+        head, _, tail = new.partition(".")
+        if not tail:
+            if new in out:
+                raise InvalidInputError(f"{cls.__name__}: '{old}' and '{new}' both given; keep '{new}'")
+            out[new] = value
+            continue
+        nested = out.get(head, {})
+        if not isinstance(nested, Mapping):
+            raise InvalidInputError(f"{cls.__name__}.{head}: expected a mapping, got {short_repr(nested)}")
+        if tail in nested:
+            raise InvalidInputError(f"{cls.__name__}: '{old}' and '{new}' both given; keep '{new}'")
+        out[head] = {**nested, tail: value}
+    return out
 
 
 def check_template(template: str) -> str:
@@ -285,7 +480,7 @@ def check_template(template: str) -> str:
     format specs (``{:>9}``), conversions (``{!r}``) and unbalanced braces are refused, so that
     ``template.format(label)`` can neither raise nor allocate more than the label's length.
     """
-    shown = _short(template) if isinstance(template, str) else type(template).__name__
+    shown = short_repr(template) if isinstance(template, str) else type(template).__name__
     if not isinstance(template, str):
         raise InvalidInputError(f"template must be a string, got {shown}")
     try:
@@ -296,202 +491,3 @@ def check_template(template: str) -> str:
         raise InvalidInputError(f"template {shown} must be literal text with exactly one '{{}}' (bare: no "
                                 "names, indexes, format specs or conversions; write '{{' for a literal brace)")
     return template
-
-
-def _check_file_limits(config: ModelConfig) -> None:
-    """Range checks of a `ModelConfig` read from a file (types are already checked)."""
-    for template in config.text.templates:
-        check_template(template)
-    for name, values, (low, high) in (("image_std", config.backbone.image_std, _STD_RANGE),
-                                      ("image_mean", config.backbone.image_mean, _MEAN_RANGE)):
-        if not all(math.isfinite(v) and low <= v <= high for v in values):
-            raise InvalidInputError(f"BackboneConfig.{name} must be 3 finite values in [{low:g}, {high:g}], got "
-                                    f"{_short(list(values))}")
-    if config.text.context_length < MIN_CONTEXT_LENGTH:
-        raise InvalidInputError(f"TextConfig.context_length must be >= {MIN_CONTEXT_LENGTH} (start and end tokens "
-                                f"plus one word; CLIP uses 77), got {config.text.context_length}")
-    for part in (config.text, config.projection, config.inference):
-        for name, limit in _FILE_LIMITS.items():
-            value = getattr(part, name, None)
-            if isinstance(value, int) and not 0 < value <= limit and not (name == "pamr_iterations" and value == 0):
-                raise InvalidInputError(f"{type(part).__name__}.{name} must be in [1, {limit}], got {value}")
-    if any(d > 1024 for d in config.inference.pamr_dilations) or len(config.inference.pamr_dilations) > 64:
-        raise InvalidInputError(f"InferenceConfig.pamr_dilations out of range: {config.inference.pamr_dilations[:8]}")
-    pins = ((config.projection.sha256, 64, "sha256"), (config.projection.git_blob_sha1, 40, "git_blob_sha1"))
-    for pin, length, name in pins:
-        if pin is not None and (len(pin) != length or any(c not in "0123456789abcdefABCDEF" for c in pin)):
-            raise InvalidInputError(f"ProjectionConfig.{name} must be {length} hex digits, got {_short(pin)}")
-    try:
-        config.inference.validate()
-    except ValueError as err:
-        raise InvalidInputError(f"InferenceConfig: {err}") from err
-
-
-@dataclass(frozen=True)
-class _Range:
-    """Allowed values of a numeric run setting: ``low <= v <= high`` (strict where `open_low`/`open_high`)."""
-
-    low: float
-    high: float
-    open_low: bool = False
-    open_high: bool = False
-
-    def holds(self, value: float) -> bool:
-        # Written so that NaN fails every comparison and is refused.
-        above = value > self.low if self.open_low else value >= self.low
-        below = value < self.high if self.open_high else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        def show(bound: float) -> str:
-            return str(bound) if isinstance(bound, int) else f"{bound:g}"
-
-        return f"{'(' if self.open_low else '['}{show(self.low)}, {show(self.high)}{')' if self.open_high else ']'}"
-
-
-# Ranges of the numeric run settings (recipes and flags alike; `check_ranges`). Each is far wider than any
-# real run and refuses what only a typo or a hostile recipe gives: `epochs: 100000000` (a run that never
-# ends; the method trains 100), a 10**12 batch, a zero, negative, NaN or infinite rate. Lower bounds of
-# positive settings repeat the runners' own checks, so that a recipe fails at once, naming the setting.
-_RUN_LIMITS: dict[type, dict[str, _Range]] = {
-    TrainConfig: {
-        "epochs": _Range(1, 100_000), "max_steps": _Range(1, 10**9), "batch_size": _Range(1, 1 << 16),
-        "lr": _Range(0, 10, open_low=True), "eps": _Range(0, 1, open_low=True), "weight_decay": _Range(0, 10),
-        "temperature": _Range(1e-4, 100), "seed": _Range(0, 2**63 - 1), "eval_every": _Range(1, 100_000),
-        "recall_ks": _Range(1, 1 << 20), "val_max_images": _Range(1, 10**9), "betas": _Range(0, 1, open_high=True),
-    },
-    ExtractConfig: {
-        "image_size": _Range(1, 1 << 13), "shard_size": _Range(1, 1 << 20), "batch_size": _Range(1, 1 << 14),
-        "text_batch_size": _Range(1, 1 << 16), "num_workers": _Range(0, 256), "limit": _Range(1, 10**9),
-    },
-    EvalConfig: {
-        "bg_threshold": _Range(0, 1, open_low=True, open_high=True), "bg_clean_lambda": _Range(0, 100),
-        "short_side": _Range(1, 1 << 14), "window": _Range(1, 1 << 14), "stride": _Range(1, 1 << 14),
-        "limit": _Range(1, 10**9),
-    },
-}
-
-
-def check_ranges(cls: type, values: dict[str, Any]) -> None:
-    """Refuse a numeric run setting outside its documented range (`_RUN_LIMITS`); tuple fields are checked
-    item by item, None (unset) passes. Types are checked before (`check_fields`, argparse).
-
-    Raises:
-        InvalidInputError: one line naming the setting, its flag, the range and the value.
-    """
-    for name, allowed in _RUN_LIMITS.get(cls, {}).items():
-        value = values.get(name)
-        items = value if isinstance(value, tuple) else (value,)
-        for item in items:
-            if isinstance(item, (int, float)) and not isinstance(item, bool) and not allowed.holds(item):
-                flag = "--" + name.replace("_", "-")
-                raise InvalidInputError(f"{cls.__name__}.{name} ({flag}) must be in {allowed}, got {_short(item)}")
-
-
-def _to_json(value: Any) -> Any:
-    """`value` as JSON-native data: dataclasses become dicts of all their fields, tuples become lists;
-    nothing is resolved or dropped (None stays None)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    return value
-
-
-def _describe(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _check_value(value: Any, tp: Any, where: str, *, numbers_from_text: bool) -> Any:
-    """`value` converted to field type `tp` (lists -> tuples, ints -> floats), or InvalidInputError."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in get_args(tp):
-            return None
-        errors = []
-        for arg in get_args(tp):
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, where, numbers_from_text=numbers_from_text)
-            except InvalidInputError as err:
-                errors.append(err)
-        raise errors[0] if len(errors) == 1 else InvalidInputError(
-            f"{where}: expected {_describe(tp)}, got {_short(value)}")
-    if origin is Literal:
-        # bool is an int in Python: True must not pass for a Literal[1], nor 1 for "1".
-        if any(value == choice and type(value) is type(choice) for choice in get_args(tp)):
-            return value
-        raise InvalidInputError(f"{where}: expected one of {list(get_args(tp))}, got {_short(value)}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InvalidInputError(f"{where}: expected a list, got {_short(value)}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            if len(value) > 1024:
-                raise InvalidInputError(f"{where}: list too long ({len(value)} items)")
-            return tuple(_check_value(v, args[0], f"{where}[{i}]", numbers_from_text=numbers_from_text)
-                         for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise InvalidInputError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_check_value(v, a, f"{where}[{i}]", numbers_from_text=numbers_from_text)
-                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) >= 1 << 63:  # no real setting is this large, and torch/numpy would overflow on it
-                raise InvalidInputError(f"{where}: number too large: {_short(value)}")
-            return value
-    elif tp is float:
-        if numbers_from_text and isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; recipes may write floats that way.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, int) and abs(value) > 1 << 53:
-                raise InvalidInputError(f"{where}: number too large: {_short(value)}")
-            if not math.isfinite(value):
-                raise InvalidInputError(f"{where}: expected a finite number, got {value}")
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            if len(value) > _MAX_STR or "\0" in value:
-                raise InvalidInputError(f"{where}: string too long or holding a NUL character")
-            return value
-    else:
-        raise InvalidInputError(f"{where}: unsupported field type {_describe(tp)}")
-    raise InvalidInputError(f"{where}: expected {_describe(tp)}, got {_short(value)}")
-
-
-def _short(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # a hostile __repr__ must not hide the real error
-        text = "<unprintable>"
-    text = " ".join(text.split())
-    return (text[:77] + "...") if len(text) > 80 else text
-
-
-def check_fields(cls: type, values: dict[str, Any], *, numbers_from_text: bool = False) -> dict[str, Any]:
-    """Type-check `values` against the fields of dataclass `cls`; returns them converted.
-
-    Unknown keys are errors. Lists become tuples for tuple fields and ints become floats for float
-    fields; ``numbers_from_text`` also reads strings such as ``"1e-4"`` as floats (YAML 1.1 quirk).
-
-    Raises:
-        InvalidInputError: naming the first unknown key or the first value of a wrong type.
-    """
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        raise InvalidInputError(f"unknown {cls.__name__} keys: {sorted(map(str, unknown))[:10]}; "
-                                f"known: {sorted(names)}")
-    return {k: _check_value(v, hints[k], f"{cls.__name__}.{k}", numbers_from_text=numbers_from_text)
-            for k, v in values.items()}

@@ -1,4 +1,4 @@
-"""Atomic file writes and file hashing: the one implementation every writer in the package uses.
+"""Atomic file writes, JSON writing and file hashing: the one implementation every writer in the package uses.
 
 A file is written under a hidden temporary name in its destination folder and renamed over the final
 name only once complete, so a reader (or a resumed run) sees either the old file or the whole new one,
@@ -19,7 +19,7 @@ import re
 import signal
 import stat
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -239,6 +239,55 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
             handle.flush()
             fault_point("atomic-mid-write")
             handle.write(data[len(data) // 2:])
+
+
+def json_default(obj: Any) -> Any:
+    """``default`` of `write_json`: numpy scalars and arrays as Python numbers and lists, paths as strings.
+
+    numpy is recognised by the object's module, so this module never imports it.
+
+    Raises:
+        TypeError: anything else (as ``json.dumps`` without a ``default``).
+    """
+    if type(obj).__module__ == "numpy" and callable(getattr(obj, "tolist", None)):
+        return obj.tolist()  # np.generic -> Python scalar, np.ndarray -> nested lists
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def json_bytes(obj: Any, *, default: Callable[[Any], Any] = json_default) -> bytes:
+    """The package's JSON file format: UTF-8, indent 2, non-ASCII kept as is, a trailing newline.
+
+    Args:
+        obj: A JSON-serialisable object.
+        default: How objects JSON lacks are written; by default numpy values as numbers and lists and paths as
+            strings (`json_default`); ``str`` writes anything as its text.
+
+    Raises:
+        TypeError: ``obj`` holds something `default` refuses.
+    """
+    import json
+
+    return (json.dumps(obj, indent=2, ensure_ascii=False, default=default) + "\n").encode("utf-8")
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, durable: bool = False,
+               default: Callable[[Any], Any] = json_default) -> None:
+    """Write ``obj`` as `json_bytes` to `path`, atomically (see `atomic_path`).
+
+    The one JSON file writer of the package (result JSONs, model configs, manifests, run records).
+
+    Args:
+        path: Destination file; its parent folder must exist.
+        obj: A JSON-serialisable object.
+        durable: Also flush the file and its folder entry to disk (see `atomic_path`).
+        default: As for `json_bytes`.
+
+    Raises:
+        TypeError: ``obj`` holds something `default` refuses; the old file, if any, is left untouched.
+    """
+    atomic_write_bytes(path, json_bytes(obj, default=default), durable=durable)
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<stem>.*)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)$")

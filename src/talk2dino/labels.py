@@ -26,7 +26,19 @@ from collections.abc import Sequence
 
 from talk2dino.errors import InvalidInputError, one_line
 
-__all__ = ["SPECIAL_TOKEN_TEXTS", "canonical_label", "first_same_pair", "label_text_problem", "split_labels"]
+__all__ = [
+    "BACKGROUND_NAME",
+    "SPECIAL_TOKEN_TEXTS",
+    "canonical_label",
+    "first_same_pair",
+    "label_text_problem",
+    "split_labels",
+]
+
+BACKGROUND_NAME = "background"
+"""Name of the background class: the first channel a segmenter with ``background=True`` adds, a benchmark's
+class 0, and the name the legends and JSONs show for it. A label with this canonical name is refused next to the
+background class."""
 
 SPECIAL_TOKEN_TEXTS = ("<|startoftext|>", "<|endoftext|>")
 """CLIP's special tokens: the tokenizer turns this text into the token itself, wherever it stands in a prompt."""

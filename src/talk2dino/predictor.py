@@ -4,6 +4,9 @@ The pipeline per image (method.md §4.3–4.8): resize the uint8 image with Open
 grid, run the backbone on all windows as one batch, then per window sigmoid(cos) → cleaning →
 bilinear upsampling (align_corners=True) → PAMR → background channel, stitch by averaging, resize
 to the original size (align_corners=False), softmax over channels and argmax.
+
+Around it: `talk2dino.prepare` (images made ready, cached features), `talk2dino.vocabulary` (label checks, once),
+`talk2dino.results` (the typed answer). ``background``, ``bg_threshold``, ``bg_clean``, ``pamr``: per `predict` call.
 """
 
 from __future__ import annotations
@@ -13,310 +16,48 @@ import functools
 import logging
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from talk2dino.config import InferenceConfig, check_template
-from talk2dino.data.images import as_rgb_image, resize_uint8, to_rgb_uint8
+from talk2dino.config import DEFAULT_MODEL, InferenceConfig, check_template
+from talk2dino.data.images import as_rgb_image
 from talk2dino.errors import InvalidInputError
+from talk2dino.labels import BACKGROUND_NAME
 from talk2dino.models import BackboneOutput, Talk2DINO
 from talk2dino.ops.cleaning import clean_background
 from talk2dino.ops.pamr import pamr as pamr_fast
 from talk2dino.ops.pamr import pamr_reference
 from talk2dino.ops.similarity import sigmoid_cosine
-from talk2dino.ops.sliding import resized_size, softmax_argmax, stitch, window_grid
+from talk2dino.ops.sliding import softmax_argmax, stitch
+from talk2dino.prepare import ImageFeatures, ImageLike, PreparedImage, chunk_reporter, prepare_image, resize_scores
+from talk2dino.results import SegmentationResult, describe_model
+from talk2dino.vocabulary import CheckedLabels, check_labels, refuse_same_tokens, report_truncated
 
 logger = logging.getLogger(__name__)
 
-BACKGROUND_NAME = "background"
-MAX_LABEL_CHARS = 1000
-"""Longest accepted label, in characters (CLIP keeps 77 tokens, far fewer characters than this)."""
-# Unicode categories refused in labels: controls (NUL, tab, CR, LF, ...) and line/paragraph separators.
-_BAD_LABEL_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
-ImageLike = Any  # path, PIL image, HxWx3 uint8 numpy array, [3, H, W] or [H, W, 3] tensor; see data.images.as_rgb_image
 _TEXT_CACHE_SIZE = 64
+# Deprecated keyword of predict / predict_features / predict_batch -> its InferenceConfig name.
+_RENAMED_OPTIONS = {"threshold": "bg_threshold", "clean": "bg_clean"}
+Progress = Callable[[int, int], None]
+"""``progress(image_index, windows_done)``, called by `Segmenter.embed_images` after each backbone chunk."""
 
 
-class _LazyScores:
-    """Descriptor of `SegmentationResult.scores`: a tensor, or a zero-argument function computing it once.
-
-    The predictor stores a function (the final resize of ``stitched``), so that a caller who never reads
-    ``scores`` never allocates the full-resolution ``[C, H, W]`` maps; the first read computes and keeps them.
-    Assigning a tensor stores it as is.
-    """
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._slot = f"_{name}_value"
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> torch.Tensor:
-        if obj is None:
-            # No class-level default: dataclasses then treat `scores` as a required field.
-            raise AttributeError("scores")
-        value = obj.__dict__[self._slot]
-        if callable(value):
-            value = value()
-            obj.__dict__[self._slot] = value
-        return value
-
-    def __set__(self, obj: Any, value: torch.Tensor | Callable[[], torch.Tensor]) -> None:
-        obj.__dict__[self._slot] = value
-
-
-@dataclass(init=False)
-class SegmentationResult:
-    """The answer for one image.
-
-    Attributes:
-        labels: ``[H, W]`` int64 label map at the original image size. With a background channel,
-            0 is background and n + 1 is ``class_names[n + 1]``; otherwise n is ``class_names[n]``.
-        scores: ``[C, H, W]`` float32 stitched per-channel scores resized to the image, before the
-            softmax (sigmoid units; channel ``background_index`` is the constant threshold). On CPU they
-            are computed from ``stitched`` on first access (the same resize, bit for bit) and then kept;
-            a tensor or a zero-argument function returning one may be passed.
-        class_names: C names, ``"background"`` first when a background channel is used.
-        background_index: 0 with a background channel, else None.
-        config: the effective inference settings.
-        timings: seconds per stage of this prediction.
-        stitched: ``[C, H', W']`` float32 window average at the resized (processing) size, before the
-            final resize (method.md §4.8 step 1).
-        model_info: ``{"name", "profile", "weights"}`` of the model that made it (set by `Segmenter`;
-            None for a result built by hand). Written into :meth:`save`'s JSON.
-
-    Helpers: :meth:`shares` (pixels per class), :meth:`summary` (the CLI's JSON fields), :meth:`overlay`
-    (class colours over the image, a PIL image) and :meth:`save` (the CLI's files).
-    """
-
-    labels: torch.Tensor
-    class_names: list[str]
-    background_index: int | None
-    config: InferenceConfig
-    timings: dict[str, float] = field(default_factory=dict)
-    stitched: torch.Tensor | None = None
-    model_info: dict[str, Any] | None = None
-    # Last among the fields only so that its descriptor may stand where a default would; the constructor
-    # below keeps the original argument order (labels, scores, class_names, ...).
-    scores: _LazyScores = _LazyScores()
-
-    def __init__(self, labels: torch.Tensor, scores: torch.Tensor | Callable[[], torch.Tensor],
-                 class_names: list[str], background_index: int | None, config: InferenceConfig,
-                 timings: dict[str, float] | None = None, stitched: torch.Tensor | None = None,
-                 model_info: dict[str, Any] | None = None) -> None:
-        self.labels = labels
-        self.scores = scores
-        self.class_names = class_names
-        self.background_index = background_index
-        self.config = config
-        self.timings = {} if timings is None else timings
-        self.stitched = stitched
-        self.model_info = model_info
-
-    def shares(self) -> list[dict[str, Any]]:
-        """Per channel: index, name, pixel count and share of the image (shares sum to 1)."""
-        counts = torch.bincount(self.labels.flatten(), minlength=len(self.class_names)).tolist()
-        total = max(int(self.labels.numel()), 1)
-        return [
-            {"index": i, "name": n, "pixels": int(c), "share": round(c / total, 6)}
-            for i, (n, c) in enumerate(zip(self.class_names, counts, strict=True))
-        ]
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready description, the fields of the CLI's ``<stem>.json`` after ``image`` and ``files``:
-        size, labels with pixel shares, background index, effective settings, model and timings."""
-        return {
-            "size": list(self.labels.shape),
-            "labels": self.shares(),
-            "background_index": self.background_index,
-            "settings": self.config.effective_dict(),
-            "model": self.model_info,
-            "timings": {k: round(v, 6) for k, v in self.timings.items()},
-        }
-
-    def overlay(self, image: ImageLike, *, alpha: float | None = None) -> Image.Image:
-        """The class colours blended over `image`, as the CLI's ``<stem>_overlay.png`` (`outputs.overlay`).
-
-        Args:
-            image: the segmented image, in any form `Segmenter.set_image` accepts (a path included); it
-                must have the size of ``labels``.
-            alpha: weight of the class colour in [0, 1] (None: `outputs.DEFAULT_OVERLAY_ALPHA`, the CLI's 0.5).
-                Background pixels keep the image's colour.
-
-        Returns:
-            An RGB PIL image of the image's size.
-
-        Raises:
-            InvalidInputError: an unreadable image, a size other than the labels', alpha outside [0, 1].
-        """
-        from talk2dino import outputs
-
-        blended = outputs.overlay(as_rgb_image(image), self.labels.numpy(), len(self.class_names),
-                                  alpha=outputs.DEFAULT_OVERLAY_ALPHA if alpha is None else alpha,
-                                  background_index=self.background_index)
-        return Image.fromarray(blended)
-
-    def save(self, directory: str | os.PathLike[str], *, stem: str | None = None, image: ImageLike | None = None,
-             alpha: float | None = None, scores: bool = False, heatmaps: bool = False) -> dict[str, Path]:
-        """Write the files ``talk2dino segment`` writes for one image, with the CLI's own writer.
-
-        Files in `directory` (created if missing), exactly as the CLI names and writes them:
-        ``<stem>_labels.png`` (palette PNG whose pixel values are class indices) and the CLI's other per-image
-        pictures, ``<stem>_overlay.png`` when `image` is given, ``<stem>_scores.npz`` with `scores`,
-        ``<stem>_heatmaps.png`` with `heatmaps`, and ``<stem>.json``: ``image`` (the path when `image` is one,
-        else ``""``), ``files`` (kind -> file name), then :meth:`summary`.
-
-        Args:
-            directory: output folder.
-            stem: file name stem; None: the stem of `image` when it is a path, else ``"segmentation"``.
-            image: the segmented image (any `Segmenter.set_image` form), for the overlay; None: no overlay.
-            alpha: overlay colour weight in [0, 1] (None: the CLI's default, 0.5).
-            scores: also write the ``[C, H, W]`` scores as float16 ``.npz`` (the CLI's ``--save-scores``).
-            heatmaps: also write the per-class score maps picture (the CLI's ``--save-heatmaps``).
-
-        Returns:
-            The written paths by kind (``labels``, ``overlay``, ``scores``, ... as listed in the JSON's
-            ``files``), plus ``json``.
-
-        Raises:
-            InvalidInputError: a stem that is empty or holds a path separator, a bad `image` or `alpha`;
-                both are checked before any file is written.
-        """
-        import json
-
-        from talk2dino import outputs
-
-        path = image if isinstance(image, (str, os.PathLike)) else None
-        if stem is None:
-            stem = Path(path).stem if path is not None else "segmentation"
-        if not stem or stem in (".", "..") or any(sep in stem for sep in ("/", "\\", os.sep)):
-            raise InvalidInputError(f"stem {stem!r} must be a plain file name stem, without a folder")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise InvalidInputError(f"overlay alpha must be in [0, 1]; got {alpha}")
-        rgb = None if image is None else as_rgb_image(image)
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        # The CLI's own writer: the same files, by construction.
-        outputs.write_result_files(out, stem, path, rgb, self, self.summary(),
-                       save_scores=scores, overlay=rgb is not None,
-                       alpha=outputs.DEFAULT_OVERLAY_ALPHA if alpha is None else alpha, save_heatmaps=heatmaps)
-        json_path = out / f"{stem}.json"
-        files = json.loads(json_path.read_text(encoding="utf-8"))["files"]
-        return {**{kind: out / name for kind, name in files.items()}, "json": json_path}
-
-
-@dataclass
-class ImageFeatures:
-    """What `Segmenter.set_image` caches: geometry, PAMR guides and backbone outputs of every window.
-
-    Attributes:
-        original_size: ``(h, w)`` of the input image.
-        resized_size: ``(H, W)`` after the resize rule (method.md §4.3 step 2).
-        boxes: ``(y1, y2, x1, x2)`` per window, in resized pixels, row-major.
-        guides: ``[n, 3, wh, ww]`` float32 RGB in [0, 255], the windows before normalisation (PAMR guide).
-        output: the backbone output of the n windows (``attn_logits [n, M, P]`` etc.).
-    """
-
-    original_size: tuple[int, int]
-    resized_size: tuple[int, int]
-    boxes: list[tuple[int, int, int, int]]
-    guides: torch.Tensor
-    output: BackboneOutput
-
-    def dense_features(self) -> torch.Tensor:
-        """``[n, h, w, D]`` raw patch tokens per window, for users who want text-aligned maps."""
-        n, _, d = self.output.patch_tokens.shape
-        return self.output.patch_tokens.reshape(n, *self.output.grid, d)
-
-    @torch.inference_mode()
-    def attention_maps(self) -> torch.Tensor:
-        """Per-head CLS->patch attention of the last block over the resized image, for pictures.
-
-        Per window: softmax of ``output.attn_logits`` over its P patches (CLS and registers left out, so
-        each map sums to 1 over the window), reshaped to the patch grid, upsampled bilinearly to the
-        window (``align_corners=True``, as the scores, method.md §4.4) and averaged over overlapping
-        windows with the same stitching as the scores (method.md §4.8 step 1).
-
-        Returns:
-            ``[M, H', W']`` float32 on CPU, at the resized (processing) size ``resized_size``;
-            probabilities in [0, 1], not renormalised after stitching.
-        """
-        logits = self.output.attn_logits.float()  # [n, M, P]
-        n_windows, heads, _ = logits.shape
-        maps = torch.softmax(logits, dim=-1).view(n_windows, heads, *self.output.grid)
-        maps = F.interpolate(maps, size=tuple(self.guides.shape[-2:]), mode="bilinear", align_corners=True)
-        return stitch(maps, self.boxes, *self.resized_size).cpu()
-
-
-@dataclass
-class PreparedImage:
-    """An image decoded, resized and cut into windows: the host-side half of `Segmenter.embed_images`.
-
-    Made by :func:`prepare_image` (a plain function of the image and the settings, so DataLoader workers
-    can make these in other processes while the device runs the backbone); `pin_memory` lets a CUDA
-    DataLoader page-lock the windows for an asynchronous copy.
-
-    Attributes:
-        rgb: ``[H, W, 3]`` uint8 RGB, the image as given (outputs are written at this size).
-        resized_size: ``(H', W')`` processing size (method.md §4.3).
-        boxes: window boxes ``(y1, y2, x1, x2)`` on the resized image.
-        guides: ``[n, 3, wh, ww]`` float32 RGB in [0, 255], the windows (backbone input and PAMR guide).
-    """
-
-    rgb: np.ndarray
-    resized_size: tuple[int, int]
-    boxes: list[tuple[int, int, int, int]]
-    guides: torch.Tensor
-
-    def pin_memory(self) -> PreparedImage:
-        """The same image with its windows in page-locked memory (called by DataLoader ``pin_memory``)."""
-        return dataclasses.replace(self, guides=self.guides.pin_memory())
-
-
-def prepare_image(image: ImageLike, config: InferenceConfig) -> PreparedImage:
-    """Convert, resize (uint8, OpenCV; method.md §4.3) and cut the window grid of one image.
-
-    Args:
-        image: a PIL image, ``[H, W, 3]``/``[H, W]`` array or ``[3, H, W]`` tensor (see `to_rgb_uint8`).
-        config: supplies ``short_side``, ``max_long_side``, ``window`` and ``stride``.
-
-    Raises:
-        InvalidInputError: an image that cannot be converted (naming the problem).
-    """
-    rgb = to_rgb_uint8(image)
-    h, w = rgb.shape[:2]
-    rh, rw = resized_size(h, w, short_side=config.short_side, max_long_side=config.max_long_side)
-    resized = resize_uint8(rgb, rh, rw)
-    boxes = window_grid(rh, rw, window=config.window, stride=config.stride)
-    # Cast to float only after the uint8 resize (method.md §4.3 step 2).
-    full = torch.from_numpy(resized).permute(2, 0, 1).to(torch.float32)
-    guides = torch.stack([full[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
-    return PreparedImage(rgb=rgb, resized_size=(rh, rw), boxes=boxes, guides=guides)
-
-
-def _resize_scores(stitched: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[C, H', W']`` stitched scores -> ``[C, h, w]`` at the original size: bilinear, align_corners=False
-    (method.md §4.8 step 3)."""
-    return F.interpolate(stitched[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
-def _chunk_reporter(progress: Callable[[int, int], None], owners: list[int]) -> Callable[[int], None]:
-    """``count`` windows done -> ``progress(image, windows)`` per image they belong to (`owners`: window -> image)."""
-    position = 0
-
-    def report(count: int) -> None:
-        nonlocal position
-        done = owners[position:position + count]
-        position += count
-        for image in dict.fromkeys(done):
-            progress(image, done.count(image))
-
-    return report
+def _renamed(old: str, value: Any, new_value: Any, stacklevel: int = 3) -> Any:
+    """`new_value`, or the deprecated spelling's `value` with a DeprecationWarning; TypeError if both are given."""
+    if value is None:
+        return new_value
+    new = _RENAMED_OPTIONS[old]
+    if new_value is not None:
+        raise TypeError(f"give {new}= only ({old}= is its deprecated spelling)")
+    warnings.warn(f"{old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=stacklevel)
+    return value
 
 
 class Segmenter:
@@ -324,9 +65,9 @@ class Segmenter:
 
     Example:
         >>> seg = Segmenter.from_pretrained("talk2dino-vitb14-reg")
-        >>> seg.set_classes(["cat", "sofa", "window"], background=True)
+        >>> seg.set_classes(["cat", "sofa", "window"])
         >>> seg.set_image(pil_image)
-        >>> result = seg.predict()
+        >>> result = seg.predict(background=True)
     """
 
     def __init__(self, model: Talk2DINO, config: InferenceConfig | None = None, *, reference: bool = False) -> None:
@@ -343,12 +84,12 @@ class Segmenter:
         self.reference = reference
         self._check_window(self.config)
         self._text_cache: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
-        self._classes: list[str] | None = None
+        self._classes: CheckedLabels | None = None
         self._class_embeddings: torch.Tensor | None = None
         self._features: ImageFeatures | None = None
 
     @classmethod
-    def from_pretrained(cls, name: str | None = "talk2dino-vitb14-reg", *, pretrained: bool = True,
+    def from_pretrained(cls, name: str | None = DEFAULT_MODEL, *, pretrained: bool = True,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         cache_dir: str | os.PathLike[str] | None = None, backbone: str | None = None,
                         text_encoder: str | None = None, projection: str | None = None,
@@ -366,7 +107,7 @@ class Segmenter:
             TypeError: an override that is not an `InferenceConfig` field.
             WeightsError, ValueError: as `create_model`.
         """
-        from talk2dino.registry import create_model
+        from talk2dino.factory import create_model
 
         known = {f.name for f in dataclasses.fields(InferenceConfig)}
         unknown = sorted(set(overrides) - known)
@@ -378,79 +119,21 @@ class Segmenter:
         return cls(model, dataclasses.replace(model.config.inference, **overrides))
 
     def _check_window(self, config: InferenceConfig) -> None:
-        patch = self.model.backbone.patch_size
-        if config.window % patch:
+        if config.window % (patch := self.model.backbone.patch_size):
             raise ValueError(f"window {config.window} is not a multiple of the backbone patch size {patch}")
 
     # ------------------------------------------------------------------ text side
     @staticmethod
-    def check_labels(names: Sequence[str], *, background: bool) -> list[str]:
-        """Validate a vocabulary; names are kept verbatim (method.md §4.2, P25).
+    def check_labels(names: Sequence[str], *, background: bool = False) -> CheckedLabels:
+        """Validate a vocabulary once (`talk2dino.vocabulary.check_labels`); names are kept verbatim.
+
+        The result may be given to `set_classes`, which then does not check it again.
 
         Raises:
-            InvalidInputError: empty vocabulary, a non-string, empty or whitespace-only label, a label longer
-                than :data:`MAX_LABEL_CHARS` or holding a control character or line break (NUL, tab, CR, LF,
-                U+2028 ...), text that is not text (a lone surrogate, U+FFFD) or CLIP's special token text, a
-                duplicate, two labels the text encoder cannot tell apart (the same after Unicode NFC, whitespace
-                collapsing and lower-casing: `talk2dino.labels.canonical_label`), or 'background' while the
-                background channel is on. The message is one line and quotes the label (escaped and shortened).
+            InvalidInputError: one line naming the first bad label (see `talk2dino.vocabulary.check_labels`), or
+                a label named 'background' while `background` is on.
         """
-        import unicodedata
-
-        from talk2dino.errors import one_line
-        from talk2dino.labels import canonical_label, label_text_problem
-
-        if isinstance(names, str):
-            raise InvalidInputError("labels must be a list of strings, not one string; split it first")
-        names = list(names)
-        if not names:
-            raise InvalidInputError("no labels given")
-        seen: set[str] = set()
-        same: dict[str, int] = {}  # canonical form -> 1-based index of its first label
-        for index, name in enumerate(names, start=1):
-            if not isinstance(name, str):
-                raise InvalidInputError(f"label {index} ({one_line(repr(name))}) is not a string")
-            shown = one_line(repr(name))
-            # Format characters (zero-width space, byte-order mark ...) are invisible: a label of only those
-            # and whitespace names nothing.
-            if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in name):
-                raise InvalidInputError(f"label {index} {shown} is empty or only whitespace")
-            if len(name) > MAX_LABEL_CHARS:
-                # The text encoder keeps 77 tokens anyway; a huge label only costs tokenizer time and memory.
-                raise InvalidInputError(
-                    f"label {index} {shown} is {len(name):,} characters long; the limit is {MAX_LABEL_CHARS:,}"
-                )
-            # A control character or line break in a label is a parsing mistake upstream (a binary file, a
-            # missed split), never a class name; refuse it instead of embedding garbage.
-            bad = next((ch for ch in name if unicodedata.category(ch) in _BAD_LABEL_CATEGORIES), None)
-            if bad is not None:
-                raise InvalidInputError(
-                    f"label {index} {shown} contains the control character U+{ord(bad):04X}; remove it"
-                )
-            problem = label_text_problem(name)
-            if problem is not None:
-                raise InvalidInputError(f"label {index} {shown} {problem}")
-            if name in seen:
-                raise InvalidInputError(f"duplicate label {shown} (label {index})")
-            canonical = canonical_label(name)
-            if background and canonical == BACKGROUND_NAME:
-                raise InvalidInputError(
-                    "label 'background' clashes with the background channel; remove it or turn background off"
-                )
-            if canonical in same:
-                # The CLIP tokenizer normalises exactly this away: both labels get bit-identical embeddings and
-                # the later one could never win a pixel (issue 14).
-                first = same[canonical]
-                # Labels that differ only in Unicode normalisation (NFC/NFD) print alike: show their code points.
-                alike = unicodedata.normalize("NFC", names[first - 1]) == unicodedata.normalize("NFC", name)
-                quote = ascii if alike else repr
-                raise InvalidInputError(
-                    f"labels {first} {one_line(quote(names[first - 1]), 60)} and {index} "
-                    f"{one_line(quote(name), 60)} are the same label to the text encoder (it ignores case, "
-                    "repeated spaces and Unicode normalisation); keep one of them")
-            seen.add(name)
-            same[canonical] = index
-        return names
+        return check_labels(names, background=background)
 
     def class_embeddings(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """Unit class embeddings ``[N, D]`` float32, cached per (names, templates, text weights)."""
@@ -468,82 +151,29 @@ class Segmenter:
             return cached
         from talk2dino.models.text_encoder import collect_truncations
 
-        self._refuse_same_tokens(names, templates)
+        refuse_same_tokens(self.model.text_encoder, names, templates)
         with collect_truncations() as cut:
             embeddings = self.model.embed_classes(names, templates, pad_to_context=self.reference)
-        self._report_truncated(names, templates, cut)
+        report_truncated(names, templates, cut,
+                         context_length=getattr(self.model.text_encoder, "context_length", 77))
         self._text_cache[key] = embeddings
         while len(self._text_cache) > _TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return embeddings
 
-    def _refuse_same_tokens(self, names: Sequence[str], templates: Sequence[str]) -> None:
-        """Refuse two labels whose prompts are the same tokens in every template, up to the end-of-text token.
-
-        Their embeddings would be bit-identical and the later label could never win a pixel (issue 14).
-        `check_labels` already refuses what the tokenizer's normaliser merges (case, whitespace, NFC); this is
-        the exact test behind it: punctuation splitting (``cat.`` and ``cat .``), and labels that only differ
-        after the context's last token (the prompt is cut there).
-
-        Raises:
-            InvalidInputError: one line naming both labels.
-        """
-        encoder = self.model.text_encoder
-        if len(names) < 2 or not callable(getattr(encoder, "tokenize", None)):
-            return
-        from talk2dino.errors import one_line
-        from talk2dino.models.text_encoder import collect_truncations
-
-        prompts = [t.format(name) for name in names for t in templates]
-        with collect_truncations():  # cut prompts are reported once, by the embedding that follows
-            ids, mask = encoder.tokenize(prompts)
-        eot = getattr(encoder, "eot_id", None)
-        context = getattr(encoder, "context_length", None)
-        rows = [row[:int(n)] for row, n in zip(ids.tolist(), mask.sum(dim=1).tolist(), strict=True)]
-        if eot is not None:
-            # CLIP pools the first end-of-text token under causal attention: whatever follows it is never seen.
-            rows = [row[:row.index(eot) + 1] if eot in row else row for row in rows]
-        first_of: dict[tuple[tuple[int, ...], ...], int] = {}
-        count = len(templates)
-        for index in range(len(names)):
-            key = tuple(tuple(row) for row in rows[index * count:(index + 1) * count])
-            first = first_of.setdefault(key, index)
-            if first != index:
-                cut = context is not None and any(len(row) >= context for row in key)
-                why = (f"their prompts are cut at the {context}-token context" if cut
-                       else "the tokenizer splits their punctuation and spacing the same way")
-                raise InvalidInputError(
-                    f"labels {first + 1} {one_line(repr(names[first]), 60)} and {index + 1} "
-                    f"{one_line(repr(names[index]), 60)} are the same tokens to the text encoder ({why}), so they "
-                    "would get identical embeddings; keep one of them or make them differ earlier")
-
-    def _report_truncated(self, names: Sequence[str], templates: Sequence[str], cut: list[tuple[str, int]]) -> None:
-        """One warning line per label whose prompts were cut to the text encoder's context (not one per prompt)."""
-        if not cut:
-            return
-        from talk2dino.errors import one_line
-
-        label_of = {t.format(name): (index, name) for index, name in enumerate(names, start=1) for t in templates}
-        by_label: dict[tuple[int, str], list[int]] = {}
-        for prompt, tokens in cut:
-            by_label.setdefault(label_of.get(prompt, (0, prompt)), []).append(tokens)
-        context = getattr(self.model.text_encoder, "context_length", 77)
-        for (index, name), lengths in by_label.items():
-            shown = one_line(repr(name), 60)
-            what = f"label {index} {shown}" if index else f"prompt {shown}"
-            logger.warning("%s is too long for the text encoder: %d of %d prompts have up to %d tokens and were "
-                           "cut to %d (the end of the label is ignored)", what, len(lengths), len(templates),
-                           max(lengths), context)
-
-    def set_classes(self, names: Sequence[str], *, background: bool | None = None, threshold: float | None = None,
-                    templates: Sequence[str] | None = None) -> None:
-        """Set the vocabulary (and optionally the background channel and threshold).
+    def set_classes(self, names: Sequence[str], templates: Sequence[str] | None = None, *,
+                    background: bool | None = None, threshold: float | None = None) -> None:
+        """Set the vocabulary: the labels and their prompt templates. Nothing else.
 
         Args:
-            names: class names, used verbatim.
-            background: add the constant threshold channel as class 0 (None keeps the current setting).
-            threshold: background threshold θ (None keeps the current setting).
+            names: class names, used verbatim (a `CheckedLabels` from `check_labels` is not checked again).
             templates: prompt templates (None: the model's 7 templates).
+            background, threshold: deprecated (a DeprecationWarning): they change this segmenter's default
+                ``background`` / ``bg_threshold`` for later calls. Pass ``background=`` / ``bg_threshold=`` to
+                `predict` instead.
+
+        Raises:
+            InvalidInputError: a bad label or template (one line naming it).
         """
         changes: dict[str, Any] = {}
         if background is not None:
@@ -551,12 +181,17 @@ class Segmenter:
         if threshold is not None:
             changes["bg_threshold"] = threshold
         if changes:
+            warnings.warn("set_classes(background=, threshold=) is deprecated and changes the segmenter's defaults; "
+                          "pass background= / bg_threshold= to predict, predict_features or predict_batch",
+                          DeprecationWarning, stacklevel=2)
             config = dataclasses.replace(self.config, **changes)
             config.validate()
             self.config = config
-        names = self.check_labels(names, background=self.config.background)
-        self._class_embeddings = self.class_embeddings(names, templates)
-        self._classes = names
+        # With the deprecated background=True a label named 'background' is refused now, as before; otherwise
+        # when a call turns the background channel on.
+        checked = check_labels(names, background=bool(background))
+        self._class_embeddings = self.class_embeddings(checked, templates)
+        self._classes = checked
 
     # ------------------------------------------------------------------ image side
     def prepare(self, image: ImageLike | PreparedImage) -> PreparedImage:
@@ -603,24 +238,11 @@ class Segmenter:
             grid=outs[0].grid,
         )
 
-    def embed_images(self, images: Sequence[ImageLike | PreparedImage], *,
-                     progress: Callable[[int, int], None] | None = None) -> list[ImageFeatures]:
-        """Embed several images, batching the windows of all of them through the backbone.
-
-        Args:
-            images: images in any form `to_rgb_uint8` accepts, or `PreparedImage`s made with the same
-                settings (e.g. by DataLoader workers).
-            progress: called as ``progress(image_index, windows)`` after each backbone chunk (of
-                ``window_batch_size`` windows), once per image whose windows the chunk held, with how many
-                of that image's windows it finished; an image's calls add up to its window count. For
-                progress bars: the backbone runs all windows of the batch in one call.
-
-        Returns:
-            One `ImageFeatures` per image, in order.
-        """
-        prepared = [self.prepare(image) for image in images]
+    def _embed_prepared(self, prepared: list[PreparedImage], progress: Progress | None) -> list[ImageFeatures]:
+        """Backbone over the windows of all `prepared` images, batched by window size (one call per size)."""
         if not prepared:
             return []
+        started = time.perf_counter()
         # Windows of different images can be batched only when they have the same size.
         by_size: dict[tuple[int, int], list[int]] = {}
         for idx, item in enumerate(prepared):
@@ -628,7 +250,7 @@ class Segmenter:
         outputs: dict[int, BackboneOutput] = {}
         for indices in by_size.values():
             stacked = torch.cat([prepared[i].guides for i in indices])
-            on_chunk = None if progress is None else _chunk_reporter(
+            on_chunk = None if progress is None else chunk_reporter(
                 progress, [i for i in indices for _ in range(prepared[i].guides.shape[0])])
             out = self._run_backbone(self._backbone_inputs(stacked), on_chunk)
             start = 0
@@ -638,11 +260,60 @@ class Segmenter:
                 outputs[i] = BackboneOutput(out.patch_tokens[sl], out.cls_token[sl], out.register_tokens[sl],
                                             out.attn_logits[sl], out.grid)
                 start += n
+        seconds = time.perf_counter() - started
+        windows = sum(int(item.guides.shape[0]) for item in prepared)
         return [
             ImageFeatures(original_size=item.rgb.shape[:2], resized_size=item.resized_size, boxes=item.boxes,
-                          guides=item.guides.to(self.model.device, non_blocking=True), output=outputs[i])
+                          guides=item.guides.to(self.model.device, non_blocking=True), output=outputs[i],
+                          embed_seconds=seconds * int(item.guides.shape[0]) / windows)
             for i, item in enumerate(prepared)
         ]
+
+    @overload
+    def embed_images(self, images: Sequence[ImageLike | PreparedImage], *, progress: Progress | None = None,
+                     isolate_failures: Literal[False] = False) -> list[ImageFeatures]: ...
+    @overload
+    def embed_images(self, images: Sequence[ImageLike | PreparedImage], *, progress: Progress | None = None,
+                     isolate_failures: Literal[True]) -> list[ImageFeatures | InvalidInputError]: ...
+
+    def embed_images(self, images: Sequence[ImageLike | PreparedImage], *, progress: Progress | None = None,
+                     isolate_failures: bool = False) -> list[ImageFeatures] | list[ImageFeatures | InvalidInputError]:
+        """Embed several images, batching the windows of all of them through the backbone.
+
+        Args:
+            images: images in any form `to_rgb_uint8` accepts, or `PreparedImage`s made with the same
+                settings (e.g. by DataLoader workers).
+            progress: called as ``progress(image_index, windows)`` after each backbone chunk (of
+                ``window_batch_size`` windows), once per image whose windows the chunk held, with how many
+                of that image's windows it finished; an image's calls add up to its window count (more when a
+                failed batch is retried image by image). For progress bars: the backbone runs all windows of
+                the batch in one call.
+            isolate_failures: on an `InvalidInputError` (a bad image), embed the images one by one and return
+                that error in place of the features of each image that has one, instead of raising: one bad
+                image does not cost the others. The CLI, the server and evaluation use this.
+
+        Returns:
+            One `ImageFeatures` per image, in order (with `isolate_failures`, an `InvalidInputError` in place
+            of each image that could not be embedded).
+
+        Raises:
+            InvalidInputError: an image that cannot be converted (without `isolate_failures`).
+        """
+        if not isolate_failures:
+            return self._embed_prepared([self.prepare(image) for image in images], progress)
+        try:
+            return list(self._embed_prepared([self.prepare(image) for image in images], progress))
+        except InvalidInputError as err:  # one image's fault: find which, keep the others
+            logger.debug("batch embedding failed (%s); retrying the %d images one by one", err, len(images))
+        results: list[ImageFeatures | InvalidInputError] = []
+        for index, image in enumerate(images):
+            on_windows = None if progress is None else functools.partial(
+                lambda _image, count, index: progress(index, count), index=index)
+            try:
+                results.append(self._embed_prepared([self.prepare(image)], on_windows)[0])
+            except InvalidInputError as one:
+                results.append(one)
+        return results
 
     def set_image(self, image: ImageLike) -> ImageFeatures:
         """Embed one image (resize, windows, backbone) and cache the result for `predict`.
@@ -665,8 +336,16 @@ class Segmenter:
         self._features = None
 
     # ------------------------------------------------------------------ prediction
-    def _options(self, overrides: dict[str, Any]) -> InferenceConfig:
-        changes = {k: v for k, v in overrides.items() if v is not None}
+    def options(self, *, background: bool | None = None, bg_threshold: float | None = None,
+                bg_clean: bool | None = None, pamr: bool | None = None) -> InferenceConfig:
+        """The effective settings of one call: this segmenter's config with the given options replaced.
+
+        Raises:
+            ValueError: an option out of range (e.g. a threshold outside [0, 1]).
+        """
+        given: dict[str, Any] = {"background": background, "bg_threshold": bg_threshold, "bg_clean": bg_clean,
+                                 "pamr": pamr}
+        changes = {key: value for key, value in given.items() if value is not None}
         if not changes:
             return self.config
         config = dataclasses.replace(self.config, **changes)
@@ -674,19 +353,32 @@ class Segmenter:
         return config
 
     @torch.inference_mode()
-    def predict_features(self, features: ImageFeatures, *, pamr: bool | None = None, clean: bool | None = None,
-                         background: bool | None = None, threshold: float | None = None) -> SegmentationResult:
+    def predict_features(self, features: ImageFeatures, *, background: bool | None = None,
+                         bg_threshold: float | None = None, bg_clean: bool | None = None, pamr: bool | None = None,
+                         threshold: float | None = None, clean: bool | None = None) -> SegmentationResult:
         """Segment from cached image features with the current vocabulary.
 
         Args:
             features: from `set_image` or `embed_images`.
-            pamr, clean, background, threshold: per-call overrides of the inference settings.
+            background: prepend the constant threshold channel as class 0 (method.md §4.6).
+            bg_threshold: the background threshold θ.
+            bg_clean: background cleaning (method.md §4.5); None follows `background`.
+            pamr: PAMR refinement (method.md §4.7).
+            threshold, clean: deprecated spellings of `bg_threshold` and `bg_clean` (a DeprecationWarning).
+
+        Every option left None takes the segmenter's `config` value. Nothing is kept between calls.
+
+        Raises:
+            InvalidInputError: no vocabulary set, or a label named 'background' with the background channel on.
+            ValueError: an option out of range.
         """
-        if self._classes is None or self._class_embeddings is None:
+        classes, embeddings = self._classes, self._class_embeddings
+        if classes is None or embeddings is None:
             raise InvalidInputError("no labels set; call set_classes first")
-        cfg = self._options({"pamr": pamr, "bg_clean": clean, "background": background, "bg_threshold": threshold})
-        if cfg.background and any(n.strip().lower() == BACKGROUND_NAME for n in self._classes):
-            raise InvalidInputError("label 'background' clashes with the background channel")
+        # stacklevel 4: past the inference_mode wrapper, to the caller.
+        cfg = self.options(background=background, bg_threshold=_renamed("threshold", threshold, bg_threshold, 4),
+                           bg_clean=_renamed("clean", clean, bg_clean, 4), pamr=pamr)
+        classes.check_background(cfg.background)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -699,7 +391,7 @@ class Segmenter:
             clock = now
 
         out = features.output
-        text = self._class_embeddings
+        text = embeddings
         n_windows, num_classes = out.patch_tokens.shape[0], text.shape[0]
         wh, ww = features.guides.shape[-2:]
         scores = sigmoid_cosine(out.patch_tokens, text)  # [n, N, P], method.md §4.4 step 5
@@ -708,7 +400,7 @@ class Segmenter:
                                       head_embedding=cfg.clean_head_embedding)
         lap("scores")
         grid = scores.view(n_windows, num_classes, *out.grid)
-        names = list(self._classes)
+        names = list(classes)
         background_index = None
         if cfg.background:
             names = [BACKGROUND_NAME, *names]
@@ -743,7 +435,7 @@ class Segmenter:
             stitched = stitch(refined_windows(), features.boxes, *features.resized_size,
                               prepend=cfg.bg_threshold if cfg.background else None)
         lap("stitch")
-        final = _resize_scores(stitched, features.original_size)
+        final = resize_scores(stitched, features.original_size)
         scores_out: torch.Tensor | Callable[[], torch.Tensor]
         if final.device.type == "cpu" and not self.reference:
             # Same labels as the softmax + argmax below (ties to the lowest index after the fp32
@@ -753,7 +445,7 @@ class Segmenter:
             # from `stitched` with the same resize (bit for bit), so callers that only want labels
             # never hold the [C, H, W] maps.
             del final
-            scores_out = functools.partial(_resize_scores, stitched, features.original_size)
+            scores_out = functools.partial(resize_scores, stitched, features.original_size)
         else:
             # The softmax turns 1-ulp differences into exact ties that argmax resolves to the lowest
             # index, as the reference does (method.md §4.8 step 4).
@@ -762,17 +454,24 @@ class Segmenter:
         lap("resize_argmax")
         return SegmentationResult(labels=labels.cpu(), scores=scores_out, class_names=names,
                                   background_index=background_index, config=cfg, timings=timings,
-                                  stitched=stitched.cpu(), model_info=self._model_info())
+                                  stitched=stitched.cpu(), model_info=describe_model(self.model))
 
-    def predict(self, *, pamr: bool | None = None, clean: bool | None = None, background: bool | None = None,
-                threshold: float | None = None) -> SegmentationResult:
-        """Segment the image of the last `set_image` with the vocabulary of the last `set_classes`."""
+    def predict(self, *, background: bool | None = None, bg_threshold: float | None = None,
+                bg_clean: bool | None = None, pamr: bool | None = None, threshold: float | None = None,
+                clean: bool | None = None) -> SegmentationResult:
+        """Segment the image of the last `set_image` with the vocabulary of the last `set_classes`.
+
+        Options as in `predict_features`.
+        """
         if self._features is None:
             raise InvalidInputError("no image set; call set_image first")
-        return self.predict_features(self._features, pamr=pamr, clean=clean, background=background,
-                                     threshold=threshold)
+        return self.predict_features(self._features, background=background, pamr=pamr,
+                                     bg_threshold=_renamed("threshold", threshold, bg_threshold),
+                                     bg_clean=_renamed("clean", clean, bg_clean))
 
-    def predict_batch(self, images: Sequence[ImageLike], **options: Any) -> list[SegmentationResult]:
+    def predict_batch(self, images: Sequence[ImageLike], *, background: bool | None = None,
+                      bg_threshold: float | None = None, bg_clean: bool | None = None, pamr: bool | None = None,
+                      threshold: float | None = None, clean: bool | None = None) -> list[SegmentationResult]:
         """Throughput path: windows of all `images` share backbone batches; one result per image.
 
         `images` is a list (or other sequence) of images in any form `set_image` accepts, paths included; a
@@ -786,25 +485,12 @@ class Segmenter:
                 isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim != 4):
             raise InvalidInputError("predict_batch takes a sequence of images (a list, or a 4-D batch); "
                                     "for one image use set_image and predict, or pass [image]")
-        return [self.predict_features(f, **options) for f in self.embed_images(images)]
-
-    def _model_info(self) -> dict[str, Any]:
-        info = {"name": self.model.config.name, "profile": self.model.config.profile,
-                "weights": self.model.weights_info}
-        overridden = self.model.weights_info.get("overridden")
-        if overridden:
-            # `name` stays short ("composed", or the registry name whose parts were replaced); this says which
-            # parts the model is made of.
-            cfg = self.model.config
-            parts = {"backbone": cfg.backbone.source, "text": cfg.text.source, "projection": cfg.projection.source}
-            described = ", ".join(f"{part}={parts[part]}" for part in parts if part in overridden)
-            info["description"] = (f"composed: {described}" if cfg.name == "composed"
-                                   else f"{cfg.name} with {described}")
-            info["parts"] = {part: {"source": source, "overridden": part in overridden}
-                             for part, source in parts.items()}
-        return info
+        bg_threshold = _renamed("threshold", threshold, bg_threshold)
+        bg_clean = _renamed("clean", clean, bg_clean)
+        return [self.predict_features(f, background=background, bg_threshold=bg_threshold, bg_clean=bg_clean,
+                                      pamr=pamr) for f in self.embed_images(images)]
 
     def summary(self, result: SegmentationResult) -> dict[str, Any]:
         """JSON-ready description: labels with pixel shares, effective settings, model and weights
         (`SegmentationResult.summary`, with this segmenter's model)."""
-        return {**result.summary(), "model": self._model_info()}
+        return {**result.summary(), "model": describe_model(self.model)}

@@ -22,10 +22,12 @@ import torch  # noqa: F401 - imported uninstrumented first: instrumenting torch 
 import yaml  # noqa: F401
 
 with atheris.instrument_imports(include=["talk2dino", "safetensors", "yaml", "json"]):
+    from talk2dino.cli.flags import build_config
+    from talk2dino.cli.recipes import load_recipe
     from talk2dino.config import ProjectionConfig, TrainConfig
     from talk2dino.errors import Talk2DinoError
-    from talk2dino.recipes import build_config, load_recipe
-    from talk2dino.registry import MODEL_CONFIG_FILE, _load_projection, get_model_config
+    from talk2dino.factory import load_projection
+    from talk2dino.registry import MODEL_CONFIG_FILE, get_model_config
 
 logging.disable(logging.CRITICAL)  # the loaders log each refusal; that is not a finding
 _WORK = Path(tempfile.mkdtemp(prefix="t2d-atheris-"))
@@ -36,7 +38,7 @@ def _parse(kind: int, data: bytes) -> None:
     if kind < 3:  # checkpoints through the real psi entry point
         path = _WORK / f"psi{_SUFFIXES[kind]}"
         path.write_bytes(data)
-        _load_projection(ProjectionConfig(source=str(path)), out_dim=8, pretrained=True, cache_dir=_WORK / "cache")
+        load_projection(ProjectionConfig(source=str(path)), out_dim=8, pretrained=True, cache_dir=_WORK / "cache")
     elif kind == 3:  # a model folder's talk2dino.json
         (_WORK / MODEL_CONFIG_FILE).write_bytes(data)
         get_model_config(f"local-dir:{_WORK}")

@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parser_fuzz_support import instrumented  # noqa: E402
 
 with instrumented():
-    from talk2dino.data import converters
-    from talk2dino.data.benchmarks import folder_benchmark, list_samples, load_label, read_class_names_file
+    from talk2dino.data import coco_masks, converters
+    from talk2dino.data.benchmarks import folder_benchmark, read_class_names_file
+    from talk2dino.data.samples import list_samples, load_label
     from talk2dino.errors import Talk2DinoError
     from talk2dino.extract.coco import read_coco_captions
 
@@ -60,12 +61,12 @@ def _split(data: bytes) -> object:
 
 def _painter(path: Path) -> object:
     # Indexing COCO instance JSON needs no mask API; a stub keeps the harness independent of pycocotools.
-    original = converters._mask_api
-    converters._mask_api = lambda: object()  # type: ignore[assignment]
+    original = coco_masks._mask_api
+    coco_masks._mask_api = lambda: object()  # type: ignore[assignment]
     try:
-        return converters.CocoStuffThingPainter(path)
+        return coco_masks.CocoStuffThingPainter(path)
     finally:
-        converters._mask_api = original  # type: ignore[assignment]
+        coco_masks._mask_api = original  # type: ignore[assignment]
 
 
 def _write(name: str, data: bytes) -> Path:

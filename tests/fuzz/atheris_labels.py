@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parser_fuzz_support import instrumented  # noqa: E402
 
 with instrumented():
-    from talk2dino.cli import parse_label_list, read_label_file
+    from talk2dino.cli.segment import read_label_file
     from talk2dino.errors import Talk2DinoError
+    from talk2dino.labels import split_labels as parse_label_list
     from talk2dino.predictor import Segmenter
 
 from parser_fuzz_support import check_message  # noqa: E402

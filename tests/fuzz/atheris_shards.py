@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parser_fuzz_support import instrumented  # noqa: E402
 
 with instrumented():
+    from talk2dino.data.features import IMAGE_KEYS, iter_shards, load_features, read_shard
     from talk2dino.errors import Talk2DinoError
-    from talk2dino.extract.format import IMAGE_KEYS, iter_shards, load_features, read_shard
 
 from make_corpus import caption_tensors, image_tensors  # noqa: E402
 from parser_fuzz_support import check_message  # noqa: E402

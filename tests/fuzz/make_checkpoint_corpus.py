@@ -281,7 +281,7 @@ def recipe_cases() -> dict[str, bytes]:
         "tagged-float-inf": "features: f\nout: o\nlr: !!float .inf\n",
         "lr-quoted": "features: f\nout: o\nlr: '1e-4'\n",
         "lr-exponent-overflow": "features: f\nout: o\nlr: 1e400\n",
-        # Numbers of the right type outside the documented ranges (config._RUN_LIMITS).
+        # Numbers of the right type outside the documented ranges (the `range` metadata of the config fields).
         "epochs-1e8": "features: f\nout: o\nepochs: 100000000\n", "epochs-zero": "features: f\nout: o\nepochs: 0\n",
         "epochs-negative": "features: f\nout: o\nepochs: -5\n",
         "epochs-10e12": "features: f\nout: o\nepochs: 1000000000000\n",

@@ -657,7 +657,7 @@ def _torch_pickle() -> bytes:
 
 
 def _shard_fails(data: bytes) -> bool:
-    from talk2dino.extract.format import IMAGE_KEYS, FeatureFormatError, read_shard
+    from talk2dino.data.features import IMAGE_KEYS, FeatureFormatError, read_shard
 
     scratch = CORPUS / ".probe.safetensors"
     scratch.write_bytes(data)

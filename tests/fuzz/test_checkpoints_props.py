@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from talk2dino.config import ModelConfig, ProjectionConfig
 from talk2dino.errors import Talk2DinoError
+from talk2dino.factory import load_projection
 from talk2dino.models.projection import Projection
-from talk2dino.registry import MODEL_CONFIG_FILE, _load_projection, get_model_config
+from talk2dino.registry import MODEL_CONFIG_FILE, get_model_config
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus" / "checkpoints"
@@ -34,7 +35,7 @@ OUT_DIM = 8  # the corpus psi maps 512-d text to an 8-d "backbone"
 def load_checkpoint_file(path: Path) -> Projection | None:
     """The real psi entry point (resolver + safe load + strict dims/keys/dtype checks); None if refused."""
     try:
-        psi, _ = _load_projection(ProjectionConfig(source=str(path)), out_dim=OUT_DIM, pretrained=True,
+        psi, _ = load_projection(ProjectionConfig(source=str(path)), out_dim=OUT_DIM, pretrained=True,
                                   cache_dir=path.parent / "cache")
     except Talk2DinoError as err:
         message = str(err)
@@ -234,7 +235,7 @@ def test_psi_with_an_all_zero_weight_matrix_is_refused(zeroed: set[str], scale: 
             assert load_checkpoint_file(path) is not None
             return
         with pytest.raises(Talk2DinoError) as info:
-            _load_projection(ProjectionConfig(source=str(path)), out_dim=OUT_DIM, pretrained=True,
+            load_projection(ProjectionConfig(source=str(path)), out_dim=OUT_DIM, pretrained=True,
                              cache_dir=Path(tmp) / "cache")
     assert f"{path}: projection weight matrices {zero_weights} hold only zeros" in str(info.value)
 

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from conftest import tiny_model_args as _model_args
 
-from talk2dino.data.benchmarks import folder_benchmark, list_samples, load_label, read_class_names_file
-from talk2dino.data.converters import CocoStuffThingPainter, read_numbered_names_file
+from talk2dino.data.benchmarks import folder_benchmark, read_class_names_file
+from talk2dino.data.coco_masks import CocoStuffThingPainter
+from talk2dino.data.converters import read_numbered_names_file
+from talk2dino.data.features import IMAGE_KEYS, FeatureFormatError, iter_shards, load_features, read_shard
 from talk2dino.data.images import load_image
+from talk2dino.data.samples import list_samples, load_label
 from talk2dino.errors import InvalidInputError, Talk2DinoError
 from talk2dino.extract.coco import read_coco_captions
-from talk2dino.extract.format import IMAGE_KEYS, FeatureFormatError, iter_shards, load_features, read_shard
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -116,7 +118,7 @@ LABEL_STRINGS = _files("labels/strings")
 
 @pytest.mark.parametrize("path", LABEL_FILES, ids=_ids(LABEL_FILES))
 def test_bad_labels_file_is_refused_with_one_line(path: Path) -> None:
-    from talk2dino.cli import read_label_file
+    from talk2dino.cli.segment import read_label_file
     from talk2dino.predictor import Segmenter
 
     with pytest.raises(InvalidInputError) as info:
@@ -126,7 +128,7 @@ def test_bad_labels_file_is_refused_with_one_line(path: Path) -> None:
 
 @pytest.mark.parametrize("path", LABEL_STRINGS, ids=_ids(LABEL_STRINGS))
 def test_bad_labels_string_is_refused_with_one_line(path: Path) -> None:
-    from talk2dino.cli import parse_label_list
+    from talk2dino.labels import split_labels as parse_label_list
     from talk2dino.predictor import Segmenter
 
     text = path.read_bytes().decode("utf-8")
@@ -136,7 +138,8 @@ def test_bad_labels_string_is_refused_with_one_line(path: Path) -> None:
 
 
 def test_ten_megabyte_label_line_is_refused_quickly(tmp_path: Path) -> None:
-    from talk2dino.cli import parse_label_list, read_label_file
+    from talk2dino.cli.segment import read_label_file
+    from talk2dino.labels import split_labels as parse_label_list
     from talk2dino.predictor import Segmenter
 
     huge = "cat," + "x" * 10_000_000
@@ -151,7 +154,7 @@ def test_ten_megabyte_label_line_is_refused_quickly(tmp_path: Path) -> None:
 
 
 def test_ten_thousand_labels_with_bom_and_crlf_are_read(tmp_path: Path) -> None:
-    from talk2dino.cli import read_label_file
+    from talk2dino.cli.segment import read_label_file
     from talk2dino.predictor import Segmenter
 
     names = [f"class {i} \u732b" for i in range(10_000)]
@@ -202,7 +205,7 @@ def test_bad_coco_captions_json(path: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", COCO_JSONS, ids=_ids(COCO_JSONS))
 def test_bad_coco_instances_json(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Indexing the JSON needs no mask API; a stub keeps the test independent of pycocotools being installed.
-    monkeypatch.setattr("talk2dino.data.converters._mask_api", lambda: object())
+    monkeypatch.setattr("talk2dino.data.coco_masks._mask_api", lambda: object())
     with pytest.raises(InvalidInputError) as info:
         CocoStuffThingPainter(path)
     assert_one_line(info.value, path.name)
@@ -271,7 +274,7 @@ def test_manifest_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
 
 def test_symlinked_subfolder_inside_is_accepted(tmp_path: Path) -> None:
     """A symlink that stays inside the folder is fine (only escapes are refused)."""
-    from talk2dino.extract.format import shard_entries
+    from talk2dino.data.features import shard_entries
 
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "a.safetensors").write_bytes(b"")

@@ -21,14 +21,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parser_fuzz_support import json_strategies, mutate, outcome  # noqa: E402
 
-from talk2dino.data.benchmarks import (  # noqa: E402
-    folder_benchmark,
-    list_samples,
-    load_label,
-    read_class_names_file,
-    read_label_png,
-)
-from talk2dino.data.converters import CocoStuffThingPainter, read_numbered_names_file  # noqa: E402
+from talk2dino.data.benchmarks import folder_benchmark, read_class_names_file  # noqa: E402
+from talk2dino.data.coco_masks import CocoStuffThingPainter  # noqa: E402
+from talk2dino.data.converters import read_numbered_names_file  # noqa: E402
+from talk2dino.data.samples import list_samples, load_label, read_label_png  # noqa: E402
 from talk2dino.errors import InvalidInputError  # noqa: E402
 from talk2dino.extract.coco import read_coco_captions  # noqa: E402
 
@@ -182,7 +178,7 @@ def test_coco_instances_json(scratch: Path, monkeypatch_module: pytest.MonkeyPat
 def monkeypatch_module() -> Any:
     # Indexing the JSON needs no mask API; a stub keeps the test independent of pycocotools being installed.
     patch = pytest.MonkeyPatch()
-    patch.setattr("talk2dino.data.converters._mask_api", lambda: object())
+    patch.setattr("talk2dino.data.coco_masks._mask_api", lambda: object())
     yield patch
     patch.undo()
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_corpus import png_with_header, seed_images  # noqa: E402
 from parser_fuzz_support import check_message, mutate, outcome  # noqa: E402
 
-from talk2dino.data.images import MAX_IMAGE_PIXELS, list_images, load_image, to_rgb_uint8  # noqa: E402
+from talk2dino.data.image_lists import list_images  # noqa: E402
+from talk2dino.data.images import MAX_IMAGE_PIXELS, load_image, to_rgb_uint8  # noqa: E402
 from talk2dino.errors import InvalidInputError  # noqa: E402
 
 SEEDS = seed_images()

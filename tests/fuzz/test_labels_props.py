@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parser_fuzz_support import outcome  # noqa: E402
 
-from talk2dino.cli import parse_label_list, read_label_file  # noqa: E402
+from talk2dino.cli.segment import read_label_file  # noqa: E402
 from talk2dino.errors import InvalidInputError  # noqa: E402
 from talk2dino.labels import SPECIAL_TOKEN_TEXTS, canonical_label, split_labels  # noqa: E402
-from talk2dino.predictor import MAX_LABEL_CHARS, Segmenter  # noqa: E402
+from talk2dino.labels import split_labels as parse_label_list  # noqa: E402
+from talk2dino.predictor import Segmenter  # noqa: E402
+from talk2dino.vocabulary import MAX_LABEL_CHARS  # noqa: E402
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 NASTY = st.sampled_from(["\x00", "\r", "\n", "\r\n", "\t", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\ufeff",

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import write_noise_image  # noqa: E402
 
+from talk2dino.cli.output_folder import max_stem_bytes, output_names, plan_stems, refuse_overwrites  # noqa: E402
 from talk2dino.errors import InvalidInputError  # noqa: E402
 from talk2dino.fileio import NAME_MAX_DEFAULT, is_temp_name, name_bytes  # noqa: E402
-from talk2dino.folder import max_stem_bytes, output_names, plan_stems, refuse_overwrites  # noqa: E402
 
 TRICKY = ["a.png", "a_labels.png", "a.json", "a_overlay.png", "a_legend.png", "a.jpg", "a_1.png", "a_labels.json",
           "A.png", "a.PNG", "a.tar.png", "a_scores.npz", ".a.0123456789ab.tmp.png", ".t2d-0123456789ab.tmp.png",
@@ -103,7 +103,7 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 def _is_our_temp_naming(name: str) -> bool:
-    """A name talk2dino treats as its own temp file (`folder.remove_stale_temps` may delete it as stale)."""
+    """A name talk2dino treats as its own temp file (`cli.output_folder.remove_stale_temps` may delete it as stale)."""
     from talk2dino.fileio import temp_target
 
     target = temp_target(name)
@@ -125,12 +125,15 @@ def test_segment_in_place_never_touches_inputs(tiny_model: object, tmp_path_fact
     import json
 
     from talk2dino.cli import main
-    from talk2dino.data.images import list_images
+    from talk2dino.data.image_lists import list_images
 
     folder = tmp_path_factory.mktemp("inplace")
     for index, name in enumerate(files):
         if name.lower().endswith((".png", ".jpg", ".jpeg")):
-            write_noise_image(folder / name, h=20, w=30, seed=index)
+            # Written under a plain name, then renamed: PIL takes the format from os.path.splitext, which finds
+            # no extension in a name such as "..png" (hypothesis generates those).
+            staged = write_noise_image(folder / f".staged{Path(name).suffix.lower()}", h=20, w=30, seed=index)
+            staged.rename(folder / name)
         elif name.lower().endswith(".json"):
             (folder / name).write_text('{"mine": true}\n')
         else:
@@ -149,7 +152,7 @@ def test_segment_in_place_never_touches_inputs(tiny_model: object, tmp_path_fact
     argv = ["segment", *arguments, "--labels", "cat,dog", "--no-pamr", "--no-progress", "-q", "--out", str(folder),
             *(["--overwrite"] if overwrite else [])]
     with pytest.MonkeyPatch.context() as patch, _deadline(120):
-        patch.setattr("talk2dino.cli._create_model_from_args", lambda args: tiny_model)
+        patch.setattr("talk2dino.cli.model_flags.create_model_from_args", lambda args: tiny_model)
         code = main(argv)
     after = _snapshot(folder)
     assert code in (0, 1, 2)

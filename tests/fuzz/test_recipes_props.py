@@ -18,9 +18,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from talk2dino.config import _RUN_LIMITS, EvalConfig, ExtractConfig, TrainConfig
+from talk2dino.cli.flags import build_config
+from talk2dino.cli.recipes import load_recipe, parse_recipe_text
+from talk2dino.config import EvalConfig, ExtractConfig, TrainConfig
 from talk2dino.errors import InvalidInputError, Talk2DinoError
-from talk2dino.recipes import build_config, load_recipe, parse_recipe_text
+from talk2dino.settings import field_meta
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "recipes"
 _CONFIGS = (TrainConfig, ExtractConfig, EvalConfig)
@@ -161,8 +163,8 @@ def test_plain_numbers_and_booleans_keep_their_value(value: int | float | bool) 
     assert parsed == value and type(parsed) is type(value)
 
 
-_RANGED = {name: allowed for name, allowed in _RUN_LIMITS[TrainConfig].items()
-           if name not in ("betas", "recall_ks")}
+_RANGED = {f.name: field_meta(f).range for f in dataclasses.fields(TrainConfig)
+           if field_meta(f).range is not None and f.name not in ("betas", "recall_ks")}
 
 
 @_SETTINGS

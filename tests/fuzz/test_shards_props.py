@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_corpus import caption_tensors, image_tensors, manifest  # noqa: E402
 from parser_fuzz_support import json_strategies, mutate, outcome  # noqa: E402
 
-from talk2dino.extract.format import (  # noqa: E402
+from talk2dino.data.features import (  # noqa: E402
     CAPTION_KEYS,
     IMAGE_KEYS,
     FeatureFormatError,

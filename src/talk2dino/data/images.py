@@ -1,27 +1,30 @@
-"""Image loading, conversion and resizing: RGB uint8 everywhere.
+"""Image decoding, conversion and resizing: RGB uint8 everywhere.
 
 This module is the one place where images enter the package (house-style §5 "Inputs"):
 
-- :func:`load_image` decodes a file into an ``[H, W, 3]`` uint8 RGB array.
+- :func:`load_image` decodes encoded image data (a file path, ``bytes``, or a binary file object such as an
+  upload spooled by a web framework) into an ``[H, W, 3]`` uint8 RGB array, checking the header's size
+  before any pixel is decoded. It is the package's one image decoder; EXIF orientation is a flag.
 - :func:`to_rgb_uint8` converts the accepted API inputs (a PIL image, an RGB uint8 ``H×W×3`` numpy array, an
   RGB ``[3, H, W]`` tensor) into the same form.
 - :func:`as_rgb_image` is what `Segmenter` calls: :func:`to_rgb_uint8`'s forms plus a file path (decoded by
   :func:`load_image`) and an ``[H, W, 3]`` tensor.
 - :func:`resize_uint8` is the benchmark resize of method.md §4.3 (OpenCV ``INTER_LINEAR`` on uint8).
-- :func:`list_images` expands the CLI's file, folder and list-file arguments.
 
-Channel order is RGB from here on; no later step swaps channels (method.md pitfall P1).
+Which files to read (folders, list files) is `talk2dino.data.image_lists`. Channel order is RGB from here
+on; no later step swaps channels (method.md pitfall P1).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -36,11 +39,13 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
+    "DECODE_ERRORS",
     "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE",
+    "HeaderCheck",
+    "ImageSource",
+    "ImageTooLargeError",
     "as_rgb_image",
-    "list_images",
     "load_image",
     "resize_uint8",
     "to_rgb_uint8",
@@ -58,15 +63,13 @@ header declares more pixels is refused before any pixel data is decoded.
 MIN_IMAGE_SIDE: int = 2
 """Smallest accepted height and width, in pixels. A 1-pixel side cannot be resized or windowed meaningfully."""
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
-"""File extensions (lower case) that :func:`list_images` picks up when it scans a folder."""
-
 _SIXTEEN_BIT_MAX = 65535
 _UINT8_MAX = 255
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _EXPECTED_FORMS = "expected a PIL image, an RGB uint8 HxWx3 numpy array or an RGB [3,H,W] tensor"
 _API_FORMS = ("expected an image file path, a PIL image, an RGB uint8 HxWx3 numpy array, or an RGB [3,H,W] "
               "or [H,W,3] tensor")
+_SOURCE_FORMS = "expected an image file path, the file's bytes, or a binary file object"
 
 # Errors that Pillow (or one of its format plugins) raises on files that are corrupt, truncated or not
 # images at all. Anything else is a bug and propagates. Every reader of image files (label maps, extraction)
@@ -90,13 +93,25 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 # header, so holding the lock is cheap).
 _WARNINGS_LOCK = threading.Lock()
 
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+"""What :func:`load_image` decodes: a file path, the encoded file content, or a binary file object."""
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None,
-               check_header: Callable[[int, int, str], None] | None = None) -> np.ndarray:
-    """Decode an image file into an RGB uint8 array.
+HeaderCheck = Callable[[int, int, str], None]
+"""``check(width, height, mode)`` on the header before decoding; refuses by raising :class:`InvalidInputError`."""
+
+
+class ImageTooLargeError(InvalidInputError):
+    """An image refused from its header for its size: over ``max_pixels``, Pillow's decompression-bomb guard, or
+    a caller's size limit (a `check_header` may raise it). The HTTP server answers it 413 instead of 400."""
+
+
+def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = None,
+               check_header: HeaderCheck | None = None, exif_transpose: bool = True) -> np.ndarray:
+    """Decode an image (a file, its bytes, or an open binary file) into an RGB uint8 array.
 
     Decoding uses Pillow; method.md §4.3 notes that Pillow and OpenCV decode the test JPEGs identically, and
-    that only the resize must be OpenCV's. The EXIF orientation is applied. Modes are converted as follows:
+    that only the resize must be OpenCV's. The header is read once: its size is checked (`max_pixels`,
+    :data:`MIN_IMAGE_SIDE`, then `check_header`) before any pixel is decoded. Modes are converted as follows:
 
     - ``RGB``: as is. ``L``, ``1``, ``CMYK``, ``YCbCr`` …: Pillow's conversion to RGB (``1`` gives 0 / 255).
     - ``RGBA``, ``LA``, ``P`` and ``PA`` (with or without transparency): the alpha channel is **dropped**, not
@@ -107,23 +122,33 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None,
       [0, 255] and clipped, like Pillow's own conversion. NaN or infinite values are refused.
 
     Args:
-        path: Image file. Folders and list files are expanded by :func:`list_images`, not here.
+        source: an image file path (folders and list files are expanded by
+            `talk2dino.data.image_lists.list_images`, not here); the encoded file content as ``bytes``,
+            ``bytearray`` or ``memoryview``; or a readable binary file object (e.g. an upload the web framework
+            spooled to memory or disk), read from its start. No temporary file is written.
+        name: how the image is called in error messages (default: the path; ``"image data"`` for bytes, the
+            file object's ``name`` when it is a string, else ``"image file"``).
         max_pixels: Largest accepted width × height, checked from the header before any pixel is decoded.
             ``None`` uses :data:`MAX_IMAGE_PIXELS`. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``, a hard
             error at twice that value) still applies on top; raise it too to open larger files.
         check_header: Called with the header's ``(width, height, mode)`` (before EXIF orientation, which keeps
             the pixel count), after the `max_pixels` check and before any pixel is decoded; it refuses the image
-            by raising :class:`InvalidInputError`, whose message then follows the file name (the CLI's memory
-            guard, ``--max-image-memory``).
+            by raising :class:`InvalidInputError` (or :class:`ImageTooLargeError`, whose type is kept), whose
+            message then follows the image's name (the CLI's memory guard ``--max-image-memory``, the server's
+            ``--max-pixels`` and ``--max-score-values``).
+        exif_transpose: Apply the EXIF orientation (the default, as a photo viewer shows the image). False keeps
+            the stored pixel order, as training-feature extraction does (COCO's annotations refer to it).
 
     Returns:
         ``[H, W, 3]`` uint8 array, RGB, values in [0, 255], C-contiguous and writable; H and W are those of the
-        image after EXIF orientation.
+        image after EXIF orientation (when applied).
 
     Raises:
-        InvalidInputError: The path is missing or a folder; the file is not a decodable image, is truncated or
-            corrupt; the image exceeds ``max_pixels``; or a side is shorter than :data:`MIN_IMAGE_SIDE`. The
-            message is one line, ``"<path>: <reason>"``.
+        ImageTooLargeError: The header declares more than ``max_pixels`` pixels, Pillow's decompression-bomb
+            guard refuses it, or `check_header` raised it.
+        InvalidInputError: The path is missing or a folder; the data is not a decodable image, is truncated or
+            corrupt; a side is shorter than :data:`MIN_IMAGE_SIDE`; or `source` is of no accepted type. The
+            message is one line, ``"<name>: <reason>"``.
 
     Note:
         Truncated files raise because the pixels are decoded (``Image.load``) inside the error handling and
@@ -131,12 +156,27 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None,
         that sets that flag to ``True`` globally opts into silently padded images; this function does not
         change the flag, as it is process-wide state.
     """
-    file_path = Path(path)
-    # The path is quoted escaped, so that a file name holding a line break cannot split the message.
-    shown = one_line(file_path, max_chars=1000)
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit < 1:
         raise InvalidInputError(f"max_pixels must be a positive number of pixels; got {limit}")
+    options = (limit, check_header, exif_transpose)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(source), one_line(name or "image data", max_chars=1000), *options)
+    if isinstance(source, (str, os.PathLike)):
+        file_path = Path(source)
+        # The name is quoted escaped, so that a file name holding a line break cannot split the message.
+        shown = one_line(file_path if name is None else name, max_chars=1000)
+        with _open_file(file_path, shown) as handle:
+            return _decode(handle, shown, *options)
+    if callable(getattr(source, "read", None)):
+        own = getattr(source, "name", None)
+        label = name if name is not None else own if isinstance(own, str) else "image file"
+        return _decode(source, one_line(label, max_chars=1000), *options)
+    raise InvalidInputError(f"load_image: {_SOURCE_FORMS}; got {_describe(source)}")
+
+
+def _open_file(file_path: Path, shown: str) -> BinaryIO:
+    """Open an image file for `load_image`, refusing folders, missing files and non-regular files."""
     try:
         is_dir, exists = file_path.is_dir(), file_path.exists()
     except OSError as exc:  # e.g. a name longer than the file system allows
@@ -150,16 +190,14 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None,
     try:
         # Refuses a FIFO (reading one blocks forever), socket or device, without blocking; Pillow then reads
         # the header from this handle, never reopening the path.
-        handle = open_regular(file_path, "image")
+        return open_regular(file_path, "image")
     except OSError as exc:
         raise InvalidInputError(f"{shown}: cannot open file ({one_line(exc.strerror or exc)})") from exc
-    with handle:
-        return _load_opened(handle, file_path, shown, limit, check_header)
 
 
-def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int,
-                 check_header: Callable[[int, int, str], None] | None = None) -> np.ndarray:
-    """`load_image` on an opened regular file."""
+def _decode(handle: BinaryIO, shown: str, limit: int, check_header: HeaderCheck | None,
+            exif_transpose: bool) -> np.ndarray:
+    """`load_image` on opened binary data: one header read, the size checks, then the pixels."""
     try:
         # Our own limit (checked below, before decoding) is authoritative; silence Pillow's softer warning for
         # sizes between its threshold and ours. Pillow's hard DecompressionBombError is caught below.
@@ -171,7 +209,7 @@ def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int,
             f"{shown}: cannot identify image file (not an image, or a format Pillow cannot read)"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise InvalidInputError(f"{shown}: refused as a possible decompression bomb ({error_reason(exc)})") from exc
+        raise ImageTooLargeError(f"{shown}: refused as a possible decompression bomb ({error_reason(exc)})") from exc
     except OSError as exc:
         raise InvalidInputError(f"{shown}: cannot open file ({one_line(exc.strerror or exc)})") from exc
     except DECODE_ERRORS as exc:
@@ -181,7 +219,7 @@ def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int,
         width, height = image.size
         # Image.open is lazy: only the header has been parsed so far, so these checks cost nothing.
         if width * height > limit:
-            raise InvalidInputError(
+            raise ImageTooLargeError(
                 f"{shown}: image is {width}x{height} pixels ({width * height:,}), above the limit of "
                 f"{limit:,}; refused without decoding (pass a larger max_pixels if the file is trusted)"
             )
@@ -190,7 +228,8 @@ def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int,
             try:
                 check_header(width, height, image.mode)
             except InvalidInputError as exc:
-                raise InvalidInputError(f"{shown}: {exc}") from exc
+                kind = ImageTooLargeError if isinstance(exc, ImageTooLargeError) else InvalidInputError
+                raise kind(f"{shown}: {exc}") from exc
         try:
             image.load()
         except DECODE_ERRORS as exc:
@@ -198,13 +237,13 @@ def _load_opened(handle: BinaryIO, file_path: Path, shown: str, limit: int,
                 f"{shown}: cannot decode image data, the file may be truncated or corrupt ({error_reason(exc)})"
             ) from exc
         try:
-            rgb = _pil_to_rgb(image)
+            rgb = _pil_to_rgb(image, exif_transpose=exif_transpose)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{shown}: {exc}") from exc
         except DECODE_ERRORS as exc:
             raise InvalidInputError(f"{shown}: cannot convert image to RGB ({error_reason(exc)})") from exc
 
-    logger.debug("loaded %s: %dx%d, mode %s", file_path, rgb.shape[1], rgb.shape[0], opened.mode)
+    logger.debug("loaded %s: %dx%d, mode %s", shown, rgb.shape[1], rgb.shape[0], opened.mode)
     return rgb
 
 
@@ -251,7 +290,7 @@ def to_rgb_uint8(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
 
 def as_rgb_image(
     image: str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor, *, max_pixels: int | None = None,
-    check_header: Callable[[int, int, str], None] | None = None,
+    check_header: HeaderCheck | None = None,
 ) -> np.ndarray:
     """Convert a `Segmenter` image input into an RGB uint8 array: :func:`to_rgb_uint8`'s forms, a path, HWC tensors.
 
@@ -271,7 +310,7 @@ def as_rgb_image(
     image channel-last, pass ``tensor.permute(2, 0, 1)``.
 
     Bytes are refused (they could be a path or encoded file content); decode content with
-    ``PIL.Image.open(io.BytesIO(data))``.
+    ``load_image(data)``.
 
     Args:
         image: The input image, in one of the forms above.
@@ -290,7 +329,7 @@ def as_rgb_image(
         return load_image(image, max_pixels=max_pixels, check_header=check_header)
     if isinstance(image, (bytes, bytearray, memoryview)):
         raise InvalidInputError(
-            f"{_API_FORMS}; got {_describe(image)} (for encoded file content pass PIL.Image.open(io.BytesIO(data)))"
+            f"{_API_FORMS}; got {_describe(image)} (for encoded file content use data.images.load_image(data))"
         )
     if _is_torch_tensor(image):
         import torch  # already imported by the caller: `image` is a tensor
@@ -341,59 +380,7 @@ def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def list_images(
-    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *, recursive: bool = False
-) -> list[Path]:
-    """Expand command-line image arguments into a list of image files.
-
-    Each input is expanded as follows, in order:
-
-    - a folder: its files whose extension (case-insensitive) is in :data:`IMAGE_EXTENSIONS`, sorted by path.
-      Hidden files (name starting with ``.``, e.g. macOS ``._photo.jpg`` metadata) are skipped. Sub-folders
-      are scanned only when ``recursive`` is true;
-    - ``@list.txt``, or any existing file whose name ends in ``.txt``: a list file with one path per line
-      (UTF-8). Blank lines and lines starting with ``#`` are skipped; relative paths are resolved against the
-      list file's folder. Each entry may be a file or a folder (expanded as above); list files do not nest;
-    - any other file: kept as is, whatever its extension (:func:`load_image` reports unreadable files).
-
-    Order is kept and repeated paths (the same absolute path, however it was spelled) are dropped after their
-    first occurrence.
-
-    Args:
-        inputs: Paths as given on the command line. A single string or path is treated as one input.
-        recursive: Also scan sub-folders of folder inputs.
-
-    Returns:
-        The image paths, as spelled by the inputs (folder entries are ``folder / name``).
-
-    Raises:
-        InvalidInputError: An input, a list file or one of its entries does not exist.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    found: list[Path] = []
-    for raw in inputs:
-        text = os.fspath(raw)
-        if text.startswith("@"):
-            found.extend(_read_list_file(Path(text[1:]), recursive=recursive))
-            continue
-        path = Path(text)
-        if path.is_dir():
-            found.extend(_scan_folder(path, recursive=recursive))
-        elif path.is_file() and path.suffix.lower() == ".txt":
-            found.extend(_read_list_file(path, recursive=recursive))
-        elif path.exists():
-            found.append(path)
-        else:
-            raise InvalidInputError(f"{one_line(path, max_chars=1000)}: no such file or folder")
-    return _dedupe(found)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
+# ------------------------------------------------------------------------------------------------ helpers
 def _check_min_size(width: int, height: int, *, where: str | None) -> None:
     if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
         prefix = f"{where}: " if where else ""
@@ -402,9 +389,10 @@ def _check_min_size(width: int, height: int, *, where: str | None) -> None:
         )
 
 
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """PIL image of any mode -> ``[H, W, 3]`` uint8 RGB, EXIF orientation applied (see :func:`load_image`)."""
-    image = _exif_transposed(image)
+def _pil_to_rgb(image: Image.Image, *, exif_transpose: bool = True) -> np.ndarray:
+    """PIL image of any mode -> ``[H, W, 3]`` uint8 RGB, EXIF orientation optional (see :func:`load_image`)."""
+    if exif_transpose:
+        image = _exif_transposed(image)
     mode = image.mode
     if mode == "RGB":
         return np.array(image, dtype=np.uint8)
@@ -508,61 +496,3 @@ def _describe(obj: object) -> str:
     return f"an object of type {type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _scan_folder(folder: Path, *, recursive: bool) -> list[Path]:
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    images = sorted(
-        path
-        for path in candidates
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and path.is_file()
-    )
-    if not images:
-        logger.warning("no image files (%s) found in %s", ", ".join(sorted(IMAGE_EXTENSIONS)), folder)
-    return images
-
-
-def _read_list_file(list_file: Path, *, recursive: bool) -> list[Path]:
-    shown = one_line(list_file, max_chars=1000)
-    if not list_file.exists():
-        raise InvalidInputError(f"{shown}: list file not found")
-    try:
-        with open_regular(list_file, "list file") as handle:
-            lines = handle.read().decode("utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{shown}: cannot read list file ({error_reason(exc)})") from exc
-    base = list_file.parent
-    found: list[Path] = []
-    for line_number, line in enumerate(lines, start=1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        if "\x00" in entry:
-            # pathlib would raise a bare ValueError ("embedded null byte") on the first file-system call.
-            raise InvalidInputError(f"{shown}:{line_number}: entry {one_line(repr(entry))} holds a NUL byte")
-        path = Path(entry)
-        if not path.is_absolute():
-            path = base / path
-        try:
-            is_dir, exists = path.is_dir(), path.exists()
-        except OSError as exc:  # e.g. a name longer than the file system allows
-            raise InvalidInputError(
-                f"{shown}:{line_number}: cannot check {one_line(path)} ({error_reason(exc)})") from exc
-        if is_dir:
-            found.extend(_scan_folder(path, recursive=recursive))
-        elif exists:
-            found.append(path)
-        else:
-            raise InvalidInputError(f"{shown}:{line_number}: {one_line(path)}: no such file or folder")
-    return found
-
-
-def _dedupe(paths: list[Path]) -> list[Path]:
-    seen: set[str] = set()
-    unique: list[Path] = []
-    for path in paths:
-        key = os.path.normcase(os.path.abspath(path))
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique

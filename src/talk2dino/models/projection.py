@@ -6,7 +6,6 @@ so the authors' files load strictly, without renaming.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from talk2dino.errors import WeightsError
-from talk2dino.fileio import atomic_write_bytes
+from talk2dino.fileio import atomic_write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +122,5 @@ def save_projection(folder: str | os.PathLike[str], projection: Projection, meta
     # recognises (found by the SIGKILL harness).
     atomic_write_bytes(path, save(state, metadata={"format": "pt"}), durable=True)
     info = {"in_dim": projection.in_dim, "out_dim": projection.out_dim, **metadata}
-    atomic_write_bytes(folder / PROJECTION_CONFIG_FILE,
-                       (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), durable=True)
+    write_json(folder / PROJECTION_CONFIG_FILE, info, durable=True)
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -10,34 +11,54 @@ from torch import Tensor
 __all__ = ["TIE_GAP", "resized_size", "softmax_argmax", "stitch", "window_grid"]
 
 
-def resized_size(height: int, width: int, *, short_side: int, max_long_side: int) -> tuple[int, int]:
+def resized_size(height: int, width: int, *, short_side: int, max_long_side: int | None = None,
+                 rounding: Literal["half_up", "truncate"] = "half_up") -> tuple[int, int]:
     """Size of the aspect-preserving resize: the shorter side becomes ``short_side`` unless the longer
     side would then exceed ``max_long_side``.
 
-    s = min(max_long_side / max(h, w), short_side / min(h, w)) and each side becomes ⌊x·s + 0.5⌋, in
-    Python float arithmetic (mmcv ``rescale_size`` semantics). See method.md §4.3 step 2.
+    The one resize-size rule of the package, in the two roundings the method uses:
 
-    A side that this rounds to 0 becomes 1 pixel: that happens only above an aspect ratio of 2·max_long_side
-    (4096:1 with the defaults, e.g. 3×40000), where mmcv's size would be empty and the resize impossible. The
-    windows of such an image are stretched to the backbone's square input anyway (method.md §4.4 step 2), and
-    the scores are resized back to the original size, so the result is still defined. Every other size is the
-    protocol's, bit for bit.
+    - ``"half_up"`` (inference, method.md §4.3 step 2): s = min(max_long_side / max(h, w), short_side / min(h, w))
+      and each side becomes ⌊x·s + 0.5⌋, in Python float arithmetic (mmcv ``rescale_size`` semantics).
+      A side that this rounds to 0 becomes 1 pixel: that happens only above an aspect ratio of
+      2·max_long_side (4096:1 with the defaults, e.g. 3×40000), where mmcv's size would be empty and the
+      resize impossible. The windows of such an image are stretched to the backbone's square input anyway
+      (method.md §4.4 step 2), and the scores are resized back to the original size, so the result is
+      still defined. Every other size is the protocol's, bit for bit.
+    - ``"truncate"`` (training-time extraction, method.md §3.2): torchvision's ``Resize(short_side)``: the
+      shorter side becomes exactly ``short_side`` and the longer ``int(short_side * long / short)`` (float
+      division, then truncation towards zero), so 480×640 becomes 448×597 (597.33 truncated). No cap:
+      ``max_long_side`` must be None.
 
     Args:
         height: original image height h in pixels, positive.
         width: original image width w in pixels, positive.
         short_side: target length of the shorter side (method.md §4.3; the default lives in the config).
-        max_long_side: cap on the longer side (method.md §4.3; the default lives in the config).
+        max_long_side: cap on the longer side (method.md §4.3; the default lives in the config); None: no cap.
+        rounding: ``"half_up"`` or ``"truncate"``, as above.
 
     Returns:
         ``(new_height, new_width)`` in pixels.
 
     Raises:
-        ValueError: if any size is not positive.
+        ValueError: if any size is not positive, or a cap is given with ``"truncate"``.
     """
     _check_positive("image size", height=height, width=width)
-    _check_positive("resize targets", short_side=short_side, max_long_side=max_long_side)
-    scale = min(max_long_side / max(height, width), short_side / min(height, width))
+    if max_long_side is None:
+        _check_positive("resize target", short_side=short_side)
+    else:
+        _check_positive("resize targets", short_side=short_side, max_long_side=max_long_side)
+    if rounding == "truncate":
+        if max_long_side is not None:
+            raise ValueError("rounding='truncate' (torchvision's Resize) takes no max_long_side")
+        if width <= height:
+            return int(short_side * height / width), short_side
+        return short_side, int(short_side * width / height)
+    if rounding != "half_up":
+        raise ValueError(f"rounding must be 'half_up' or 'truncate', got {rounding!r}")
+    scale = short_side / min(height, width)
+    if max_long_side is not None:
+        scale = min(max_long_side / max(height, width), scale)
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 

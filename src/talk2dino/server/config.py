@@ -1,7 +1,9 @@
 """`ServerConfig`: the limits and address of ``talk2dino serve`` (house-style §3), one field per flag.
 
-Every limit has a safe default here and only here; the CLI flags (``talk2dino serve --max-labels ...``) and
-the environment (``TALK2DINO_SERVE_MAX_LABELS=...``) override it.
+Every limit has a safe default here and only here. The ``serve`` flags are generated from these fields
+(`talk2dino.cli.flags`; help = the trailing comment, a different spelling = the field's metadata, e.g.
+``request_timeout_s`` is ``--request-timeout``), and the environment (``TALK2DINO_SERVE_MAX_LABELS=...``) is read
+with the same parser (`talk2dino.settings.read_env`); flags override the environment, which overrides the defaults.
 """
 
 from __future__ import annotations
@@ -9,48 +11,61 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from talk2dino.errors import InvalidInputError
+from talk2dino.settings import meta, read_env
 
 __all__ = ["ENV_PREFIX", "ServerConfig"]
 
 ENV_PREFIX = "TALK2DINO_SERVE_"
 """Environment variables ``TALK2DINO_SERVE_<FIELD>`` (upper case) override the defaults; flags override them."""
 
-# A palette PNG holds 256 colours; with the background channel, 255 labels fill it (outputs.MAX_PALETTE_COLORS).
+# A palette PNG holds 256 colours; with the background channel, 255 labels fill it (render.MAX_PALETTE_COLORS).
 _MAX_LABELS_LIMIT = 255
+_SERVER = "Server"
+_LIMITS = "Limits (a request over one gets a 4xx/503 answer)"
+_NET = meta(group=_SERVER)
+_LIMIT = meta(group=_LIMITS)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Address, limits and batching of the HTTP server. All limits answer a clear 4xx/503, never exhaust memory."""
 
-    host: str = "127.0.0.1"  # bind address; loopback by default, so nothing is exposed until asked
-    port: int = 8000  # TCP port
-    max_upload_bytes: int = 20_000_000  # request body cap (413 above it), checked before and while reading
-    max_pixels: int = 16_000_000  # image width x height cap (413), read from the header before decoding
-    max_score_values: int = 2**28  # pixels x channels cap (413): the [C, H, W] float32 scores (1 GiB per copy)
-    max_labels: int = 255  # labels per request (422); 255 is the most a palette PNG holds with background
-    max_label_length: int = 200  # characters per label (422)
-    queue_size: int = 16  # requests admitted but not started; one more is refused with 429 + Retry-After
-    request_timeout_s: float = 60.0  # admission to answer; a request waiting longer gets 503, its work is skipped
-    body_timeout_s: float = 30.0  # headers to last body byte; a slower (or stalled) upload gets 408 and is closed
-    shutdown_grace_s: float = 20.0  # after SIGTERM/SIGINT, in-flight requests get this long, then 503
-    max_batch: int = 4  # queued requests whose images share one backbone pass
-    # Images whose backbone features are kept (LRU, keyed by the upload's sha256 and the feature settings), so
-    # a request changing only the labels skips the backbone; 0 turns the cache off.
-    feature_cache_size: int = 8
-    max_connections: int = 64  # concurrent connections before uvicorn itself answers 503
-    allow_image_url: bool = False  # fetch `image_url` from the server (off: it lets clients make it fetch URLs)
-    # The whole `image_url` fetch (lookups, connections, redirects, body) must finish within this, and within
-    # what is left of request_timeout_s, which counts from the request's arrival and so includes the fetch.
-    url_timeout_s: float = 10.0
-    # Networks (CIDR) an `image_url` may point into although they are not public (loopback, private, link-local
-    # ...): for images on a private network. Empty: only globally routable addresses are fetched (server/fetch.py).
-    url_allow_networks: tuple[str, ...] = ()
-    retry_after_s: int = 5  # Retry-After of 503 answers, and the least one of 429 answers, in seconds
+    host: str = field(default="127.0.0.1", metadata=_NET)  # bind address; 0.0.0.0 exposes it to the network
+    port: int = field(default=8000, metadata=_NET)  # TCP port
+    max_upload_bytes: int = field(default=20_000_000, metadata=_LIMIT)  # request body cap (413 above it)
+    max_pixels: int = field(default=16_000_000, metadata=_LIMIT)  # image width x height cap (413), from the header
+    # 2**28 values of the [C, H, W] float32 scores are 1 GiB per copy.
+    max_score_values: int = field(default=2**28, metadata=_LIMIT)  # image pixels x score channels cap (413)
+    max_labels: int = field(default=255, metadata=_LIMIT)  # labels per request (422), at most 255 (a palette PNG)
+    max_label_length: int = field(default=200, metadata=_LIMIT)  # characters per label (422)
+    queue_size: int = field(default=16, metadata=_LIMIT)  # requests waiting for the model before answering 429
+    request_timeout_s: float = field(default=60.0, metadata=meta(  # seconds from arrival to answer, then 503
+        flag="--request-timeout", group=_LIMITS))
+    body_timeout_s: float = field(default=30.0, metadata=meta(  # seconds to receive a request body, then 408
+        flag="--body-timeout", group=_LIMITS))
+    shutdown_grace_s: float = field(default=20.0, metadata=meta(  # seconds in-flight requests get after SIGTERM
+        flag="--shutdown-grace", group=_LIMITS))
+    max_batch: int = field(default=4, metadata=_LIMIT)  # queued requests whose images share one backbone pass
+    # Kept LRU, keyed by the upload's sha256 and the feature settings.
+    feature_cache_size: int = field(default=8, metadata=meta(group=_LIMITS, help=(
+        "images whose features are kept, so a labels-only change skips the backbone (0: off)")))
+    max_connections: int = field(default=64, metadata=_NET)  # concurrent connections before answering 503
+    allow_image_url: bool = field(default=False, metadata=meta(group=_LIMITS, help=(
+        "let clients send image_url for the server to fetch (off: it fetches nothing, as it lets clients make it "
+        "fetch URLs)")))
+    url_timeout_s: float = field(default=10.0, metadata=meta(flag="--url-timeout", group=_LIMITS, help=(
+        "seconds for a whole image_url fetch (lookups, connections, redirects, body), also within --request-timeout, "
+        "which counts from the request's arrival and so includes the fetch")))
+    url_allow_networks: tuple[str, ...] = field(default=(), metadata=meta(
+        flag="--url-allow-network", repeat=True, metavar="CIDR", group=_LIMITS, help=(
+            "let image_url reach this non-public network too (loopback, private, link-local ...), e.g. 10.0.0.0/8 "
+            "for a private image store (repeatable; default: only globally routable addresses, server/fetch.py)")))
+    retry_after_s: int = field(default=5, metadata=meta(  # Retry-After of 503 answers, and the least of 429 ones
+        flag="--retry-after", group=_LIMITS))
 
     def validate(self) -> None:
         """Raise `InvalidInputError` naming the first impossible value and the flag to change."""
@@ -104,29 +119,10 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
-        """Defaults overridden by ``TALK2DINO_SERVE_<FIELD>`` variables (e.g. ``TALK2DINO_SERVE_PORT=9000``).
+        """Defaults overridden by ``TALK2DINO_SERVE_<FIELD>`` variables (e.g. ``TALK2DINO_SERVE_PORT=9000``), read by
+        `talk2dino.settings.parse_text` (a tuple is a comma-separated list; a boolean 1/0, true/false, yes/no, on/off).
 
         Raises:
             InvalidInputError: a value that does not parse as the field's type, or an impossible value.
         """
-        env = os.environ if environ is None else environ
-        changes: dict[str, Any] = {}
-        for item in dataclasses.fields(cls):
-            name = ENV_PREFIX + item.name.upper()
-            if name not in env:
-                continue
-            raw = env[name].strip()
-            kind = type(getattr(cls(), item.name))
-            try:
-                if kind is bool:
-                    lowered = raw.lower()
-                    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                        raise ValueError(raw)
-                    changes[item.name] = lowered in ("1", "true", "yes", "on")
-                elif kind is tuple:  # a comma-separated list, e.g. TALK2DINO_SERVE_URL_ALLOW_NETWORKS=10.0.0.0/8
-                    changes[item.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
-                else:
-                    changes[item.name] = kind(raw)
-            except ValueError as err:
-                raise InvalidInputError(f"{name}={raw!r} is not a valid {kind.__name__}") from err
-        return cls().replace(**changes)
+        return cls().replace(**read_env(cls, ENV_PREFIX, os.environ if environ is None else environ))

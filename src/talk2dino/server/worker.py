@@ -35,7 +35,9 @@ from typing import Any, Literal
 import numpy as np
 
 from talk2dino.errors import InternalError, InvalidInputError, internal_error_message
-from talk2dino.predictor import ImageFeatures, Segmenter
+from talk2dino.predictor import Segmenter
+from talk2dino.prepare import ImageFeatures
+from talk2dino.render import DEFAULT_OVERLAY_ALPHA
 
 __all__ = [
     "EmbedTextJob",
@@ -83,8 +85,8 @@ class OutputOptions:
     """What a segmentation answer carries besides the legend, settings and timings."""
 
     label_png: bool = False  # palette PNG of the label map, base64
-    overlay: bool = False  # RGB overlay PNG (outputs.overlay), base64
-    alpha: float = 0.5  # overlay opacity of the class colours
+    overlay: bool = False  # RGB overlay PNG (render.overlay), base64
+    alpha: float = DEFAULT_OVERLAY_ALPHA  # overlay opacity of the class colours
     rle: RleFormat = "none"  # COCO RLE per label
     heatmaps: bool = False  # per-label score map PNGs, base64
     attention: bool = False  # per-head CLS attention map PNGs, base64
@@ -95,10 +97,10 @@ class SegmentJob:
     """One `/v1/segment` request, decoded and validated, waiting for the worker."""
 
     image: np.ndarray  # [H, W, 3] uint8 RGB
-    labels: list[str]
-    background: bool
-    threshold: float | None
-    clean: bool | None
+    labels: list[str]  # checked by the handler (a `CheckedLabels`: set_classes does not check it again)
+    background: bool  # this request's options, passed to predict_features for this call only
+    bg_threshold: float | None  # None: the served segmenter's default
+    bg_clean: bool | None
     pamr: bool | None
     outputs: OutputOptions
     deadline: float  # time.monotonic() after which the answer is useless
@@ -397,19 +399,17 @@ class InferenceWorker:
 
     def _embed(self, jobs: list[SegmentJob]) -> list[ImageFeatures | None]:
         """Backbone features of each job's image (None: that image's input error, already set on its future)."""
-        try:
-            # The throughput path: all windows of all images in shared backbone batches.
-            return list(self.segmenter.embed_images([job.image for job in jobs]))
-        except InvalidInputError:  # one image's fault: find which, keep the others (anything else: see _run)
-            logger.debug("batch embedding failed; retrying the images one by one", exc_info=True)
-            features: list[ImageFeatures | None] = []
-            for job in jobs:
-                try:
-                    features.append(self.segmenter.embed_images([job.image])[0])
-                except InvalidInputError as one:
-                    job.future.set_exception(one)
-                    features.append(None)
-            return features
+        # The throughput path: all windows of all images in shared backbone batches; an input error is one
+        # image's fault and fails that request alone (anything else: see _run).
+        features: list[ImageFeatures | None] = []
+        for job, feats in zip(jobs, self.segmenter.embed_images([job.image for job in jobs], isolate_failures=True),
+                              strict=True):
+            if isinstance(feats, InvalidInputError):
+                job.future.set_exception(feats)
+                features.append(None)
+            else:
+                features.append(feats)
+        return features
 
     def _segment(self, jobs: list[SegmentJob]) -> bool:
         """Answer a batch; whether the backbone ran (False: every image's features came from the cache)."""

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from talk2dino.training.trainer import LOG_FILE
+from talk2dino.training.run_folder import LOG_FILE
 
 
 def _last_entry(run: Path) -> dict:
@@ -41,7 +41,7 @@ def ablation_table(runs: Mapping[str, str | os.PathLike[str]], *, plot: bool = T
         cells += [f"{val[k]:.3f}" if k in val else "—" for k in ks]
         lines.append("| " + " | ".join(cells) + " |")
     if plot and len(recall1) > 1:
-        from talk2dino.plots import bar_chart
+        from talk2dino.render import bar_chart
 
         first = Path(next(iter(runs.values())))
         bar_chart(recall1, first.parent / "ablation.png", title="val text->image recall@1 by head selection")

@@ -1,6 +1,6 @@
 // talk2dino web page: plain JavaScript, no build step, talks to the JSON API of the same server.
 //
-// Everything drawn here was drawn by the server with talk2dino.outputs (one implementation for the CLI, the
+// Everything drawn here was drawn by the server with talk2dino.render (one implementation for the CLI, the
 // API and this page): the overlay arrives at opacity 1 and the slider fades it over the photo (CSS opacity is
 // the same blend, (1 - a) * image + a * colour); legend colours come from the answer; the label under the
 // cursor is read from the palette PNG of the label map, whose colours are the legend's.

@@ -1,4 +1,4 @@
-"""Small charts drawn with Pillow (no plotting dependency): sweep lines and ablation bars."""
+"""Small charts drawn with Pillow (no plotting dependency): sweep lines (evaluation) and ablation bars (training)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from talk2dino.fileio import atomic_path
+
+__all__ = ["bar_chart", "line_chart"]
 
 _SIZE = (640, 400)
 _MARGIN = 50

@@ -1,10 +1,10 @@
-"""Visual training targets from one backbone pass: pure, batched tensor functions (method.md §3.3, §3.6).
+"""The per-head visual targets `talk2dino extract` stores, from one backbone pass (method.md §3.3, §3.6).
 
-Both functions weight the full D-dimensional final-norm patch tokens by a softmax over the patches of
-the last block's CLS->patch attention logits, and keep the reference's 1/P factor (it has no effect after
-normalisation, but keeps stored features byte-comparable, method.md §3.3). They are computed in float32
-whatever the backbone dtype. Only torch is imported here, so training can use them without the
-extraction dependencies.
+Pure, batched tensor functions. Both weight the full D-dimensional final-norm patch tokens by a softmax
+over the patches of the last block's CLS->patch attention logits, and keep the reference's 1/P factor (it
+has no effect after normalisation, but keeps stored features byte-comparable, method.md §3.3). They are
+computed in float32 whatever the backbone dtype. Which of the stored targets a caption is trained against
+is chosen later, at training time (`talk2dino.training.strategies`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""On-disk format of extracted training features (``talk2dino-features/1``).
+"""On-disk format of extracted training features (``talk2dino-features/1``), shared by extract and training.
+
+Written by `talk2dino.extract` (`talk2dino extract`), read by `talk2dino.training` (`talk2dino train`).
 
 A features folder holds::
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +63,11 @@ IMAGE_KEYS = ("image_ids", "heads", "mean_heads", "cls")
 CAPTION_KEYS = ("caption_ids", "image_ids", "text")
 # Number of dimensions of each shard tensor (see the module docstring).
 _KEY_RANKS = {"image_ids": 1, "heads": 3, "mean_heads": 2, "cls": 2, "caption_ids": 1, "text": 2}
+IMAGE_SHARD = "images-{rank:03d}-{index:05d}.safetensors"
+CAPTION_SHARD = "captions-{rank:03d}-{index:05d}.safetensors"
+RANK_MANIFEST = "manifest.rank{rank}.json"
+SHARD_NAME = re.compile(r"^(images|captions)-(\d{3})-(\d{5})\.safetensors$")  # groups: kind, rank, index
+STORED_DTYPE = torch.float16  # every stored feature, whatever the compute dtype
 
 
 class FeatureFormatError(Talk2DinoError):

@@ -1,8 +1,7 @@
-"""Dataclass configs <-> command-line flags and YAML recipes (house-style §3, §6).
+"""YAML recipes (``--recipe file.yaml``) of ``talk2dino train``, ``extract`` and ``eval`` (house-style §3).
 
-Every field of a config dataclass becomes a flag (``lr`` -> ``--lr``) whose default is None, so the
-dataclass stays the single source of defaults; a YAML recipe (``--recipe file.yaml``) sets fields
-first, flags override it, and unknown keys are errors, not warnings.
+A recipe sets config fields first, flags override it (`talk2dino.cli.flags.build_config`), and unknown keys
+are errors, not warnings. A nested config is a nested mapping (``inference: {pamr: true}`` in an eval recipe).
 
 How a recipe is read (`load_recipe`):
 
@@ -18,25 +17,21 @@ How a recipe is read (`load_recipe`):
   ``.inf``/``.nan`` and dates such as ``2001-12-14``. A string given to a number or boolean setting is
   then refused by the setting's type check, with a hint to write the value plainly, instead of becoming
   80, True, 8 or a date.
-- Numeric settings must lie in the ranges of ``talk2dino.config._RUN_LIMITS`` (e.g. ``epochs`` in
-  [1, 100000]); flags are held to the same ranges (`build_config`).
+- Numeric settings must lie in the ranges their fields declare (``talk2dino.settings.meta``, e.g. ``epochs``
+  in [1, 100000]); flags are held to the same ranges (`talk2dino.cli.flags.build_config`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import re
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any
 
-from talk2dino.config import check_fields, check_ranges
 from talk2dino.errors import InvalidInputError, one_line
 
-T = TypeVar("T")
+YAML_HINT = ("recipes read unquoted values as YAML 1.2: write numbers in plain decimal (10, 0.5, 1e-4) and "
+             "booleans as true/false")
 _MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; a bigger file is not one
 
 # YAML 1.2 core-schema plain scalars (see the module docstring); anything else resolves to a string.
@@ -45,8 +40,6 @@ _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
 _INT = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$")
 # A dot or an exponent is required: "010" must not become 10.0 through the float rule.
 _FLOAT = re.compile(r"^[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$")
-_YAML_HINT = ("recipes read unquoted values as YAML 1.2: write numbers in plain decimal (10, 0.5, 1e-4) and "
-              "booleans as true/false")
 
 
 class _RecipeError(Exception):
@@ -112,7 +105,7 @@ def _yaml_loader() -> type:
             text = self.construct_scalar(node)
             if not any(pattern.match(text) for pattern in patterns):
                 raise _RecipeError(f"'{one_line(text, max_chars=60)}' on line {node.start_mark.line + 1} is not a "
-                                   f"plain {kind}; {_YAML_HINT}")
+                                   f"plain {kind}; {YAML_HINT}")
             return str(text)
 
         def construct_yaml_int(self, node: Any) -> int:
@@ -167,66 +160,6 @@ def parse_recipe_text(text: str) -> Any:
             loader.dispose()
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    if get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _parser_for(tp: Any) -> tuple[Any, dict[str, Any]]:
-    """(argparse type callable, extra add_argument kwargs) for a field type."""
-    tp = _unwrap_optional(tp)
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = list(get_args(tp))
-        return type(choices[0]), {"choices": choices}
-    if origin is tuple:
-        inner = get_args(tp)[0]
-        return (lambda text: tuple(inner(v.strip()) for v in text.split(",") if v.strip())), {"metavar": "A,B,..."}
-    if tp is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    if tp in (int, float, str):
-        return tp, {}
-    raise TypeError(f"unsupported config field type {tp!r}")
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: tuple[str, ...] = (),
-                            help_from_comments: bool = True) -> None:
-    """Add one ``--field-name`` flag per dataclass field (default None)."""
-    hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls) if help_from_comments else {}
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        conv, extra = _parser_for(hints[f.name])
-        default = "" if f.default is dataclasses.MISSING else f" (default {f.default!r})"
-        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": comments.get(f.name, "") + default}
-        if conv is not None:
-            kwargs["type"] = conv
-        kwargs.update(extra)
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing ``# comment`` of each field line in the class source: the flag's help text."""
-    import inspect
-
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out: dict[str, str] = {}
-    for line in source.splitlines():
-        stripped = line.strip()
-        if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
-            name = stripped.split(":", 1)[0].strip()
-            if name.isidentifier():
-                out[name] = stripped.split("#", 1)[1].strip()
-    return out
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML (or JSON) recipe into a flat dict, by the rules of the module docstring.
 
@@ -259,47 +192,3 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe = Recipe(data)
     recipe.source = str(path)
     return recipe
-
-
-def build_config(cls: type[T], args: argparse.Namespace | None = None, *, recipe: dict[str, Any] | None = None,
-                 **fixed: Any) -> T:
-    """Recipe values, then `fixed`, then non-None flags -> a validated dataclass instance.
-
-    Raises:
-        InvalidInputError: (a ``ValueError``) unknown keys or values of a wrong type in the recipe, a
-            numeric setting (from the recipe or a flag) outside its range (`talk2dino.config.check_ranges`),
-            or a missing required field.
-    """
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
-    if recipe:
-        source = one_line(getattr(recipe, "source", "recipe"), max_chars=1000)
-        unknown = sorted(str(k) for k in recipe if k not in names)
-        if unknown:
-            shown = [one_line(k, max_chars=60) for k in unknown[:10]]
-            raise InvalidInputError(f"{source}: unknown {cls.__name__} keys in recipe: {shown}")
-        # Recipes are files: check every value's type and range here, so a wrong one fails now, naming the
-        # file and the setting, rather than deep inside a run. Text is not read as a number: the loader
-        # already reads plain numbers (1e-4 included), so a string here is a quoted or YAML-1.1-only form
-        # ("1:20", "0x1F", "yes").
-        for key, value in recipe.items():
-            try:
-                values.update(check_fields(cls, {key: value}))
-            except InvalidInputError as err:
-                hint = f"; {_YAML_HINT}" if isinstance(value, str) else ""
-                raise InvalidInputError(f"{source}: {err}{hint}") from err
-        try:
-            check_ranges(cls, values)
-        except InvalidInputError as err:
-            raise InvalidInputError(f"{source}: {err}") from err
-    values.update({k: v for k, v in fixed.items() if v is not None})
-    if args is not None:
-        values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    check_ranges(cls, values)
-    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in values]
-    if missing:
-        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        raise InvalidInputError(f"missing required setting(s): {flags}")
-    return cls(**values)

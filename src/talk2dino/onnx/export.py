@@ -1,7 +1,7 @@
 """ONNX export of a `Talk2DINO`: image encoder, text encoder and psi as three graphs (issue 6 item 7).
 
-The folder layout and graph signatures are documented in `talk2dino.models.onnx_runtime`, which
-loads the folder back (`load_onnx_model`) behind the same `Segmenter`.
+The folder layout and graph signatures are documented in `talk2dino.onnx.runtime`;
+`talk2dino.factory.load_onnx_model` loads the folder back behind the same `Segmenter`.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript), the default of
 current torch. It handles the pieces this model needs without custom code: fused SDPA (decomposed to
@@ -17,7 +17,6 @@ uses; psi is a separate graph because it runs after the template average (method
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -30,10 +29,12 @@ import torch
 from torch import nn
 
 from talk2dino.errors import Talk2DinoError
-from talk2dino.fileio import atomic_write_bytes, file_sha256
+from talk2dino.fileio import file_sha256, write_json
 from talk2dino.models.backbones.base import VisionBackbone
 from talk2dino.models.model import Talk2DINO
-from talk2dino.models.onnx_runtime import (
+from talk2dino.models.projection import Projection
+from talk2dino.models.text_encoder import ClipTextEncoder
+from talk2dino.onnx.runtime import (
     CONFIG_FILE,
     FORMAT_VERSION,
     IMAGE_ENCODER_FILE,
@@ -49,8 +50,6 @@ from talk2dino.models.onnx_runtime import (
     OnnxBackbone,
     make_session,
 )
-from talk2dino.models.projection import Projection
-from talk2dino.models.text_encoder import ClipTextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ def export_onnx(model: Talk2DINO, out_dir: str | os.PathLike[str], *, image_size
                 opset: int | None = None, dynamic_batch: bool = True, verify: bool = True) -> dict[str, Path]:
     """Export the image side, the text side and psi of `model` to ONNX, with a manifest and the tokenizer.
 
-    Graphs (see `talk2dino.models.onnx_runtime` for the folder layout):
+    Graphs (see `talk2dino.onnx.runtime` for the folder layout):
 
     - ``image_encoder.onnx``: ``pixel_values [B, 3, S, S]`` float32 RGB, ImageNet-normalised ->
       ``patch_tokens [B, P, D]``, ``cls_token [B, D]``, ``register_tokens [B, R, D]`` (final LayerNorm)
@@ -343,8 +342,7 @@ def export_onnx(model: Talk2DINO, out_dir: str | os.PathLike[str], *, image_size
     }
     config_path = folder / CONFIG_FILE
     # The manifest goes last and atomically: a folder with a manifest is a complete export.
-    atomic_write_bytes(config_path, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
-                       durable=True)
+    write_json(config_path, manifest, durable=True)
     logger.info("ONNX export complete in %.1f s: %s", time.perf_counter() - started, folder)
     return {
         "image_encoder": folder / IMAGE_ENCODER_FILE,

@@ -1,4 +1,5 @@
-"""Tests for talk2dino.outputs: palette, atomic writes, label/overlay PNGs, score archives, summaries, JSON."""
+"""Tests for talk2dino.render (palette, label/overlay PNGs, score archives) and talk2dino.fileio's atomic
+writes and JSON writer, and `SegmentationResult.shares`, the per-class pixel summary the result JSON holds."""
 
 from __future__ import annotations
 
@@ -10,17 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+from talk2dino import InferenceConfig, SegmentationResult
 from talk2dino.errors import InvalidInputError
-from talk2dino.outputs import (
-    atomic_path,
-    atomic_write_bytes,
+from talk2dino.fileio import atomic_path, atomic_write_bytes, write_json
+from talk2dino.labels import BACKGROUND_NAME
+from talk2dino.render import (
+    label_colors,
+    label_rles,
     overlay,
     palette,
-    save_json,
     save_label_png,
     save_overlay_png,
     save_scores_npz,
-    summarize,
 )
 
 
@@ -241,38 +243,44 @@ def test_scores_npz_rejects(tmp_path: Path, scores: np.ndarray, names: list[str]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# summarize and JSON
+# per-class shares (the result JSON's "labels") and JSON
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_summarize_counts_and_shares() -> None:
-    labels = np.array([[0, 0, 1], [2, 2, 2], [2, 0, 0]])
-    summary = summarize(labels, ["bg", "cat", "dog", "bird"], background_index=0)
+def _result(labels: list[list[int]], names: list[str], background_index: int | None) -> SegmentationResult:
+    return SegmentationResult(torch.tensor(labels), torch.zeros(len(names), len(labels), len(labels[0])), names,
+                              background_index, InferenceConfig())
+
+
+def test_shares_count_pixels_per_class() -> None:
+    result = _result([[0, 0, 1], [2, 2, 2], [2, 0, 0]], [BACKGROUND_NAME, "cat", "dog", "bird"], background_index=0)
+    summary = result.shares()
     assert [entry["name"] for entry in summary] == ["background", "cat", "dog", "bird"]
     assert [entry["index"] for entry in summary] == [0, 1, 2, 3]
-    assert [entry["pixels"] for entry in summary] == [4, 1, 4, 0]
+    assert [entry["pixels"] for entry in summary] == [4, 1, 4, 0]  # zero-pixel classes included
     assert summary[1]["share"] == round(1 / 9, 6)
     assert abs(sum(entry["share"] for entry in summary) - 1.0) < 1e-5
     assert all(type(entry["pixels"]) is int and type(entry["share"]) is float for entry in summary)
     json.dumps(summary)
 
 
-def test_summarize_without_background_keeps_names() -> None:
-    summary = summarize(np.array([[0, 1], [1, 1]]), ["sky", "tree"], background_index=None)
+def test_shares_without_background_keep_names() -> None:
+    summary = _result([[0, 1], [1, 1]], ["sky", "tree"], background_index=None).shares()
     assert [(entry["name"], entry["share"]) for entry in summary] == [("sky", 0.25), ("tree", 0.75)]
 
 
-def test_summarize_rejects_out_of_range_labels() -> None:
+def test_label_map_checks_reject_out_of_range_labels_and_background() -> None:
+    # The checks the dead `outputs.summarize` made, where they live: every label-map writer validates its input.
     with pytest.raises(InvalidInputError, match=r"\[0, 2\)"):
-        summarize(np.array([[0, 2]]), ["a", "b"], background_index=None)
+        label_rles(np.array([[0, 2]]), ["a", "b"])
     with pytest.raises(InvalidInputError, match="background_index"):
-        summarize(np.array([[0, 1]]), ["a", "b"], background_index=2)
+        label_colors(2, background_index=2)
 
 
-def test_save_json_utf8_indent_and_numpy(tmp_path: Path) -> None:
+def test_write_json_utf8_indent_and_numpy(tmp_path: Path) -> None:
     path = tmp_path / "summary.json"
     obj = {"name": "café", "count": np.int64(3), "share": np.float32(0.5), "list": np.arange(2), "path": Path("a")}
-    save_json(path, obj)
+    write_json(path, obj)
     text = path.read_bytes().decode("utf-8")
     assert "café" in text
     assert text.startswith('{\n  "name"')
@@ -281,10 +289,31 @@ def test_save_json_utf8_indent_and_numpy(tmp_path: Path) -> None:
     assert _leftovers(tmp_path, {"summary.json"}) == []
 
 
-def test_save_json_failure_keeps_old_file(tmp_path: Path) -> None:
+def test_write_json_failure_keeps_old_file(tmp_path: Path) -> None:
     path = tmp_path / "summary.json"
     path.write_text("old")
     with pytest.raises(TypeError):
-        save_json(path, {"bad": object()})
+        write_json(path, {"bad": object()})
     assert path.read_text() == "old"
     assert _leftovers(tmp_path, {"summary.json"}) == []
+
+
+def test_write_json_default_str_and_durable(tmp_path: Path) -> None:
+    # The evaluation records write any setting as its text (default=str); durable=True flushes to disk.
+    path = tmp_path / "settings.json"
+    write_json(path, {"dtype": torch.float32, "n": 1}, durable=True, default=str)
+    assert json.loads(path.read_text(encoding="utf-8")) == {"dtype": "torch.float32", "n": 1}
+    assert _leftovers(tmp_path, {"settings.json"}) == []
+
+
+def test_render_imports_neither_torch_nor_upper_layers() -> None:
+    # Drawing a numpy label map must not load torch (tensors are accepted duck-typed), and render/ is library:
+    # it never imports the CLI, server, training, extraction or evaluation.
+    import subprocess
+    import sys
+
+    code = ("import sys, talk2dino.render; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('talk2dino.cli', 'talk2dino.server', "
+            "'talk2dino.training', 'talk2dino.extract', 'talk2dino.evaluation'))]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,9 @@
-"""Build a CLIP tokenizer folder from OpenAI's BPE merge list (``bpe_simple_vocab_16e6.txt.gz``).
+"""Test and benchmark helper: a CLIP tokenizer folder from OpenAI's BPE list (``bpe_simple_vocab_16e6.txt.gz``).
 
-The hub repositories ship ``vocab.json`` + ``merges.txt``; this lets offline users (and our tests)
-make the same files from the merge list that the ``clip`` and ``open_clip`` packages bundle.
+Not the runtime tokenizer (that is transformers' ``CLIPTokenizer``, loaded by `talk2dino.factory.load_text_encoder`).
+The hub repositories ship ``vocab.json`` + ``merges.txt``; this makes the same files from the merge list that the
+``clip`` and ``open_clip`` packages bundle, so the tests, the benchmarks and the wheel check build tiny CLIP models
+offline.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import os
 from pathlib import Path
 
 CLIP_VOCAB_SIZE = 49408
-_NUM_MERGES = CLIP_VOCAB_SIZE - 256 - 256 - 2  # byte symbols, the same with </w>, start and end tokens
+NUM_MERGES = CLIP_VOCAB_SIZE - 256 - 256 - 2
+"""Merges taken from the BPE file: the vocabulary less the byte symbols, the same with </w>, start and end tokens."""
 _SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
             "pad_token": "<|endoftext|>"}
 
 
-def _byte_symbols() -> list[str]:
-    # CLIP's reversible byte -> printable-unicode table, in vocabulary order: printable bytes as
-    # themselves, then the remaining bytes mapped to chr(256 + i).
+def byte_symbols() -> list[str]:
+    """CLIP's reversible byte -> printable-unicode table, in vocabulary order: printable bytes as themselves,
+    then the remaining bytes mapped to chr(256 + i)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     rest = [b for b in range(256) if b not in keep]
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
@@ -28,8 +31,8 @@ def _byte_symbols() -> list[str]:
 def clip_vocab_from_bpe(bpe_path: str | os.PathLike[str]) -> tuple[dict[str, int], list[str]]:
     """Returns (token -> id for all 49,408 tokens, merge lines) from the gzipped merge list."""
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    merges = lines[1:1 + _NUM_MERGES]
-    base = _byte_symbols()
+    merges = lines[1:1 + NUM_MERGES]
+    base = byte_symbols()
     vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
     vocab += [_SPECIAL["bos_token"], _SPECIAL["eos_token"]]
     if len(vocab) != CLIP_VOCAB_SIZE:

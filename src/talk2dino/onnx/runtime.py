@@ -1,6 +1,6 @@
 """ONNX Runtime backend: the exported image and text sides behind the usual `Talk2DINO` interfaces.
 
-`talk2dino.export.onnx.export_onnx` writes a folder with three graphs, the tokenizer and a manifest::
+`talk2dino.onnx.export.export_onnx` writes a folder with three graphs, the tokenizer and a manifest::
 
     image_encoder.onnx   pixel_values [B, 3, S, S] -> patch_tokens, cls_token, register_tokens, attn_logits
     text_encoder.onnx    input_ids, attention_mask [N, L] -> text_embeddings [N, 512] (raw CLIP, §2.1)
@@ -8,8 +8,8 @@
     tokenizer/           the CLIP tokenizer (``save_pretrained``)
     onnx_config.json     model config, weights_info, geometry, opset, versions and the sha256 of every file
 
-`load_onnx_model` turns that folder back into a `Talk2DINO` whose backbone, text encoder and psi run
-in onnxruntime, so ``Segmenter(load_onnx_model(folder))`` works unchanged: everything after the three
+`talk2dino.factory.load_onnx_model` turns that folder back into a `Talk2DINO` whose backbone, text encoder
+and psi run in onnxruntime, so ``Segmenter(load_onnx_model(folder))`` works unchanged: everything after the three
 graphs (template averaging before psi, scoring, cleaning, PAMR, stitching) is the same torch code.
 
 psi is its own graph rather than part of the text graph because it must run *after* the template
@@ -23,7 +23,6 @@ move and ``eval()`` them like the torch components.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -35,17 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from talk2dino.config import ModelConfig
 from talk2dino.errors import InvalidInputError, WeightsError
 from talk2dino.fileio import file_sha256
 from talk2dino.models.backbones.base import BackboneOutput, VisionBackbone
-from talk2dino.models.model import Talk2DINO
 from talk2dino.models.projection import Projection
 from talk2dino.models.text_encoder import ClipTextEncoder
 
 logger = logging.getLogger(__name__)
 
-# File layout of an exported folder; the exporter (talk2dino.export.onnx) imports these names.
+# File layout of an exported folder; the exporter (talk2dino.onnx.export) imports these names.
 IMAGE_ENCODER_FILE = "image_encoder.onnx"
 TEXT_ENCODER_FILE = "text_encoder.onnx"
 PROJECTION_FILE = "projection.onnx"
@@ -352,78 +349,3 @@ def verify_onnx_folder(folder: str | os.PathLike[str], manifest: dict[str, Any])
             problems.append(f"{name} hash mismatch")
     if problems:
         raise WeightsError(f"ONNX export {root} is damaged ({', '.join(problems)}); export it again")
-
-
-def load_onnx_model(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu",
-                    providers: Sequence[str] | None = None, threads: int | None = None,
-                    verify: bool = True) -> Talk2DINO:
-    """Build a `Talk2DINO` whose backbone, text encoder and psi run in onnxruntime.
-
-    The model's inference defaults get ``window`` = the exported image size (and a stride no larger),
-    since the image graph accepts only that window, and, for a graph with a fixed batch, that batch
-    as ``window_batch_size``; everything else is the exported model's config.
-
-    Args:
-        folder: a folder written by `talk2dino.export.onnx.export_onnx`.
-        device: "cpu" (CPUExecutionProvider) or "cuda[:N]" (CUDAExecutionProvider; outputs on that device).
-        providers: explicit onnxruntime provider names, overriding the choice from `device`.
-        threads: intra-op threads per session (None: onnxruntime's default).
-        verify: check every file's sha256 against the manifest first.
-
-    Returns:
-        A `Talk2DINO` in eval mode on `device`; ``weights_info["runtime"]`` records the runtime,
-        its providers and the file hashes.
-
-    Raises:
-        WeightsError: not an export folder, a file missing or damaged.
-        ImportError: onnxruntime is not installed.
-        ValueError: CUDA requested without a CUDA-enabled onnxruntime.
-    """
-    from transformers import AutoTokenizer
-
-    ort = require_onnxruntime()
-    root = Path(folder)
-    manifest = read_onnx_config(root)
-    if verify:
-        verify_onnx_folder(root, manifest)
-    chosen = resolve_providers(device, providers)
-    target = torch.device(device)
-    device_id = target.index or 0
-
-    def session(name: str) -> Any:
-        return make_session(root / name, providers=chosen, device_id=device_id, threads=threads)
-
-    image, text, psi = manifest["image"], manifest["text"], manifest["projection"]
-    backbone = OnnxBackbone(session(IMAGE_ENCODER_FILE), image_size=image["image_size"],
-                            embed_dim=image["embed_dim"], num_heads=image["num_heads"],
-                            num_registers=image["num_registers"], patch_size=image["patch_size"])
-    tokenizer = AutoTokenizer.from_pretrained(root / TOKENIZER_DIR)
-    text_encoder = OnnxTextEncoder(session(TEXT_ENCODER_FILE), tokenizer, context_length=text["context_length"],
-                                   embed_dim=text["embed_dim"])
-    if text_encoder.eot_id != text["eot_id"]:
-        raise WeightsError(f"{root / TOKENIZER_DIR}: end-of-text id {text_encoder.eot_id}, the export used "
-                           f"{text['eot_id']}; export the folder again")
-    projection = OnnxProjection(session(PROJECTION_FILE), in_dim=psi["in_dim"], out_dim=psi["out_dim"])
-
-    config = ModelConfig.from_dict(manifest["model_config"])
-    size = backbone.image_size
-    inference = config.inference
-    if inference.window != size:
-        logger.info("ONNX export %s: window %d (the exported image size) instead of %d", root, size, inference.window)
-        inference = dataclasses.replace(inference, window=size, stride=min(inference.stride, size))
-    if backbone.batch_size is not None and inference.window_batch_size != backbone.batch_size:
-        inference = dataclasses.replace(inference, window_batch_size=backbone.batch_size)
-    config = dataclasses.replace(config, inference=inference)
-    weights_info = dict(manifest.get("weights_info", {}))
-    weights_info["runtime"] = {
-        "name": "onnxruntime",
-        "version": ort.__version__,
-        "providers": list(backbone.session.get_providers()),
-        "folder": str(root.resolve()),
-        "image_size": size,
-        "opset": manifest.get("opset"),
-        "files": dict(manifest.get("files", {})),
-    }
-    logger.info("ONNX model %s: window %d, providers %s", root, size, weights_info["runtime"]["providers"])
-    model = Talk2DINO(backbone, text_encoder, projection, config, weights_info)
-    return model.to(target).eval()
