@@ -202,10 +202,13 @@ def add_error_handlers(app: FastAPI, cfg: ServerConfig) -> None:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if request.url.path in FORM_PATHS and kind not in _FORM_TYPES:
             # Not a form at all (JSON, XML, a bare image, nothing): say what to send, not which field is missing.
+            # A body in another format is 415; no Content-Type at all is a request without its required fields,
+            # 422 as the OpenAPI schema says (schemathesis' negative mode checks that).
             got = one_line(kind)[:100] if kind else "no Content-Type"
-            return error(415, f"{request.url.path} takes multipart/form-data, not {got}: send multipart/form-data "
-                              "with an 'image' file and a 'labels' field (curl -F image=@photo.jpg "
-                              "-F labels='cat, sofa')")
+            return error(415 if kind else 422,
+                         f"{request.url.path} takes multipart/form-data, not {got}: send multipart/form-data "
+                         "with an 'image' file and a 'labels' field (curl -F image=@photo.jpg "
+                         "-F labels='cat, sofa')")
         # Only location and message: the offending input may be a whole file.
         details = [{"loc": [str(p) for p in e.get("loc", ()) if p != "body"], "msg": str(e.get("msg", ""))}
                    for e in exc.errors()]
