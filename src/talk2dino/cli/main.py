@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from talk2dino.cli import convert, export, extract, models, segment, serve, train
+from talk2dino.cli import convert, export, extract, models, segment, segment_dataset, serve, train
 from talk2dino.cli import eval as eval_command
 from talk2dino.cli.flags import DEPRECATED_DEST
 
@@ -31,7 +31,8 @@ logger = logging.getLogger("talk2dino.cli")
 # Subcommand -> its module, in the order of the help. Building the parser imports these modules only: each
 # imports what its run needs when it runs.
 COMMANDS: dict[str, ModuleType] = {
-    "segment": segment, "extract": extract, "train": train, "serve": serve, "eval": eval_command,
+    "segment": segment, "segment-dataset": segment_dataset,
+    "extract": extract, "train": train, "serve": serve, "eval": eval_command,
     "convert": convert, "export-onnx": export, "models": models,
 }
 
