@@ -3,7 +3,10 @@
 Builds DINOv2 ViT-B/14 with 4 registers and the CLIP ViT-B/16 text tower from transformers configs with
 random weights (nothing is downloaded), composes a `Talk2DINO`, and times `Segmenter` on synthetic images:
 seconds per image, windows per second, per-stage timings and peak memory, for the fast path and the
-reference path (``Segmenter(..., reference=True)``) in the same run.
+reference path (``Segmenter(..., reference=True)``) in the same run, and with ``--paths ...,batch`` (added by
+default on CUDA) the throughput path: ``embed_images`` + ``predict_features_batch`` over ``--batch-images``
+images at once (batched post-processing on a GPU, issue 16; the CPU default streams windows), with the
+post-processing stages from one extra ``profile=True`` call.
 
 Every (device, dtype, setting, image size, path) configuration runs in a fresh child process (this
 script re-invoked with ``--child``), so that its peak memory is its own: on CPU the peak resident set
@@ -15,6 +18,8 @@ Usage::
     python benchmarks/bench_inference.py                      # CPU, plus CUDA when present
     python benchmarks/bench_inference.py --sizes 500x375 --repeats 3 --json bench.json
     python benchmarks/bench_inference.py --settings voc21,voc20-plain --no-gpu
+    python benchmarks/bench_inference.py --device cuda --no-gpu --dtype bfloat16 --paths fast,batch \
+        --settings voc21,voc20-plain --batch-images 64      # issue 16 target 2: predict_batch windows/s
 
 See benchmarks/README.md for the meaning of every column.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -75,11 +81,12 @@ class Spec:
     setting: str
     width: int
     height: int
-    path: str  # "fast" or "reference"
+    path: str  # "fast", "reference" or "batch"
     repeats: int
     threads: int | None
     autocast: bool
     bpe: str
+    batch_images: int = 0  # images per predict_batch call (path "batch")
 
 
 # ---------------------------------------------------------------------------------------------- model and data
@@ -277,6 +284,8 @@ def run_child(spec: Spec) -> dict[str, Any]:
         sync()
         return out, time.perf_counter() - start
 
+    if spec.path == "batch":
+        return _run_batch_child(spec, segmenter, image, timed, autocast, sdpa_calls, build_s)
     load_before = os.getloadavg()[0]
     probe = MemoryProbe(device)
     probe.start()
@@ -322,6 +331,58 @@ def run_child(spec: Spec) -> dict[str, Any]:
         "windows_per_second": windows / seconds,
         "median_seconds_per_image": float(statistics.median(run["total"] for run in steady)),
         "stages": {key: best.get(key, 0.0) for key in ("backbone", "set_classes", "predict", *STAGES[1:])},
+        "steady_runs": steady,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "peak_mb": peak_mb,
+        "baseline_mb": probe.model_mb,
+        "memory_method": probe.method,
+    }
+
+
+def _run_batch_child(spec: Spec, segmenter: Any, image: np.ndarray, timed: Callable[[Callable[[], Any]], Any],
+                     autocast: contextlib.AbstractContextManager[Any], sdpa_calls: int,
+                     build_s: float) -> dict[str, Any]:
+    """The "batch" path: ``spec.batch_images`` images per call through ``embed_images`` + ``predict_features_batch``
+    (what ``predict_batch`` does), timed as a whole; stages from one extra ``profile=True`` call."""
+    images = [image] + [synthetic_image(spec.width, spec.height, seed) for seed in range(1, spec.batch_images)]
+    load_before = os.getloadavg()[0]
+    probe = MemoryProbe(segmenter.model.device)
+    probe.start()
+    with autocast:
+        segmenter.set_classes(list(WARMUP_CLASSES))  # warm-up: a smaller batch, another vocabulary
+        segmenter.predict_batch(images[:2])
+        _, text_first = timed(lambda: segmenter.set_classes(list(VOC_CLASSES)))
+        steady: list[dict[str, float]] = []
+        windows = 0
+        for _ in range(spec.repeats):
+            embedded, embed_s = timed(lambda: segmenter.embed_images(images))
+            windows = sum(len(f.boxes) for f in embedded)
+            _, post_s = timed(functools.partial(segmenter.predict_features_batch, embedded))
+            steady.append({"total": embed_s + post_s, "backbone": embed_s, "predict": post_s})
+            del embedded
+        features = segmenter.embed_images(images)
+        profiled = segmenter.predict_features_batch(features, profile=True)
+        stages = {stage: sum(r.timings.get(stage, 0.0) for r in profiled) for stage in STAGES[1:]}
+        num_channels = len(profiled[0].class_names)
+        del features, profiled
+    peak_mb = probe.peak_mb()
+    best = min(steady, key=lambda run: run["total"])
+    count = len(images)
+    return {
+        **asdict(spec),
+        "threads_used": torch.get_num_threads(),
+        "windows": windows // count,
+        "resized": None,
+        "channels": num_channels,
+        "sdpa_calls_per_pass": sdpa_calls,
+        "build_s": build_s,
+        "first_call_s": 0.0,
+        "text_first_s": text_first,
+        "seconds_per_image": best["total"] / count,
+        "windows_per_second": windows / best["total"],
+        "post_windows_per_second": windows / best["predict"],
+        "median_seconds_per_image": float(statistics.median(run["total"] for run in steady)) / count,
+        "stages": {"backbone": best["backbone"], "set_classes": 0.0, "predict": best["predict"], **stages},
         "steady_runs": steady,
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "peak_mb": peak_mb,
@@ -391,10 +452,11 @@ def plan(args: argparse.Namespace) -> Iterator[Spec]:
         for dtype in dtypes:
             for setting in args.settings:
                 for width, height in args.sizes:
-                    for path in ("fast", "reference"):
-                        repeats = args.repeats if path == "fast" else args.ref_repeats
+                    paths = args.paths or ["fast", "reference", *(["batch"] if device.startswith("cuda") else [])]
+                    for path in paths:
+                        repeats = args.ref_repeats if path == "reference" else args.repeats
                         yield Spec(device, dtype, setting, width, height, path, repeats, args.threads,
-                                   args.autocast, str(args.bpe))
+                                   args.autocast, str(args.bpe), args.batch_images if path == "batch" else 0)
 
 
 def _config_name(rec: dict[str, Any]) -> str:
@@ -427,7 +489,8 @@ def format_tables(records: list[dict[str, Any]]) -> str:
     for pair in pairs.values():
         fast, ref = pair.get("fast"), pair.get("reference")
         any_rec = fast or ref
-        assert any_rec is not None
+        if any_rec is None:  # a batch-only configuration: in the batch table below
+            continue
         speed = f"{ref['seconds_per_image'] / fast['seconds_per_image']:.2f}×" if fast and ref else "–"
         cells = [
             _config_name(any_rec), _image_name(any_rec), str(any_rec["windows"]),
@@ -457,6 +520,26 @@ def format_tables(records: list[dict[str, Any]]) -> str:
                 f"| {_config_name(rec)} | {_image_name(rec)} | {path} | {' | '.join(cells)} "
                 f"| {st['set_classes'] * 1e3:.2f} ms | {rec['text_first_s']:.3f} | {rec['first_call_s']:.3f} |"
             )
+    batches = [rec for rec in records if rec["path"] == "batch"]
+    if batches:
+        lines += [
+            "",
+            "Throughput path (`embed_images` + `predict_features_batch` over a batch of images, as `predict_batch`; "
+            "batched post-processing on a GPU, windows streamed on CPU; stages summed over the batch, from a "
+            "`profile=True` call):",
+            "",
+            "| config | image | images/batch | windows/s | post-processing windows/s | s/img | backbone s | scores "
+            "| upsample | pamr | stitch | resize_argmax | peak MB |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for rec in batches:
+            st = rec["stages"]
+            cells = [f"{st.get(s, 0.0):.3f}" if (s != "pamr" or SETTINGS[rec["setting"]][1]) else "–"
+                     for s in STAGES[1:]]
+            lines.append(
+                f"| {_config_name(rec)} | {_image_name(rec)} | {rec['batch_images']} | {rec['windows_per_second']:.1f} "
+                f"| {rec['post_windows_per_second']:.1f} | {rec['seconds_per_image']:.4f} | {st['backbone']:.3f} "
+                f"| {' | '.join(cells)} | {rec['peak_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -464,7 +547,7 @@ def format_machine(info: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """One Markdown paragraph describing the machine and the memory method."""
     threads = sorted({r["threads_used"] for r in records if r["device"] == "cpu"})
     methods = sorted({r["memory_method"] for r in records})
-    baseline = {r["device"]: r["baseline_mb"] for r in records if r["path"] == "fast"}
+    baseline = {r["device"]: r["baseline_mb"] for r in records if r["path"] != "reference"}
     sdpa = sorted({(r["path"], r["sdpa_calls_per_pass"]) for r in records})
     load = max((max(r["load_average_1min"]) for r in records), default=0.0)
     return (
@@ -502,6 +585,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bpe", type=Path, default=DEFAULT_BPE,
                    help="CLIP BPE merge list for the tokenizer (default: ../shared/reference/clip-bpe/...)")
     p.add_argument("--json", type=Path, default=None, help="also write every record and the machine here")
+    p.add_argument("--paths", type=lambda s: s.split(","), default=None,
+                   help="comma-separated from fast, reference, batch (default: fast,reference, plus batch on CUDA)")
+    p.add_argument("--batch-images", type=int, default=32,
+                   help="images per predict_batch call on the batch path (default: 32)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -509,8 +596,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         unknown = [s for s in args.settings if s not in SETTINGS] + [d for d in args.dtype or [] if d not in DTYPES]
         if unknown:
             p.error(f"unknown setting or dtype {unknown}; settings {sorted(SETTINGS)}, dtypes {sorted(DTYPES)}")
-        if args.repeats < 1 or args.ref_repeats < 1:
-            p.error("--repeats and --ref-repeats must be >= 1")
+        if args.repeats < 1 or args.ref_repeats < 1 or args.batch_images < 1:
+            p.error("--repeats, --ref-repeats and --batch-images must be >= 1")
+        if any(path not in ("fast", "reference", "batch") for path in args.paths or []):
+            p.error(f"unknown path in {args.paths}; choose from fast, reference, batch")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             p.error(f"--device {args.device}: CUDA is not available")
         if not args.bpe.is_file():

@@ -161,3 +161,52 @@ def test_two_gloo_ranks_give_the_single_process_matrix(tiny_sources, tiny_model,
     single = evaluate_benchmark(Segmenter(tiny_model), get_benchmark("voc21"),
                                 _config(data, tmp_path / "single", tiny_sources), progress=False)[0]
     assert torch.equal(sharded, single.matrix.state)
+
+
+def _cache_lines(out: Path) -> dict[str, list[dict]]:
+    """Every progress cache of a results folder: combination folder name -> its lines, sorted by image."""
+    return {cache.parent.name: sorted((json.loads(line) for line in cache.read_text().splitlines()),
+                                      key=lambda entry: entry["name"])
+            for cache in sorted(out.glob("*/progress.rank0.jsonl"))}
+
+
+def test_batched_eval_with_loader_workers_equals_one_image_at_a_time(tiny_sources, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """Issue 16: batches of images, decoded by a worker, counted on the matrix's device: the same counts per
+    image and the same matrices as the one-image loop, for a sweep over two geometries and two thresholds."""
+    data = make_voc(tmp_path / "data", stems=(*STEMS, "2007_000004", "2007_000005"))
+    embedded: list[int] = []
+    original = Segmenter.embed_images
+
+    def counting(self, images, **kwargs):
+        embedded.append(len(images))
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "embed_images", counting)
+    sweep = dict(short_side=(42, 56), bg_threshold=(0.4, 0.6))
+    one = run_eval(_config(data, tmp_path / "one", tiny_sources, **sweep), progress=False)["records"]
+    assert embedded == [1] * 10  # 5 images x 2 geometries, each geometry embedded once for both thresholds
+    embedded.clear()
+    batched = run_eval(_config(data, tmp_path / "batched", tiny_sources, **sweep), progress=False, batch_size=2,
+                       workers=1)["records"]
+    assert embedded == [2, 2, 2, 2, 1, 1]
+    assert [r["options"] for r in batched] == [r["options"] for r in one] and len(one) == 4
+    assert [r["mIoU_exact"] for r in batched] == [r["mIoU_exact"] for r in one]
+    assert _cache_lines(tmp_path / "batched") == _cache_lines(tmp_path / "one")
+
+
+def test_confusion_matrices_stay_on_the_model_device_until_the_end(tiny_sources, tiny_model, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    data = make_voc(tmp_path / "data")
+    devices: list[torch.device] = []
+    add = ConfusionMatrix.add
+
+    def recording(self, counts):
+        devices.append(self.device)
+        return add(self, counts)
+
+    monkeypatch.setattr(ConfusionMatrix, "add", recording)
+    results = evaluate_benchmark(Segmenter(tiny_model), get_benchmark("voc21"),
+                                 _config(data, tmp_path / "out", tiny_sources), progress=False, batch_size=2)
+    assert devices == [tiny_model.device] * 2  # a batch of two, then one
+    assert results[0].matrix.device.type == "cpu" and int(results[0].matrix.state.sum()) > 0

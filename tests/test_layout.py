@@ -19,8 +19,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "talk2dino"
 UPPER = ("cli", "server", "training", "evaluation", "extract", "onnx", "bench")
 LIBRARY_PACKAGES = ("models", "ops", "data", "render")
-LIBRARY_MODULES = ("predictor", "prepare", "results", "vocabulary", "factory", "registry", "catalog", "config",
-                   "weights", "errors", "fileio", "labels", "compat")
+LIBRARY_MODULES = ("predictor", "prepare", "postprocess", "results", "vocabulary", "factory", "registry", "catalog",
+                   "config", "weights", "errors", "fileio", "labels", "compat")
 # The factory builds a Talk2DINO from an ONNX export folder (`load_onnx_model`): it may use the runtime parts.
 ALLOWED = {("factory", "onnx.runtime")}
 

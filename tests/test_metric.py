@@ -132,3 +132,35 @@ def test_counts_on_the_gpu_equal_cpu() -> None:
     gpu.update(pred.cuda(), target.cuda())
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.state.cpu(), cpu.state)
+
+
+def test_image_counts_of_a_batch_equal_per_image_updates() -> None:
+    pairs = [_random_pair(seed, 5) for seed in range(3)]
+    pairs[1] = (pairs[1][0][:20, :11].to(torch.uint8), pairs[1][1][:20, :11])  # another size and dtype
+    batch = ConfusionMatrix(5)
+    counts = batch.image_counts([p for p, _ in pairs], [t for _, t in pairs])
+    assert counts.shape == (3, 5, 5) and counts.dtype == torch.int64
+    for (pred, target), image in zip(pairs, counts, strict=True):
+        alone = ConfusionMatrix(5)
+        alone.update(pred, target)
+        assert torch.equal(image, alone.state)
+    assert int(batch.state.sum()) == 0  # counted, not added
+    batch.add(counts).add(counts[0])
+    assert torch.equal(batch.state, counts.sum(0) + counts[0])
+    assert batch.image_counts([], []).shape == (0, 5, 5)
+
+
+def test_image_counts_refuse_values_out_of_range_naming_the_image() -> None:
+    matrix = ConfusionMatrix(4)
+    good = (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64))
+    bad_target = torch.tensor([[0, 7, IGNORE]])
+    with pytest.raises(InvalidInputError, match=r"^image 1: target holds values \[7\]"):
+        matrix.image_counts([good[0], torch.zeros(1, 3, dtype=torch.int64)], [good[1], bad_target])
+    # A prediction out of range is refused even on an ignored pixel, as `update` does.
+    with pytest.raises(InvalidInputError, match=r"^image 0: prediction holds values \[9\]"):
+        matrix.image_counts([torch.tensor([[9]])], [torch.tensor([[IGNORE]])])
+    with pytest.raises(InvalidInputError, match="2 predictions for 1 targets"):
+        matrix.image_counts([good[0], good[0]], [good[1]])
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        matrix.add(torch.zeros(3, 3, dtype=torch.int64))
+    assert int(matrix.state.sum()) == 0

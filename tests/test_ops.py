@@ -382,6 +382,61 @@ def test_pamr_rejects_size_mismatch() -> None:
         pamr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 4, 4), iterations=1, dilations=(1,))
 
 
+def test_pamr_dispatch_to_the_fused_kernels(monkeypatch) -> None:
+    """CPU tensors take the torch path unless ``fused=True``; the kernels get float32 inputs and their
+    result is returned as is; ``iterations=0`` never launches anything. (The kernels themselves:
+    tests/test_pamr_triton.py, in triton's interpreter, and tests/test_gpu.py on CUDA.)"""
+    import talk2dino.ops.pamr as pamr_module
+
+    calls: list[tuple[torch.dtype, torch.dtype, int, tuple[int, ...]]] = []
+    sentinel = torch.full((1, 2, 6, 7), 7.0)
+
+    def fake_kernel(image: torch.Tensor, masks: torch.Tensor, *, iterations: int,
+                    dilations: tuple[int, ...]) -> torch.Tensor:
+        calls.append((image.dtype, masks.dtype, iterations, tuple(dilations)))
+        return sentinel
+
+    monkeypatch.setattr(pamr_module, "_fused_kernel", lambda: fake_kernel)
+    image, masks = _random_pamr_inputs(1, 2, 6, 7, seed=16)
+    torch_path = pamr(image, masks, iterations=2, dilations=(1, 2))
+    assert not calls and not torch.equal(torch_path, sentinel)
+    assert torch.equal(pamr(image, masks, iterations=2, dilations=(1, 2), fused=False), torch_path)
+    assert not calls
+    assert pamr(image.to(torch.uint8), masks.double(), iterations=2, dilations=(1, 2), fused=True) is sentinel
+    assert calls == [(torch.float32, torch.float32, 2, (1, 2))]
+    assert torch.equal(pamr(image, masks, iterations=0, dilations=(1,), fused=True), masks)
+    assert len(calls) == 1
+
+
+def test_pamr_fused_without_triton(monkeypatch) -> None:
+    import talk2dino.ops.pamr as pamr_module
+
+    monkeypatch.setattr(pamr_module, "_fused_kernel", lambda: None)
+    image, masks = _random_pamr_inputs(1, 2, 6, 7, seed=17)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        pamr(image, masks, iterations=1, dilations=(1,), fused=True)
+    assert not pamr_module.fused_pamr_available()
+    assert torch.equal(pamr(image, masks, iterations=1, dilations=(1,)), pamr(image, masks, iterations=1,
+                                                                               dilations=(1,), fused=False))
+
+
+def test_importing_talk2dino_never_imports_triton() -> None:
+    """The fused kernels are imported on first use with a CUDA tensor (or ``fused=True``), never before: a
+    CPU install needs no triton and pays no import time."""
+    import subprocess
+    import sys
+
+    # Whether torch itself imports triton is torch's business (some CUDA builds may): only talk2dino's own
+    # imports are checked.
+    script = ("import sys, torch\n"
+              "by_torch = 'triton' in sys.modules\n"
+              "import talk2dino, talk2dino.predictor, talk2dino.ops.pamr as p\n"
+              "p.pamr(torch.rand(1, 3, 5, 6) * 255, torch.rand(1, 2, 5, 6), iterations=1, dilations=(1,))\n"
+              "print('talk2dino.ops.pamr_triton' in sys.modules, 'triton' in sys.modules and not by_torch)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False False"
+
+
 # --------------------------------------------------------------------------- geometry (§4.3)
 
 

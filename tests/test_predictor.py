@@ -302,16 +302,16 @@ def test_fast_path_equals_plain_pipeline_bit_for_bit(segmenter: Segmenter, backg
 
 
 def test_scores_are_resized_on_first_access_only(segmenter: Segmenter, monkeypatch) -> None:
-    import talk2dino.predictor as predictor
+    import talk2dino.postprocess as postprocess
 
     calls = {"n": 0}
-    original = predictor.resize_scores
+    original = postprocess.resize_scores
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(predictor, "resize_scores", counting)
+    monkeypatch.setattr(postprocess, "resize_scores", counting)
     segmenter.set_classes(["cat", "dog"])
     segmenter.set_image(_image())
     result = segmenter.predict(background=True)

@@ -3,7 +3,8 @@
 The pipeline per image (method.md §4.3–4.8): resize the uint8 image with OpenCV, cut the window
 grid, run the backbone on all windows as one batch, then per window sigmoid(cos) → cleaning →
 bilinear upsampling (align_corners=True) → PAMR → background channel, stitch by averaging, resize
-to the original size (align_corners=False), softmax over channels and argmax.
+to the original size (align_corners=False), softmax over channels and argmax: `talk2dino.postprocess`, one
+window at a time on CPU, all windows of a batch as batched tensors on a GPU (`Segmenter.predict_features_batch`).
 
 Around it: `talk2dino.prepare` (images made ready, cached features), `talk2dino.vocabulary` (label checks, once),
 `talk2dino.results` (the typed answer). ``background``, ``bg_threshold``, ``bg_clean``, ``pamr``: per `predict` call.
@@ -18,7 +19,7 @@ import os
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -31,12 +32,8 @@ from talk2dino.data.images import as_rgb_image
 from talk2dino.errors import InvalidInputError
 from talk2dino.labels import BACKGROUND_NAME
 from talk2dino.models import BackboneOutput, Talk2DINO
-from talk2dino.ops.cleaning import clean_background
-from talk2dino.ops.pamr import pamr as pamr_fast
-from talk2dino.ops.pamr import pamr_reference
-from talk2dino.ops.similarity import sigmoid_cosine
-from talk2dino.ops.sliding import softmax_argmax, stitch
-from talk2dino.prepare import ImageFeatures, ImageLike, PreparedImage, chunk_reporter, prepare_image, resize_scores
+from talk2dino.postprocess import PredictionSetup, segment_batch, segment_streaming
+from talk2dino.prepare import ImageFeatures, ImageLike, PreparedImage, chunk_reporter, prepare_image
 from talk2dino.results import SegmentationResult, describe_model
 from talk2dino.vocabulary import CheckedLabels, check_labels, refuse_same_tokens, report_truncated
 
@@ -352,10 +349,23 @@ class Segmenter:
         config.validate()
         return config
 
+    def _setup(self, background: bool | None, bg_threshold: float | None, bg_clean: bool | None,
+               pamr: bool | None) -> PredictionSetup:
+        """The vocabulary and effective settings of one prediction call, checked."""
+        classes, embeddings = self._classes, self._class_embeddings
+        if classes is None or embeddings is None:
+            raise InvalidInputError("no labels set; call set_classes first")
+        cfg = self.options(background=background, bg_threshold=bg_threshold, bg_clean=bg_clean, pamr=pamr)
+        classes.check_background(cfg.background)
+        names = (BACKGROUND_NAME, *classes) if cfg.background else tuple(classes)
+        return PredictionSetup(text=embeddings, names=names, background_index=0 if cfg.background else None,
+                               config=cfg, model_info=describe_model(self.model))
+
     @torch.inference_mode()
     def predict_features(self, features: ImageFeatures, *, background: bool | None = None,
                          bg_threshold: float | None = None, bg_clean: bool | None = None, pamr: bool | None = None,
-                         threshold: float | None = None, clean: bool | None = None) -> SegmentationResult:
+                         threshold: float | None = None, clean: bool | None = None,
+                         profile: bool = False) -> SegmentationResult:
         """Segment from cached image features with the current vocabulary.
 
         Args:
@@ -365,96 +375,54 @@ class Segmenter:
             bg_clean: background cleaning (method.md §4.5); None follows `background`.
             pamr: PAMR refinement (method.md §4.7).
             threshold, clean: deprecated spellings of `bg_threshold` and `bg_clean` (a DeprecationWarning).
+            profile: per-stage ``timings`` on a GPU (`predict_features_batch`); on CPU they are always recorded.
 
-        Every option left None takes the segmenter's `config` value. Nothing is kept between calls.
+        Every option left None takes the segmenter's `config` value. Nothing is kept between calls. On CPU the
+        windows are processed one at a time (`talk2dino.postprocess.segment_streaming`); on other devices as
+        `predict_features_batch` does, without waiting for the device until the labels are copied.
 
         Raises:
             InvalidInputError: no vocabulary set, or a label named 'background' with the background channel on.
             ValueError: an option out of range.
         """
-        classes, embeddings = self._classes, self._class_embeddings
-        if classes is None or embeddings is None:
-            raise InvalidInputError("no labels set; call set_classes first")
         # stacklevel 4: past the inference_mode wrapper, to the caller.
-        cfg = self.options(background=background, bg_threshold=_renamed("threshold", threshold, bg_threshold, 4),
-                           bg_clean=_renamed("clean", clean, bg_clean, 4), pamr=pamr)
-        classes.check_background(cfg.background)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
+        setup = self._setup(background, _renamed("threshold", threshold, bg_threshold, 4),
+                            _renamed("clean", clean, bg_clean, 4), pamr)
+        if self.reference or features.guides.device.type == "cpu":
+            return segment_streaming(features, setup, reference=self.reference)
+        return segment_batch([features], setup, profile=profile)[0]
 
-        def lap(stage: str) -> None:
-            nonlocal clock
-            if self.model.device.type == "cuda":
-                torch.cuda.synchronize(self.model.device)
-            now = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + now - clock
-            clock = now
+    @torch.inference_mode()
+    def predict_features_batch(self, features: Sequence[ImageFeatures], *, background: bool | None = None,
+                               bg_threshold: float | None = None, bg_clean: bool | None = None,
+                               pamr: bool | None = None, profile: bool = False,
+                               batched: bool | None = None) -> list[SegmentationResult]:
+        """Segment several images from their cached features: one result per image, in order.
 
-        out = features.output
-        text = embeddings
-        n_windows, num_classes = out.patch_tokens.shape[0], text.shape[0]
-        wh, ww = features.guides.shape[-2:]
-        scores = sigmoid_cosine(out.patch_tokens, text)  # [n, N, P], method.md §4.4 step 5
-        if cfg.effective_bg_clean:
-            scores = clean_background(scores, out.patch_tokens, out.attn_logits, text, lam=cfg.clean_lambda,
-                                      head_embedding=cfg.clean_head_embedding)
-        lap("scores")
-        grid = scores.view(n_windows, num_classes, *out.grid)
-        names = list(classes)
-        background_index = None
-        if cfg.background:
-            names = [BACKGROUND_NAME, *names]
-            background_index = 0
-        if self.reference:
-            # The plain path: every stage on all windows at once, PAMR materialising every shift.
-            scores = F.interpolate(grid, size=(wh, ww), mode="bilinear", align_corners=True)
-            lap("upsample")
-            if cfg.pamr:
-                scores = pamr_reference(features.guides, scores, iterations=cfg.pamr_iterations,
-                                        dilations=cfg.pamr_dilations)
-                lap("pamr")
-            if cfg.background:
-                bg = torch.full((n_windows, 1, wh, ww), cfg.bg_threshold, dtype=scores.dtype, device=scores.device)
-                scores = torch.cat([bg, scores], dim=1)
-            stitched = stitch(scores, features.boxes, *features.resized_size)
-        else:
-            # One window at a time (upsample, PAMR, add into the canvas), the background channel added
-            # by `stitch` itself: the same arithmetic per element as above, without materialising the
-            # [n, C, wh, ww] maps of all windows or concatenating them.
-            def refined_windows() -> Iterator[torch.Tensor]:
-                for i in range(n_windows):
-                    block = F.interpolate(grid[i : i + 1], size=(wh, ww), mode="bilinear", align_corners=True)
-                    lap("upsample")
-                    if cfg.pamr:
-                        block = pamr_fast(features.guides[i : i + 1], block, iterations=cfg.pamr_iterations,
-                                          dilations=cfg.pamr_dilations)
-                        lap("pamr")
-                    yield block[0]
-                    lap("stitch")  # the canvas accumulation of this window, done by `stitch` in between
+        With the batched path (`talk2dino.postprocess.segment_batch`) all windows of all images go through
+        scores, cleaning, upsampling, PAMR and stitching as batched tensors on the device, the full-resolution
+        resize and argmax run on images of one size at once, and only the labels come back to the host (the
+        ``scores`` and ``stitched`` maps on first read). Its labels and stitched maps equal `predict_features`'
+        bit for bit on CPU.
 
-            stitched = stitch(refined_windows(), features.boxes, *features.resized_size,
-                              prepend=cfg.bg_threshold if cfg.background else None)
-        lap("stitch")
-        final = resize_scores(stitched, features.original_size)
-        scores_out: torch.Tensor | Callable[[], torch.Tensor]
-        if final.device.type == "cpu" and not self.reference:
-            # Same labels as the softmax + argmax below (ties to the lowest index after the fp32
-            # softmax), computed without the softmax over the full-resolution maps (method.md §4.8).
-            labels = softmax_argmax(final)
-            # The full-resolution scores are not kept: `result.scores` recomputes them on first access
-            # from `stitched` with the same resize (bit for bit), so callers that only want labels
-            # never hold the [C, H, W] maps.
-            del final
-            scores_out = functools.partial(resize_scores, stitched, features.original_size)
-        else:
-            # The softmax turns 1-ulp differences into exact ties that argmax resolves to the lowest
-            # index, as the reference does (method.md §4.8 step 4).
-            labels = torch.softmax(final, dim=0).argmax(dim=0)
-            scores_out = final.cpu()
-        lap("resize_argmax")
-        return SegmentationResult(labels=labels.cpu(), scores=scores_out, class_names=names,
-                                  background_index=background_index, config=cfg, timings=timings,
-                                  stitched=stitched.cpu(), model_info=describe_model(self.model))
+        Args:
+            features: from `embed_images` (all on the model's device).
+            background, bg_threshold, bg_clean, pamr: as in `predict_features`, for every image.
+            profile: per-stage ``timings`` (each image's share of the batch's seconds by windows; CUDA events on
+                a GPU); without it the batched path leaves ``timings`` empty and never waits for the device.
+            batched: the batched path; None: on any device but the CPU, where the windows are streamed one at a
+                time as by `predict_features` (which bounds memory to one window's maps and is as fast there).
+                The reference path (``reference=True``) always streams.
+
+        Raises:
+            InvalidInputError, ValueError: as `predict_features`.
+        """
+        setup = self._setup(background, bg_threshold, bg_clean, pamr)
+        if batched is None:
+            batched = bool(features) and features[0].guides.device.type != "cpu"
+        if batched and not self.reference:
+            return segment_batch(features, setup, profile=profile)
+        return [segment_streaming(item, setup, reference=self.reference) for item in features]
 
     def predict(self, *, background: bool | None = None, bg_threshold: float | None = None,
                 bg_clean: bool | None = None, pamr: bool | None = None, threshold: float | None = None,
@@ -471,12 +439,13 @@ class Segmenter:
 
     def predict_batch(self, images: Sequence[ImageLike], *, background: bool | None = None,
                       bg_threshold: float | None = None, bg_clean: bool | None = None, pamr: bool | None = None,
-                      threshold: float | None = None, clean: bool | None = None) -> list[SegmentationResult]:
-        """Throughput path: windows of all `images` share backbone batches; one result per image.
+                      threshold: float | None = None, clean: bool | None = None,
+                      profile: bool = False) -> list[SegmentationResult]:
+        """Throughput path: windows of all `images` share backbone batches and `predict_features_batch`.
 
         `images` is a list (or other sequence) of images in any form `set_image` accepts, paths included; a
         4-D ``[N, ...]`` array or tensor is a batch of its N images. Does not touch the `set_image` cache.
-        Options as in `predict_features`.
+        Options as in `predict_features_batch`; one result per image.
 
         Raises:
             InvalidInputError: `images` is one image rather than a sequence of them, or an image is bad.
@@ -487,8 +456,8 @@ class Segmenter:
                                     "for one image use set_image and predict, or pass [image]")
         bg_threshold = _renamed("threshold", threshold, bg_threshold)
         bg_clean = _renamed("clean", clean, bg_clean)
-        return [self.predict_features(f, background=background, bg_threshold=bg_threshold, bg_clean=bg_clean,
-                                      pamr=pamr) for f in self.embed_images(images)]
+        return self.predict_features_batch(self.embed_images(images), background=background,
+                                           bg_threshold=bg_threshold, bg_clean=bg_clean, pamr=pamr, profile=profile)
 
     def summary(self, result: SegmentationResult) -> dict[str, Any]:
         """JSON-ready description: labels with pixel shares, effective settings, model and weights

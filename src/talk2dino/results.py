@@ -24,29 +24,49 @@ if TYPE_CHECKING:
     from talk2dino.models import Talk2DINO
 
 
-class _LazyScores:
-    """Descriptor of `SegmentationResult.scores`: a tensor, or a zero-argument function computing it once.
+class _LazyTensor:
+    """Descriptor of a result's tensor that may be computed on first read: a tensor, or a zero-argument function.
 
-    The predictor stores a function (the final resize of ``stitched``), so that a caller who never reads
-    ``scores`` never allocates the full-resolution ``[C, H, W]`` maps; the first read computes and keeps them.
-    Assigning a tensor stores it as is.
+    The predictor stores functions for `SegmentationResult.scores` (the final resize of ``stitched``), so that a
+    caller who never reads ``scores`` never allocates the full-resolution ``[C, H, W]`` maps, and, for results made
+    on a GPU, for ``stitched`` too (its copy to the host), so that only the labels cross to the host unless asked;
+    the first read computes and keeps the value. Assigning a tensor (or None, where `optional`) stores it as is.
     """
+
+    optional = False  # whether None is the field's default (otherwise dataclasses treat it as required)
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._slot = f"_{name}_value"
 
-    def __get__(self, obj: Any, objtype: type | None = None) -> torch.Tensor:
+    def _read(self, obj: Any) -> Any:
         if obj is None:
-            # No class-level default: dataclasses then treat `scores` as a required field.
-            raise AttributeError("scores")
+            if self.optional:
+                return None
+            raise AttributeError(self._slot)  # no class-level default: a required dataclass field
         value = obj.__dict__[self._slot]
         if callable(value):
             value = value()
             obj.__dict__[self._slot] = value
         return value
 
-    def __set__(self, obj: Any, value: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+    def __set__(self, obj: Any, value: torch.Tensor | Callable[[], torch.Tensor] | None) -> None:
         obj.__dict__[self._slot] = value
+
+
+class _LazyScores(_LazyTensor):
+    """`SegmentationResult.scores`: required."""
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> torch.Tensor:
+        return self._read(obj)
+
+
+class _LazyStitched(_LazyTensor):
+    """`SegmentationResult.stitched`: None by default."""
+
+    optional = True
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> torch.Tensor | None:
+        return self._read(obj)
 
 
 @dataclass(init=False)
@@ -59,13 +79,17 @@ class SegmentationResult:
         scores: ``[C, H, W]`` float32 stitched per-channel scores resized to the image, before the
             softmax (sigmoid units; channel ``background_index`` is the constant threshold). On CPU they
             are computed from ``stitched`` on first access (the same resize, bit for bit) and then kept;
-            a tensor or a zero-argument function returning one may be passed.
+            a tensor or a zero-argument function returning one may be passed. Results made on a GPU compute
+            them on the device and copy them to the host on first access; until then (as for ``stitched``)
+            the result holds its stitched maps in device memory, so drop results once used.
         class_names: C names, ``"background"`` first when a background channel is used.
         background_index: 0 with a background channel, else None.
         config: the effective inference settings.
-        timings: seconds per stage of this prediction.
+        timings: seconds per stage of this prediction (on the batched path, `Segmenter.predict_features_batch`, only
+            with ``profile=True``: the batch's stage seconds, this image's share by windows).
         stitched: ``[C, H', W']`` float32 window average at the resized (processing) size, before the
-            final resize (method.md §4.8 step 1).
+            final resize (method.md §4.8 step 1); on the host. Results made on a GPU copy it there on first
+            access (a tensor or a zero-argument function returning one may be passed, as for ``scores``).
         model_info: ``{"name", "profile", "weights"}`` of the model that made it (set by `Segmenter`;
             None for a result built by hand). Written into :meth:`save`'s JSON.
 
@@ -78,15 +102,16 @@ class SegmentationResult:
     background_index: int | None
     config: InferenceConfig
     timings: dict[str, float] = field(default_factory=dict)
-    stitched: torch.Tensor | None = None
     model_info: dict[str, Any] | None = None
-    # Last among the fields only so that its descriptor may stand where a default would; the constructor
+    # Last among the fields only so that their descriptors may stand where defaults would; the constructor
     # below keeps the original argument order (labels, scores, class_names, ...).
     scores: _LazyScores = _LazyScores()
+    stitched: _LazyStitched = _LazyStitched()
 
     def __init__(self, labels: torch.Tensor, scores: torch.Tensor | Callable[[], torch.Tensor],
                  class_names: list[str], background_index: int | None, config: InferenceConfig,
-                 timings: dict[str, float] | None = None, stitched: torch.Tensor | None = None,
+                 timings: dict[str, float] | None = None,
+                 stitched: torch.Tensor | Callable[[], torch.Tensor] | None = None,
                  model_info: dict[str, Any] | None = None) -> None:
         self.labels = labels
         self.scores = scores

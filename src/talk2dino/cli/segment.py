@@ -4,8 +4,9 @@ The walk from the flag to the pixel: the labels are read here (`talk2dino.labels
 `read_label_file` for ``--labels-file``) and every flag is checked before any weights load; the model and its
 `Segmenter` come from the "Model"/"Inference" flags (`talk2dino.cli.model_flags`); the files are decoded and cut
 into windows a few batches ahead (`talk2dino.cli.batch.prepared_batches`), embedded by
-`Segmenter.embed_images`, segmented by `Segmenter.predict_features`, and written on a background thread
-(`talk2dino.render.write_result_files`).
+`Segmenter.embed_images`, segmented by `Segmenter.predict_features_batch` (a batch at a time; per image with
+`Segmenter.predict_features` when an image fails), and written by a background thread or a pool
+of writer processes (`talk2dino.cli.batch.ResultFiles`, `talk2dino.render.write_result_files`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from talk2dino.cli.model_flags import (
     add_inference_flags,
@@ -28,6 +29,11 @@ from talk2dino.cli.model_flags import (
 )
 from talk2dino.errors import InvalidInputError, one_line
 from talk2dino.labels import split_labels
+
+if TYPE_CHECKING:
+    from talk2dino.predictor import Segmenter
+    from talk2dino.prepare import ImageFeatures
+    from talk2dino.results import SegmentationResult
 
 # The CLI's messages keep one logger name in every command module, so the lines users and scripts read stay
 # ``ERROR talk2dino.cli: ...``.
@@ -76,7 +82,11 @@ def add_parser(sub: Any) -> None:
                           "of this machine's (or container's) memory. Images in flight together add up")
     out.add_argument("--workers", type=int, default=None,
                      help="processes decoding and resizing the next images while the model runs (default: 0 on "
-                          "CPU, up to 8 on GPU)")
+                          "CPU; on GPU a quarter of the cores, 1 to 8)")
+    out.add_argument("--writers", type=int, default=None,
+                     help="processes encoding and writing the PNG and JSON files while the model runs; 0 writes on "
+                          "one background thread (default: 0 on CPU, where a pool only takes cores from the model; "
+                          "on GPU the cores the main process and --workers leave, 1 to 16)")
     out.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
 
@@ -145,6 +155,25 @@ def check_label_count(count: int, *, background: bool) -> None:
                                 "labels over several runs")
 
 
+def predict_each(segmenter: Segmenter, features: list[ImageFeatures]) -> list[SegmentationResult | InvalidInputError]:
+    """Segment a batch's embedded images, in order: with `Segmenter.predict_features_batch` (on a GPU every window
+    of the batch as one set of tensors, no wait for the device until the labels are copied), and when it refuses
+    the batch with an input error, image by image with `predict_features`, so that one image's error costs that
+    image only (it takes the place of its result)."""
+    if len(features) > 1:
+        try:
+            return list(segmenter.predict_features_batch(features))
+        except InvalidInputError as err:
+            logger.debug("batched prediction failed (%s); predicting the %d images one by one", err, len(features))
+    results: list[SegmentationResult | InvalidInputError] = []
+    for feats in features:
+        try:
+            results.append(segmenter.predict_features(feats))
+        except InvalidInputError as err:
+            results.append(err)
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``segment`` subcommand; returns the exit code."""
     from tqdm import tqdm
@@ -152,8 +181,10 @@ def run(args: argparse.Namespace) -> int:
     from talk2dino.cli.batch import (
         BackgroundWriter,
         MemoryBudget,
+        ResultFiles,
         default_image_memory,
         default_workers,
+        default_writers,
         format_bytes,
         parse_byte_size,
         prepared_batches,
@@ -169,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from talk2dino.data.image_lists import list_images
     from talk2dino.errors import internal_error_guard
-    from talk2dino.render import DEFAULT_OVERLAY_ALPHA, write_result_files
+    from talk2dino.render import DEFAULT_OVERLAY_ALPHA
 
     started = time.time()  # temp files older than this are an interrupted run's, not a concurrent one's
     names = split_labels(args.labels) if args.labels is not None else read_label_file(args.labels_file)
@@ -182,8 +213,9 @@ def run(args: argparse.Namespace) -> int:
     alpha = args.overlay_alpha if args.overlay_alpha is not None else DEFAULT_OVERLAY_ALPHA
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be >= 1, got {batch_size}")
-    if args.workers is not None and args.workers < 0:
-        raise InvalidInputError(f"--workers must be >= 0, got {args.workers}")
+    for flag, value in (("--workers", args.workers), ("--writers", args.writers)):
+        if value is not None and value < 0:
+            raise InvalidInputError(f"{flag} must be >= 0, got {value}")
     if not 0.0 <= alpha <= 1.0:
         raise InvalidInputError(f"--overlay-alpha must be in [0, 1], got {alpha}")
     memory_limit = (parse_byte_size(args.max_image_memory) if args.max_image_memory is not None
@@ -225,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
     check_label_count(len(names), background=segmenter.config.background)  # a model folder's own default
     device = segmenter.model.device
     workers = args.workers if args.workers is not None else default_workers(device)
+    writers = args.writers if args.writers is not None else default_writers(device)
 
     failed: list[str] = []
     # Progress in images, advanced as the work is done: each backbone chunk of `window_batch_size` windows moves
@@ -235,8 +268,10 @@ def run(args: argparse.Namespace) -> int:
                     bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
     embed_share = 0.5
     # Host work overlaps the model: the next batches are decoded by `workers` processes, and each image's
-    # files are written on a background thread while the next batch runs (talk2dino.cli.batch).
-    writer = BackgroundWriter(max_pending=2 * batch_size)
+    # files are written by `writers` processes (or one thread) while the next batch runs (talk2dino.cli.batch).
+    # Every stage is bounded, so memory stays flat over any number of images: two batches ahead per decoding
+    # worker, and at most two batches (or two jobs per writer) of results waiting to be written.
+    writer = BackgroundWriter(max_pending=2 * max(batch_size, writers), processes=writers)
     # Each image's memory need is estimated from its header, before decoding, with the model's own settings.
     budget = MemoryBudget(memory_limit, len(names) + int(segmenter.config.background), segmenter.config,
                           overlay=not args.no_overlay, save_scores=bool(args.save_scores),
@@ -277,28 +312,22 @@ def run(args: argparse.Namespace) -> int:
                 # Seconds of backbone time per image: the batch's time split by each image's share of its windows.
                 embed_times = [batch_time * n / sum(windows) for n in windows]
                 t_post = time.perf_counter()
+                good = [k for k, feats in enumerate(features) if not isinstance(feats, InvalidInputError)]
+                results = dict(zip(good, predict_each(segmenter, [features[k] for k in good]), strict=True))
                 for k, (item, feats) in enumerate(zip(loaded, features, strict=True)):
-                    path = item.path
-                    if isinstance(feats, InvalidInputError):
-                        logger.error("%s: %s", path, feats)
+                    path, result = item.path, results.get(k, feats)
+                    if isinstance(result, InvalidInputError):
+                        logger.error("%s: %s", path, result)
                         failed.append(str(path))
                         progress.update(1 - credited[k])
                         continue
-                    try:
-                        result = segmenter.predict_features(feats)
-                        summary = segmenter.summary(result)
-                        summary["timings"]["embed_image"] = round(embed_times[k], 6)
-                    except InvalidInputError as err:
-                        logger.error("%s: %s", path, err)
-                        failed.append(str(path))
-                        progress.update(1 - credited[k])
-                        continue
-                    assert item.image is not None
-                    writer.submit(str(path), functools.partial(
-                        write_result_files, out_dir, used[path], path, item.image.rgb, result, summary,
-                        save_scores=bool(args.save_scores), overlay=not args.no_overlay, alpha=alpha,
-                        features=feats, save_heatmaps=bool(args.save_heatmaps),
-                        save_attention=bool(args.save_attention)),
+                    assert item.image is not None and not isinstance(feats, InvalidInputError)
+                    summary = segmenter.summary(result)
+                    summary["timings"]["embed_image"] = round(embed_times[k], 6)
+                    writer.submit(str(path), ResultFiles.from_result(
+                        out_dir, used[path], path, item.image.rgb, result, summary, overlay=not args.no_overlay,
+                        alpha=alpha, save_scores=bool(args.save_scores), save_heatmaps=bool(args.save_heatmaps),
+                        features=feats if args.save_attention else None),
                         on_done=functools.partial(progress.update, 1 - credited[k]))
                 writer.finish_ready()
                 # The next batch's split between embedding and the rest, from this one (writes overlap it).

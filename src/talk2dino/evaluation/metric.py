@@ -2,6 +2,9 @@
 
 Per image, :meth:`ConfusionMatrix.update` adds the pixel counts of (ground truth, prediction) pairs with one
 ``torch.bincount`` on the predictions' device; pixels whose ground truth is the ignore index (255) are skipped.
+For a batch, :meth:`ConfusionMatrix.image_counts` counts every image of it in one ``bincount`` on the matrix's
+device (the model's, in evaluation: the matrix never leaves the GPU while a benchmark runs) and :meth:`add`
+accumulates the result, with one host synchronisation per batch for the range check.
 Counts are int64, so they are exact for any dataset size. :meth:`ConfusionMatrix.results` then gives, with
 mmsegmentation's definitions (``mmseg.core.evaluation.metrics``, 0.x):
 
@@ -18,6 +21,7 @@ Everything is reported × 100, unrounded (tables round mIoU to one decimal, §5.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -124,6 +128,76 @@ class ConfusionMatrix:
         codes = target[valid] * classes + pred[valid]
         counts = torch.bincount(codes, minlength=classes * classes)
         self._state += counts.reshape(classes, classes)
+
+    def image_counts(self, preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-image confusion counts of a batch, on this matrix's device, without adding them (see `add`).
+
+        All pixels of all B images go through one ``bincount`` (image i's codes offset by i * C * C). Ignored
+        pixels and pixels with an out-of-range value go to three extra bins instead of being masked out (a boolean
+        mask waits for the device), so the batch costs two host synchronisations (bincount's own size check, and
+        reading the two out-of-range counts), none per image.
+
+        Args:
+            preds: B ``[H_i, W_i]`` integer predicted labels in ``[0, C)``, on any device.
+            targets: B integer ground truths of the same shapes, in ``[0, C)`` or ``ignore_index``.
+
+        Returns:
+            ``[B, C, C]`` int64 counts on :attr:`device`; ``[i, g, p]`` = pixels of image i with ground truth g
+            predicted as p.
+
+        Raises:
+            InvalidInputError: as :meth:`update`: different lengths or shapes, a non-integer tensor, a value out
+                of range (the message names the image's position in the batch).
+        """
+        if len(preds) != len(targets):
+            raise InvalidInputError(f"{len(preds)} predictions for {len(targets)} targets")
+        classes, device = self.num_classes, self._state.device
+        cells = classes * classes
+        bad_target_bin, bad_pred_bin, ignored_bin = len(preds) * cells, len(preds) * cells + 1, len(preds) * cells + 2
+        codes = []
+        for index, (pred, target) in enumerate(zip(preds, targets, strict=True)):
+            if pred.shape != target.shape:
+                raise InvalidInputError(f"image {index}: prediction shape {list(pred.shape)} differs from target "
+                                        f"{list(target.shape)}")
+            for tensor, what in ((pred, "prediction"), (target, "target")):
+                if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                    raise InvalidInputError(f"image {index}: {what} must hold integer labels; got {tensor.dtype}")
+            # non_blocking: from pinned host memory (the evaluation loader's) the copies overlap the device.
+            p = pred.to(device=device, non_blocking=True).reshape(-1).long()
+            t = target.to(device=device, non_blocking=True).reshape(-1).long()
+            ignored = t == self.ignore_index
+            code = torch.where(ignored, ignored_bin, index * cells + t * classes + p)
+            code = torch.where(((t < 0) | (t >= classes)) & ~ignored, bad_target_bin, code)
+            # Last: a prediction out of range is an error anywhere, ignored pixels included (as in `update`).
+            codes.append(torch.where((p < 0) | (p >= classes), bad_pred_bin, code))
+        if not codes:
+            return torch.zeros((0, classes, classes), dtype=torch.int64, device=device)
+        counts = torch.bincount(torch.cat(codes), minlength=ignored_bin + 1)
+        bad_target, bad_pred = counts[bad_target_bin:ignored_bin].tolist()
+        if bad_target or bad_pred:
+            # Rare: find the first offending image with the per-image checks and their messages.
+            for index, (pred, target) in enumerate(zip(preds, targets, strict=True)):
+                try:
+                    ConfusionMatrix(classes, ignore_index=self.ignore_index, device=device).update(pred, target)
+                except InvalidInputError as err:
+                    raise InvalidInputError(f"image {index}: {err}") from err
+        return counts[:bad_target_bin].view(len(preds), classes, classes)
+
+    def add(self, counts: torch.Tensor) -> ConfusionMatrix:
+        """Add ``[C, C]`` or ``[B, C, C]`` int64 counts (e.g. from `image_counts`, or a resume cache) on any
+        device; returns ``self``. No host synchronisation on the matrix's own device."""
+        if counts.shape[-2:] != self._state.shape or counts.dim() not in (2, 3):
+            raise InvalidInputError(f"counts of shape {list(counts.shape)} do not fit a {self.num_classes}-class "
+                                    "matrix")
+        counts = counts.to(self._state.device, non_blocking=True)
+        self._state += counts.sum(dim=0) if counts.dim() == 3 else counts
+        return self
+
+    def to(self, device: torch.device | str) -> ConfusionMatrix:
+        """Move the matrix to `device` (e.g. to the CPU for a gloo all-reduce); returns ``self``."""
+        self._state = self._state.to(device)
+        self._follow_inputs = False
+        return self
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another matrix's counts (e.g. from another worker) to this one; returns ``self``.

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from talk2dino.config import EvalConfig, InferenceConfig
@@ -39,6 +40,7 @@ from talk2dino.evaluation.metric import ConfusionMatrix
 from talk2dino.evaluation.report import SUITE_ORDER, BenchmarkResult, markdown_table, write_results
 from talk2dino.fileio import FAULT_ENV, fault_point, temp_target, write_json
 from talk2dino.predictor import Segmenter
+from talk2dino.prepare import ImageFeatures, PreparedImage, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +173,11 @@ def _remove_stale_temps(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _sparse_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int) -> list[list[int]]:
-    matrix = ConfusionMatrix(num_classes, ignore_index=ignore, device=pred.device)
-    matrix.update(pred, target)
-    nz = torch.nonzero(matrix.state)
-    return [[int(g), int(p), int(matrix.state[g, p])] for g, p in nz.tolist()]
+def _sparse_counts(counts: torch.Tensor) -> list[list[int]]:
+    """``[C, C]`` host counts -> ``[[gt, pred, n], ...]`` over the non-zero cells, row-major (the cache format)."""
+    array = counts.numpy()
+    rows, cols = np.nonzero(array)
+    return [[int(g), int(p), int(array[g, p])] for g, p in zip(rows, cols, strict=True)]
 
 
 def _apply(matrix: ConfusionMatrix, counts: list[list[int]]) -> None:
@@ -183,10 +185,78 @@ def _apply(matrix: ConfusionMatrix, counts: list[list[int]]) -> None:
         matrix.state[g, p] += n
 
 
-def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalConfig, *,
-                       progress: bool = True) -> list[BenchmarkResult]:
-    """Evaluate one benchmark for every option combination; returns one result per combination."""
+@dataclasses.dataclass
+class LoadedSample:
+    """One sample as a loader worker hands it over: its label map and its image prepared for each geometry of
+    the run, or the input error that makes it unreadable (skipped with ``--skip-bad``)."""
+
+    sample: Sample
+    label: torch.Tensor | None  # [H, W] int64 ground truth
+    prepared: dict[tuple[Any, ...], PreparedImage | InvalidInputError]  # per (short_side, window, stride)
+    error: InvalidInputError | None = None
+
+    def pin_memory(self) -> LoadedSample:
+        """Page-lock the label and the windows (DataLoader ``pin_memory`` calls this on each item)."""
+        if self.label is None:
+            return self
+        prepared = {key: value if isinstance(value, InvalidInputError) else value.pin_memory()
+                    for key, value in self.prepared.items()}
+        return LoadedSample(self.sample, self.label.pin_memory(), prepared)
+
+
+class _Samples(torch.utils.data.Dataset[LoadedSample]):
+    """Samples -> `LoadedSample` (decode the image and label, resize, cut windows), in a worker or in-process."""
+
+    def __init__(self, samples: list[Sample], spec: BenchmarkSpec, geometries: dict[tuple[Any, ...], InferenceConfig]
+                 ) -> None:
+        self.samples, self.spec, self.geometries = samples, spec, geometries
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> LoadedSample:
+        sample = self.samples[index]
+        try:
+            image, label = load_sample(sample, self.spec)
+        except InvalidInputError as err:
+            return LoadedSample(sample, None, {}, err)
+        prepared: dict[tuple[Any, ...], PreparedImage | InvalidInputError] = {}
+        for key, cfg in self.geometries.items():
+            try:  # not the sample's fault to skip: raised in the main process, as embedding it would
+                prepared[key] = prepare_image(image, cfg)
+            except InvalidInputError as err:
+                prepared[key] = err
+        return LoadedSample(sample, torch.from_numpy(label), prepared)
+
+
+def _labels(segmenter: Segmenter, features: list[ImageFeatures]) -> list[torch.Tensor]:
+    """Label maps of embedded images with the segmenter's config, all windows of the batch together on a GPU
+    (`Segmenter.predict_features_batch`)."""
+    if len(features) > 1:
+        return [result.labels for result in segmenter.predict_features_batch(features)]
+    return [segmenter.predict_features(feats).labels for feats in features]
+
+
+def default_eval_pipeline(device: torch.device) -> tuple[int, int]:
+    """(images per batch, loader workers) for `device`: (1, 0) on a CPU, as before batching (the backbone uses
+    every core, and memory stays that of one image); (16, `default_workers`) on a GPU."""
+    from talk2dino.data.loading import default_workers
+
+    return (1, 0) if device.type == "cpu" else (16, default_workers(device))
+
+
+def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalConfig, *, progress: bool = True,
+                       batch_size: int | None = None, workers: int | None = None) -> list[BenchmarkResult]:
+    """Evaluate one benchmark for every option combination; returns one result per combination.
+
+    Images are decoded and prepared by `workers` DataLoader processes (the pipeline of ``segment``,
+    `talk2dino.data.loading.loader_options`), embedded `batch_size` at a time once per geometry, and counted into
+    confusion matrices that stay on the model's device until the end (`ConfusionMatrix.image_counts`); only each
+    image's sparse counts come back to the host, for the resume cache. Defaults: `default_eval_pipeline`.
+    """
     from tqdm import tqdm
+
+    from talk2dino.data.loading import loader_options
 
     rank, world = _dist()
     root = _root_of(spec, config)
@@ -196,77 +266,107 @@ def evaluate_benchmark(segmenter: Segmenter, spec: BenchmarkSpec, config: EvalCo
         samples = samples[:config.limit]
     mine = samples[rank::world]
     model = segmenter.model
-    grid = option_grid(config)
+    device = model.device
+    auto_batch, auto_workers = default_eval_pipeline(device)
+    batch_size = max(1, batch_size or auto_batch)
+    workers = auto_workers if workers is None else workers
     base = model.config.inference
     combos = []
-    for options in grid:
+    for options in option_grid(config):
         cfg = inference_config(base, spec, config, options)
         settings = {"inference": cfg.effective_dict(), "model": model.config.name, "profile": model.config.profile,
                     "weights": model.weights_info, "benchmark": spec.name, "limit": config.limit}
-        key = _settings_key(settings)
-        folder = Path(config.out) / f"{spec.name}-{key}"
+        folder = Path(config.out) / f"{spec.name}-{_settings_key(settings)}"
         cache = ProgressCache(folder / f"progress.rank{rank}.jsonl")
-        combos.append((options, cfg, settings, folder, cache, ConfusionMatrix(spec.num_classes,
-                                                                               ignore_index=spec.ignore_index)))
+        combos.append((options, cfg, settings, folder, cache,
+                       ConfusionMatrix(spec.num_classes, ignore_index=spec.ignore_index, device=device)))
         if rank == 0:  # one writer: ranks renaming over each other's temp files could race
             write_json(folder / "settings.json", settings, default=str)
-    skipped: list[list[dict[str, str]]] = [[] for _ in combos]
-    segmenter.set_classes(list(spec.vocabulary))
-    start = time.perf_counter()
-    bar = tqdm(mine, desc=spec.tag, unit="img", disable=not progress)
-    for sample in bar:
-        pending = [i for i, c in enumerate(combos) if sample.name not in c[4].done]
+    geometries = {tuple(getattr(c[1], g) for g in _GEOMETRY): c[1] for c in combos}
+    # Cached images first (their counts on the host, added at the end); `skipped` keeps the split's order.
+    resumed = [ConfusionMatrix(spec.num_classes, ignore_index=spec.ignore_index) for _ in combos]
+    skipped: list[list[tuple[int, dict[str, str]]]] = [[] for _ in combos]
+    position = {sample.name: k for k, sample in enumerate(mine)}
+    todo = []
+    for sample in mine:
         for i, c in enumerate(combos):
             entry = c[4].done.get(sample.name)
             if entry is not None and "counts" in entry:
-                _apply(c[5], entry["counts"])
+                _apply(resumed[i], entry["counts"])
             elif entry is not None:
-                skipped[i].append({"name": sample.name, "reason": entry["skipped"]})
-        if not pending:
-            continue
-        try:
-            image, label = load_sample(sample, spec)
-        except InvalidInputError as err:
+                skipped[i].append((position[sample.name], {"name": sample.name, "reason": entry["skipped"]}))
+        if any(sample.name not in c[4].done for c in combos):
+            todo.append(sample)
+    segmenter.set_classes(list(spec.vocabulary))
+    loader = torch.utils.data.DataLoader(_Samples(todo, spec, geometries), batch_size=batch_size, shuffle=False,
+                                         **loader_options(workers, pin_memory=device.type == "cuda"))
+    start = time.perf_counter()
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=spec.tag, unit="img", disable=not progress)
+    for batch in loader:
+        ready = []
+        for item in batch:
+            pending = [i for i, c in enumerate(combos) if item.sample.name not in c[4].done]
+            if item.error is None:
+                ready.append((item, pending))
+                continue
             if not config.skip_bad:
-                raise
+                raise item.error
             for i in pending:
-                combos[i][4].add({"name": sample.name, "skipped": str(err)})
-                skipped[i].append({"name": sample.name, "reason": str(err)})
-            continue
-        target = torch.from_numpy(label)
-        features_by_geometry: dict[tuple[Any, ...], Any] = {}
-        for i in pending:
-            options, cfg, _, folder, cache, matrix = combos[i]
-            geometry = tuple(getattr(cfg, g) for g in _GEOMETRY)
-            segmenter.config = cfg
+                combos[i][4].add({"name": item.sample.name, "skipped": str(item.error)})
+                skipped[i].append((position[item.sample.name], {"name": item.sample.name, "reason": str(item.error)}))
+        for geometry in geometries:  # embed once per geometry, for every combination that uses it
+            users = [i for i, c in enumerate(combos) if tuple(getattr(c[1], g) for g in _GEOMETRY) == geometry]
+            images = [(item, pending) for item, pending in ready if set(pending) & set(users)]
+            if not images:
+                continue
+            prepared = []
+            for item, _ in images:
+                value = item.prepared[geometry]
+                if isinstance(value, InvalidInputError):
+                    raise value
+                prepared.append(value)
             # Only an unreadable sample is skipped (above, with skip_bad); a failure of the model is no sample's
             # fault and stops the run as one InternalError line (issue 12).
+            segmenter.config = geometries[geometry]  # the window size the backbone input is resized to
             with internal_error_guard(memory_hint=_EVAL_MEMORY_HINT):
-                if geometry not in features_by_geometry:
-                    features_by_geometry = {geometry: segmenter.embed_images([image])[0]}
-                result = segmenter.predict_features(features_by_geometry[geometry])
-            pred = result.labels
-            counts = _sparse_counts(pred, target, spec.num_classes, spec.ignore_index)
-            if config.save_predictions:  # before the cache line: a resume never revisits a cached image
-                from talk2dino.render import save_label_png
+                features = segmenter.embed_images(prepared)
+            for i in users:
+                _, cfg, _, folder, cache, matrix = combos[i]
+                chosen = [k for k, (_, pending) in enumerate(images) if i in pending]
+                segmenter.config = cfg
+                with internal_error_guard(memory_hint=_EVAL_MEMORY_HINT):
+                    preds = _labels(segmenter, [features[k] for k in chosen])
+                targets = [label for k in chosen if (label := images[k][0].label) is not None]  # all: ready
+                counts = matrix.image_counts(preds, targets)
+                matrix.add(counts)
+                host = counts.cpu()
+                for row, k in enumerate(chosen):
+                    name = images[k][0].sample.name
+                    if config.save_predictions:  # before the cache line: a resume never revisits a cached image
+                        from talk2dino.render import save_label_png
 
-                out = folder / "predictions" / f"{sample.name}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                save_label_png(out, pred.numpy(), spec.num_classes, background_index=0 if spec.background else None)
-            _apply(matrix, counts)
-            cache.add({"name": sample.name, "counts": counts})
-        fault_point("eval-image")
+                        out = folder / "predictions" / f"{name}.png"
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        save_label_png(out, preds[row].cpu().numpy(), spec.num_classes,
+                                       background_index=0 if spec.background else None)
+                    cache.add({"name": name, "counts": _sparse_counts(host[row])})
+            del features
+        for _ in batch:
+            fault_point("eval-image")
+        bar.update(len(batch))
         if progress:
             bar.set_postfix(mIoU=f"{combos[0][5].results()['mIoU']:.1f}")
+    bar.close()
     seconds = time.perf_counter() - start
     results = []
     for i, (options, _cfg, settings, folder, cache, matrix) in enumerate(combos):
         cache.close()
+        matrix.to("cpu").merge(resumed[i])  # on the host for gloo, which reduces CPU tensors
         matrix.all_reduce()  # also the point after which no rank writes into `folder` any more
         if rank == 0:  # temp files of a killed earlier run (ours by name); nobody is writing one now
             _remove_stale_temps(folder)
             _remove_stale_temps(folder / "predictions")
-        all_skipped = _gather(skipped[i], world)
+        all_skipped = _gather([entry for _, entry in sorted(skipped[i], key=lambda x: x[0])], world)
         results.append(BenchmarkResult(spec, options, settings, matrix, images=len(samples) - len(all_skipped),
                                        skipped=all_skipped, seconds=seconds, split_images=split_images))
     return results
@@ -294,8 +394,11 @@ def describe_weights(config: EvalConfig, model_config: Any) -> str:
     return f"{parts} (other parts from {model_config.name})" if len(overrides) < 3 else parts
 
 
-def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_eval(config: EvalConfig, *, progress: bool = True, batch_size: int | None = None,
+             workers: int | None = None) -> dict[str, Any]:
     """Evaluate, write ``results.json`` + ``results.md`` (+ sweep plots) under ``config.out``.
+
+    `batch_size` and `workers`: see `evaluate_benchmark` (None: `default_eval_pipeline`).
 
     Returns:
         ``{"records": [...], "markdown": str}``.
@@ -320,7 +423,8 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
 
             stack.enter_context(logging_redirect_tqdm())
         for spec in specs:
-            all_results.extend(evaluate_benchmark(segmenter, spec, config, progress=progress))
+            all_results.extend(evaluate_benchmark(segmenter, spec, config, progress=progress, batch_size=batch_size,
+                                                  workers=workers))
     rank, _ = _dist()
     markdown = markdown_table(all_results, pamr=config.inference.pamr)
     records = [r.record() for r in all_results]

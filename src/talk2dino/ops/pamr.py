@@ -8,6 +8,9 @@ Two implementations of the same formula:
 - :func:`pamr_reference`, a deliberately plain path that materialises every neighbour shift; it is the
   independent check for tests and benchmarks.
 
+On CUDA tensors :func:`pamr` hands the work to fused Triton kernels (``ops/pamr_triton.py``, imported on
+first use) when triton can be imported; the torch formulation here stays the CPU path and the fallback.
+
 Neighbour offsets are enumerated in one fixed order in both: dilations in the given order, and within a
 dilation row-major over (dy, dx) ∈ {−d, 0, d}², skipping (0, 0) for the propagation.
 """
@@ -15,9 +18,12 @@ dilation row-major over (dy, dx) ∈ {−d, 0, d}², skipping (0, 0) for the pro
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +51,9 @@ _AFFINITY_ROWS = 112  # rows per band of the κ planes (a few MB, reused by the 
 # few and large, keep torch's thread count. benchmarks/bench_pamr_contention.py measures both.
 _SERIAL_AFFINITY_PIXELS = 1024 * 1024
 
-__all__ = ["STD_EPS", "STD_SCALE", "pamr", "pamr_reference"]
+__all__ = ["STD_EPS", "STD_SCALE", "fused_pamr_available", "pamr", "pamr_reference"]
+
+logger = logging.getLogger(__name__)
 
 
 def _stencil_offsets(dilations: Sequence[int], *, include_centre: bool) -> list[tuple[int, int]]:
@@ -202,7 +210,28 @@ def _band_logits(image: Tensor, padded: Tensor, denominator: Tensor, pad: int,
     return kappa.view(len(neighbours), -1).div_(-3.0)
 
 
-def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[int]) -> Tensor:
+@functools.cache
+def _fused_kernel() -> Callable[..., Tensor] | None:
+    """``pamr_triton`` from ``ops/pamr_triton.py``, or None when triton cannot be imported (looked up once).
+
+    Imported on first use so that importing talk2dino (and every CPU run) never imports triton.
+    """
+    try:
+        module = importlib.import_module("talk2dino.ops.pamr_triton")
+    except ImportError as error:
+        logger.debug("PAMR: triton unavailable (%s); CUDA tensors take the torch path", error)
+        return None
+    kernel: Callable[..., Tensor] = module.pamr_triton
+    return kernel
+
+
+def fused_pamr_available() -> bool:
+    """Whether :func:`pamr` can use the fused Triton kernels (triton importable); they serve CUDA tensors."""
+    return _fused_kernel() is not None
+
+
+def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[int],
+         fused: bool | None = None) -> Tensor:
     """Refine score maps by propagating them along colour affinities of the guide image.
 
     Implements method.md §4.7 exactly: for each dilation d the 8 neighbours at offsets {−d, 0, d}² \\ (0, 0)
@@ -225,6 +254,11 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
             cast to float32.
         iterations: number of propagation steps (method.md §4.7; the default lives in the config).
         dilations: neighbourhood dilations, positive integers, in order (method.md §4.7).
+        fused: the fused Triton kernels (``ops/pamr_triton.py``: one launch for the affinities of all
+            windows, one per step) instead of the torch formulation. None (default): on CUDA tensors when
+            triton imports and no input requires grad, the torch path otherwise (always on CPU). True: the
+            kernels, required (they also run CPU tensors under ``TRITON_INTERPRET=1``; no autograd). False:
+            the torch path.
 
     Returns:
         `[B, C, H, W]` float32 refined score maps; each step is a convex combination of neighbours, so
@@ -232,12 +266,20 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
 
     Raises:
         ValueError: on mismatched shapes, negative ``iterations`` or invalid ``dilations``.
+        RuntimeError: ``fused=True`` without an importable triton.
     """
     _check_inputs(image, masks, iterations, dilations)
     guide = image.to(torch.float32)
     refined = masks.to(torch.float32)
     if iterations == 0:
         return refined.clone()
+    # The kernels have no backward: a differentiable call stays on the torch path unless asked otherwise.
+    if fused or (fused is None and guide.is_cuda and not (refined.requires_grad or guide.requires_grad)):
+        kernel = _fused_kernel()
+        if kernel is not None:
+            return kernel(guide, refined, iterations=iterations, dilations=dilations)
+        if fused:
+            raise RuntimeError("pamr(fused=True) needs triton (pip install triton)")
     # One sample at a time: the softmax kernel is not batch-invariant (its vectorised tail depends on the
     # tensor size), and running each window alone makes a batched call equal per-sample calls bit for bit
     # (house style §10); it also bounds memory to one window's buffers.

@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["TIE_GAP", "resized_size", "softmax_argmax", "stitch", "window_grid"]
+__all__ = ["TIE_GAP", "device_index", "resized_size", "softmax_argmax", "stitch", "stitch_batch", "window_grid",
+           "window_order"]
 
 
 def resized_size(height: int, width: int, *, short_side: int, max_long_side: int | None = None,
@@ -169,6 +170,97 @@ def stitch(blocks: Tensor | Iterable[Tensor], boxes: Sequence[tuple[int, int, in
         uncovered = int((count == 0).sum())
         raise ValueError(f"{uncovered} pixel(s) of the {height}x{width} canvas are covered by no window")
     return canvas.div_(count)
+
+
+def window_order(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """Slot-major order of the windows of several images: ``(image, window)`` pairs.
+
+    Slot k holds the k-th window of every image that has more than k (images in order), so every slot sends
+    at most one window to each image: :func:`stitch_batch` adds a whole slot at once without two writes to one
+    pixel, and still adds each image's windows in their own order (the sums of :func:`stitch`, bit for bit).
+    """
+    return [(image, k) for k in range(max(counts, default=0)) for image, n in enumerate(counts) if k < n]
+
+
+def device_index(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """``[len(rows), n]`` int64 tensor of host integers on `device`, without waiting for the device.
+
+    On CUDA the values go through page-locked memory with a non-blocking copy, which queues behind the work
+    already submitted instead of synchronising with it (a plain ``torch.tensor(..., device=...)`` waits).
+    """
+    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def stitch_batch(blocks: Tensor, boxes: Sequence[Sequence[tuple[int, int, int, int]]],
+                 sizes: Sequence[tuple[int, int]], *, prepend: float | None = None) -> Tensor:
+    """:func:`stitch` for several images at once: the same averages, bit for bit, as batched tensor operations.
+
+    The canvas of every image lives in one zero-padded, channels-last tensor. For each slot of
+    :func:`window_order` (the k-th window of every image), one gather-add-scatter (``index_put_``) adds the
+    slot's windows into their images' canvases and one more counts them (and sums the background constant):
+    the Python loop runs over slots (the largest window count of one image), never over windows, and nothing
+    waits for the device. Each image's sums are those of :func:`stitch` (its windows added to zero in their
+    order, the count likewise), divided once.
+
+    Args:
+        blocks: ``[n, C, wh, ww]`` per-window scores of all images, in :func:`window_order` order, any layout
+            (e.g. the channels-last output of PAMR).
+        boxes: per image, its windows' ``(y1, y2, x1, x2)`` in order, each ``wh × ww``, covering the image
+            (as :func:`window_grid` makes them; coverage is not checked, an uncovered pixel would be 0).
+        sizes: per image, its canvas ``(H, W)``.
+        prepend: as in :func:`stitch`, a constant channel in front of every block (the background).
+
+    Returns:
+        ``[B, C(+1), H_max, W_max]``, a channels-last view: image b's map is ``[b, :, :H_b, :W_b]`` (the
+        padding is 0), in the dtype of the blocks.
+
+    Raises:
+        ValueError: if the numbers of windows or images disagree, or a box has the wrong size or leaves its canvas.
+    """
+    counts = [len(image_boxes) for image_boxes in boxes]
+    if blocks.dim() != 4 or blocks.shape[0] != sum(counts) or len(sizes) != len(boxes):
+        raise ValueError(f"expected [n, C, wh, ww] blocks for the {sum(counts)} boxes of {len(boxes)} images "
+                         f"({len(sizes)} sizes); got shape {tuple(blocks.shape)}")
+    wh, ww = int(blocks.shape[-2]), int(blocks.shape[-1])
+    order = window_order(counts)
+    for image, k in order:
+        y1, y2, x1, x2 = boxes[image][k]
+        height, width = sizes[image]
+        if (y2 - y1, x2 - x1) != (wh, ww) or not (0 <= y1 and y2 <= height and 0 <= x1 and x2 <= width):
+            raise ValueError(f"box {(y1, y2, x1, x2)} of image {image} is not a {wh}x{ww} window inside its "
+                             f"{height}x{width} canvas")
+    device, extra = blocks.device, 0 if prepend is None else 1
+    table = device_index([[image for image, _ in order], [boxes[i][k][0] for i, k in order],
+                          [boxes[i][k][2] for i, k in order]], device)
+    shape = (len(boxes), max(h for h, _ in sizes), max(w for _, w in sizes))
+    canvas = torch.zeros((*shape, blocks.shape[1] + extra), dtype=blocks.dtype, device=device)
+    # Per pixel: the window count and, with `prepend`, the sum of the constant, accumulated like the blocks.
+    counted = torch.zeros((*shape, 1 + extra), dtype=blocks.dtype, device=device)
+    step = torch.ones(1 + extra, dtype=blocks.dtype, device=device)
+    if prepend is not None:
+        step[1] = prepend  # a fill, not a copy from the host
+    values, target = blocks.permute(0, 2, 3, 1), canvas[..., extra:]
+    rows = torch.arange(wh, device=device).view(1, wh, 1)
+    cols = torch.arange(ww, device=device).view(1, 1, ww)
+    start = 0
+    for slot in range(max(counts, default=0)):
+        size = sum(1 for n in counts if n > slot)
+        part = slice(start, start + size)
+        # [size, wh, ww] broadcast indices: image, row, column of every pixel of the slot's windows.
+        index = (table[0, part].view(-1, 1, 1), table[1, part].view(-1, 1, 1) + rows,
+                 table[2, part].view(-1, 1, 1) + cols)
+        # Read, add, write back: no pixel is written twice within a slot, so no atomics and no sort are needed
+        # and the order of the additions is each image's own.
+        target.index_put_(index, target[index] + values[part])
+        counted.index_put_(index, counted[index] + step)
+        start += size
+    if prepend is not None:
+        canvas[..., 0] = counted[..., 1]
+    # The padding has no window: divided by 1 it stays 0.
+    return canvas.div_(counted[..., :1].clamp_min(1)).permute(0, 3, 1, 2)
 
 
 # Relative gap below which two channels of one pixel count as a possible softmax tie in `softmax_argmax`.
