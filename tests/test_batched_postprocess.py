@@ -111,7 +111,12 @@ def test_cpu_default_streams_and_timings_are_opt_in(segmenter: Segmenter, featur
         _assert_same(got, expected)
     from_images = segmenter.predict_batch([_image(h, w, seed) for seed, (h, w) in enumerate(SIZES[:3])])
     for got, expected in zip(from_images, batched, strict=True):
-        _assert_same(got, expected)
+        # Embedded again, in other backbone batches than the fixture's: CPU GEMMs may round the last bit
+        # differently by batch size (torch 2.6 does, docs/reliability.md §5: <= 2e-7), so the maps are compared
+        # within 1e-6 and the labels exactly.
+        assert torch.equal(got.labels, expected.labels)
+        assert got.stitched is not None and expected.stitched is not None
+        torch.testing.assert_close(got.stitched, expected.stitched, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("names", [["cat", "dog", "sky", "road"], [f"thing {i}" for i in range(300)]])
