@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,28 @@ def tiny_model_args(tiny_sources: dict[str, str]) -> list[str]:
     """CLI flags composing the session's tiny random parts (see `tiny_sources`) on the CPU."""
     return ["--backbone", tiny_sources["backbone"], "--text-encoder", tiny_sources["text_encoder"],
             "--projection", tiny_sources["projection"], "--device", "cpu"]
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging the suite) if the body runs longer than `seconds`, e.g. blocked on a FIFO read.
+
+    Without ``signal.setitimer`` (not POSIX) the body runs unguarded.
+    """
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"blocked for over {seconds} s: a FIFO was read")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write_noise_image(path: Path, h: int = 40, w: int = 60, seed: int = 0) -> Path:

@@ -3,17 +3,15 @@ blocks forever), and file names holding line breaks must not forge log lines."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_args, write_noise_image
+from conftest import deadline, tiny_model_args, write_noise_image
 
 from talk2dino.cli import main
 from talk2dino.cli.segment import read_label_file
@@ -25,22 +23,6 @@ from talk2dino.fileio import check_regular_file, open_regular
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(signal, "SIGALRM"),
                                 reason="needs POSIX FIFOs and SIGALRM")
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail (instead of hanging the suite) if the body runs longer than `seconds`."""
-
-    def _expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"blocked for over {seconds} s: a FIFO was read")
-
-    previous = signal.signal(signal.SIGALRM, _expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _fifo(path: Path) -> Path:

@@ -12,12 +12,9 @@ multi-byte and odd Unicode, hidden names that look like our temp files) and any 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import write_noise_image  # noqa: E402
+from conftest import deadline, write_noise_image  # noqa: E402
 
 from talk2dino.cli.output_folder import max_stem_bytes, output_names, plan_stems, refuse_overwrites  # noqa: E402
 from talk2dino.errors import InvalidInputError  # noqa: E402
@@ -76,25 +73,6 @@ def test_planned_outputs_are_unique_fit_and_spare_inputs(inside: list[str], else
             assert "\n" not in str(err)
             return
         assert not set(targets) & set(inside)
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Fail instead of hanging when the run blocks (a FIFO read) for over `seconds`."""
-    if not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"segment blocked for over {seconds} s: a FIFO was read")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -151,7 +129,7 @@ def test_segment_in_place_never_touches_inputs(tiny_model: object, tmp_path_fact
     before = _snapshot(folder)
     argv = ["segment", *arguments, "--labels", "cat,dog", "--no-pamr", "--no-progress", "-q", "--out", str(folder),
             *(["--overwrite"] if overwrite else [])]
-    with pytest.MonkeyPatch.context() as patch, _deadline(120):
+    with pytest.MonkeyPatch.context() as patch, deadline(120):
         patch.setattr("talk2dino.cli.model_flags.create_model_from_args", lambda args: tiny_model)
         code = main(argv)
     after = _snapshot(folder)
