@@ -4,10 +4,10 @@ Each method constant has exactly one home: a field default below, with the metho
 that defines it. The CLI, the registry and the API only override these defaults.
 
 A field is the only declaration of its setting (issue 15): the command-line flags of ``talk2dino train``,
-``extract``, ``eval``, ``segment`` and ``serve`` are generated from these fields (help = the trailing comment),
-recipes and JSON files are read into them, and what the type cannot say (a flag spelled otherwise, a range) is
-the field's metadata (`talk2dino.settings.meta`). Every config has ``validate()``; the CLI and the library entry
-points call it.
+``extract``, ``eval``, ``segment`` and ``serve`` are generated from these fields, recipes and JSON files are
+read into them, and what the type cannot say is the field's metadata (`talk2dino.settings.meta`): the flag's
+help (with the method.md section, which ``--help`` leaves out), a flag spelled otherwise, a range. Every config
+has ``validate()``; the CLI and the library entry points call it.
 """
 
 from __future__ import annotations
@@ -145,24 +145,28 @@ class InferenceConfig:
     """The benchmark inference protocol (method.md §4), the default for every entry point.
 
     The "Inference" flags of ``talk2dino segment`` and ``serve`` are generated from these fields (their help is
-    the trailing comment); every entry point overrides these defaults, none restates them.
+    the field's ``help`` metadata); every entry point overrides these defaults, none restates them.
     """
 
-    short_side: int = 448  # resized shorter side, §4.3 step 2
-    max_long_side: int = 2048  # cap on the resized longer side, §4.3 step 2
-    window: int = 448  # sliding-window crop, §4.3 step 3
-    stride: int = 224  # sliding-window stride, §4.3 step 3
-    background: bool = False  # add a background class: pixels whose every label scores below the threshold, §4.6
-    bg_threshold: float = 0.55  # background threshold theta (0.55 ViT-B; ViT-L models use 0.54), §4.6
-    bg_clean: bool | None = None  # background cleaning with the CLS attention heads (default: on with --background)
-    clean_lambda: float = 0.2  # lambda of background cleaning, §4.5 step 5
-    clean_head_embedding: Literal["logits", "softmax"] = "logits"  # "softmax" = the 2024 formula, §4.5
-    pamr: bool = True  # PAMR mask refinement, §4.7 (the paper's best rows use it)
-    pamr_iterations: int = 10  # §4.7
-    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # §4.7
+    short_side: int = field(default=448, metadata=meta(help="resized shorter side, §4.3 step 2"))
+    max_long_side: int = field(default=2048, metadata=meta(help="cap on the resized longer side, §4.3 step 2"))
+    window: int = field(default=448, metadata=meta(help="sliding-window crop, §4.3 step 3"))
+    stride: int = field(default=224, metadata=meta(help="sliding-window stride, §4.3 step 3"))
+    background: bool = field(default=False, metadata=meta(
+        help="add a background class: pixels whose every label scores below the threshold, §4.6"))
+    bg_threshold: float = field(default=0.55, metadata=meta(
+        help="background threshold theta (0.55 ViT-B; ViT-L models use 0.54), §4.6"))
+    bg_clean: bool | None = field(default=None, metadata=meta(
+        help="background cleaning with the CLS attention heads (default: on with --background)"))
+    clean_lambda: float = field(default=0.2, metadata=meta(help="lambda of background cleaning, §4.5 step 5"))
+    clean_head_embedding: Literal["logits", "softmax"] = field(default="logits", metadata=meta(
+        help='"softmax" = the 2024 formula, §4.5'))
+    pamr: bool = field(default=True, metadata=meta(help="PAMR mask refinement, §4.7 (the paper's best rows use it)"))
+    pamr_iterations: int = field(default=10, metadata=meta(help="PAMR iterations, §4.7"))
+    pamr_dilations: tuple[int, ...] = field(default=(1, 2, 4, 8, 12, 24), metadata=meta(help="PAMR dilations, §4.7"))
     # Trades memory for speed. Label maps are identical for any value; scores may differ by ~1e-7, because CPU
     # matrix products round differently for different row counts (tests/test_determinism.py).
-    window_batch_size: int = 8  # windows per backbone forward
+    window_batch_size: int = field(default=8, metadata=meta(help="windows per backbone forward"))
 
     @property
     def effective_bg_clean(self) -> bool:
@@ -277,21 +281,26 @@ class ExtractConfig:
     range `validate` holds them to.
     """
 
-    coco_root: str  # folder with train2014/, val2014/ and annotations/captions_<split>2014.json
-    split: Literal["train", "val"] = "train"  # COCO Captions 2014 split
-    out: str = "features"  # output folder: shards + manifest.json
-    backbone: str = "dinov2-vitb14-reg"  # backbone name (registry.BACKBONES) or a DINOv2 source (hf-hub:/local-dir:)
-    text_encoder: str = "clip-vitb16"  # text encoder name (registry.TEXT_ENCODERS) or a CLIP source
-    logits_rope: Literal["model", "none"] | None = None  # DINOv3 logits with/without RoPE; None: the model's
-    image_size: int = field(default=448, metadata=meta(range=Range(1, 1 << 13)))  # shorter side then centre crop
-    shard_size: int = field(default=1024, metadata=meta(range=Range(1, 1 << 20)))  # images per shard file
-    batch_size: int = field(default=32, metadata=meta(range=Range(1, 1 << 14)))  # images per backbone forward
-    text_batch_size: int = field(default=256, metadata=meta(range=Range(1, 1 << 16)))  # captions per text forward
-    num_workers: int = field(default=2, metadata=meta(range=Range(0, 256)))  # image decoding workers
-    device: str | None = None  # auto: CUDA when available
-    dtype: DType = "float32"  # backbone dtype; features are stored as float16 either way
-    cache_dir: str | None = None  # weight download cache
-    limit: int | None = field(default=None, metadata=meta(range=_COUNT))  # only the first N images (quick looks)
+    coco_root: str = field(metadata=meta(
+        help="folder with train2014/, val2014/ and annotations/captions_<split>2014.json"))
+    split: Literal["train", "val"] = field(default="train", metadata=meta(help="COCO Captions 2014 split"))
+    out: str = field(default="features", metadata=meta(help="output folder: shards + manifest.json"))
+    backbone: str = field(default="dinov2-vitb14-reg", metadata=meta(
+        help="backbone name (registry.BACKBONES) or a DINOv2 source (hf-hub:/local-dir:)"))
+    text_encoder: str = field(default="clip-vitb16", metadata=meta(
+        help="text encoder name (registry.TEXT_ENCODERS) or a CLIP source"))
+    logits_rope: Literal["model", "none"] | None = field(default=None, metadata=meta(
+        help="DINOv3 logits with/without RoPE; None: the model's"))
+    image_size: int = field(default=448, metadata=meta(help="shorter side then centre crop", range=Range(1, 1 << 13)))
+    shard_size: int = field(default=1024, metadata=meta(help="images per shard file", range=Range(1, 1 << 20)))
+    batch_size: int = field(default=32, metadata=meta(help="images per backbone forward", range=Range(1, 1 << 14)))
+    text_batch_size: int = field(default=256, metadata=meta(help="captions per text forward", range=Range(1, 1 << 16)))
+    num_workers: int = field(default=2, metadata=meta(help="image decoding workers", range=Range(0, 256)))
+    device: str | None = field(default=None, metadata=meta(help="auto: CUDA when available"))
+    dtype: DType = field(default="float32", metadata=meta(
+        help="backbone dtype; features are stored as float16 either way"))
+    cache_dir: str | None = field(default=None, metadata=meta(help="weight download cache"))
+    limit: int | None = field(default=None, metadata=meta(help="only the first N images (quick looks)", range=_COUNT))
 
     def validate(self) -> None:
         """Refuse a numeric setting outside its range (one line naming the setting and its flag)."""
@@ -307,25 +316,36 @@ class TrainConfig:
     real run; lower bounds of positive settings repeat the trainer's own checks, so a recipe fails at once.
     """
 
-    features: str  # folder written by `talk2dino extract` (train split)
-    out: str  # run folder; becomes a loadable model folder (must be new or empty: never a released file)
-    val_features: str | None = None  # folder of the val split for recall@K logging
-    target_strategy: TargetStrategy = "max"  # image embedding: max over heads (the method) or an ablation
-    epochs: int = field(default=100, metadata=meta(range=Range(1, 100_000)))  # passes over the training captions
-    max_steps: int | None = field(default=None, metadata=meta(range=_COUNT))  # stop after N steps; None: all epochs
-    batch_size: int = field(default=128, metadata=meta(range=Range(1, 1 << 16)))  # captions per step (last kept)
-    lr: float = field(default=1e-4, metadata=meta(range=Range(0, 10, open_low=True)))  # Adam learning rate, constant
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=meta(range=Range(0, 1, open_high=True)))  # Adam
-    eps: float = field(default=1e-8, metadata=meta(range=Range(0, 1, open_low=True)))  # Adam epsilon
-    weight_decay: float = field(default=0.0, metadata=meta(range=Range(0, 10)))  # Adam weight decay (recipe: none)
-    temperature: float = field(default=0.07, metadata=meta(range=Range(1e-4, 100)))  # InfoNCE tau, fixed (not trained)
-    loss_divide_by_batch_squared: bool = True  # divide the loss by B^2 as the reference code does
-    seed: int = field(default=123, metadata=meta(range=Range(0, 2**63 - 1)))  # Python, NumPy and torch seeds
-    device: str | None = None  # auto: CUDA when available
-    on_device: bool | None = None  # keep all features on the device (None: when they fit)
-    eval_every: int = field(default=1, metadata=meta(range=Range(1, 100_000)))  # epochs between recall@K evaluations
-    recall_ks: tuple[int, ...] = field(default=(1, 5, 10), metadata=meta(range=Range(1, 1 << 20)))  # text->image R@K
-    val_max_images: int | None = field(default=5000, metadata=meta(range=_COUNT))  # val on N images (5k); None: all
+    features: str = field(metadata=meta(help="folder written by `talk2dino extract` (train split)"))
+    out: str = field(metadata=meta(
+        help="run folder; becomes a loadable model folder (must be new or empty: never a released file)"))
+    val_features: str | None = field(default=None, metadata=meta(help="folder of the val split for recall@K logging"))
+    target_strategy: TargetStrategy = field(default="max", metadata=meta(
+        help="image embedding: max over heads (the method) or an ablation"))
+    epochs: int = field(default=100, metadata=meta(help="passes over the training captions", range=Range(1, 100_000)))
+    max_steps: int | None = field(default=None, metadata=meta(
+        help="stop after N steps; None: all epochs", range=_COUNT))
+    batch_size: int = field(default=128, metadata=meta(help="captions per step (last kept)", range=Range(1, 1 << 16)))
+    lr: float = field(default=1e-4, metadata=meta(
+        help="Adam learning rate, constant", range=Range(0, 10, open_low=True)))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=meta(
+        help="Adam", range=Range(0, 1, open_high=True)))
+    eps: float = field(default=1e-8, metadata=meta(help="Adam epsilon", range=Range(0, 1, open_low=True)))
+    weight_decay: float = field(default=0.0, metadata=meta(help="Adam weight decay (recipe: none)", range=Range(0, 10)))
+    temperature: float = field(default=0.07, metadata=meta(
+        help="InfoNCE tau, fixed (not trained)", range=Range(1e-4, 100)))
+    loss_divide_by_batch_squared: bool = field(default=True, metadata=meta(
+        help="divide the loss by B^2 as the reference code does"))
+    seed: int = field(default=123, metadata=meta(help="Python, NumPy and torch seeds", range=Range(0, 2**63 - 1)))
+    device: str | None = field(default=None, metadata=meta(help="auto: CUDA when available"))
+    on_device: bool | None = field(default=None, metadata=meta(
+        help="keep all features on the device (None: when they fit)"))
+    eval_every: int = field(default=1, metadata=meta(
+        help="epochs between recall@K evaluations", range=Range(1, 100_000)))
+    recall_ks: tuple[int, ...] = field(default=(1, 5, 10), metadata=meta(
+        help="text->image R@K", range=Range(1, 1 << 20)))
+    val_max_images: int | None = field(default=5000, metadata=meta(
+        help="val on N images (5k); None: all", range=_COUNT))
 
     def validate(self) -> None:
         """Refuse a numeric setting outside its range (one line naming the setting and its flag)."""
@@ -347,52 +367,87 @@ class EvalConfig:
     Inference settings: each benchmark runs with the model's own `InferenceConfig` (its registry entry or model
     folder: θ, the cleaning formula), changed by `protocol_changes`: ``background`` from the benchmark;
     ``inference.pamr`` (off by default, `EVAL_INFERENCE`); ``inference.bg_clean``, or the benchmark's published
-    setting when None; every other field of `inference` that differs from `InferenceConfig`'s default; then, run
-    by run, the swept values (``bg_threshold``, ``clean_lambda``, ``short_side``, ``window``, ``stride``).
+    setting when None; every other field of `inference` that the user set (`inference_overrides`) or that
+    differs from `InferenceConfig`'s default; then, run by run, the swept values (``bg_threshold``,
+    ``clean_lambda``, ``short_side``, ``window``, ``stride``).
+
+    `inference_overrides` is what tells "θ 0.55, given" from "θ not given" (`inference` holds a value for every
+    field either way): without it a recipe's ``inference: {bg_threshold: 0.55}`` on a ViT-L model (θ 0.54) would
+    be dropped as "the default". ``talk2dino eval`` fills it from the recipe's ``inference`` keys and the
+    inference flags given; in Python, `with_inference` sets a value and lists it. Files written before it existed
+    (a results.json ``config``) load with it empty, and so mean what they meant then.
 
     Renamed (issue 15): the flat ``pamr`` and ``bg_clean`` are ``inference.pamr`` / ``inference.bg_clean``, and
     ``bg_clean_lambda`` is ``clean_lambda`` (the `InferenceConfig` name). Recipes and `from_dict` still read the
     old keys, with a deprecation warning (`DEPRECATED_KEYS`); the old attributes read with one too.
     """
 
-    dataset: str | None = None  # one benchmark (voc20, voc21, context59, ..., ade20k) or `folder`
-    root: str | None = None  # that dataset's folder (e.g. /data/VOCdevkit/VOC2012); default: data_root/<standard place>
-    data_root: str | None = None  # folder holding every dataset in the mmsegmentation layout
-    suite: Literal["all", "background", "no-background"] | None = None  # several benchmarks in the paper's order
-    classes_file: str | None = None  # class names, one per line, for the `folder` dataset
-    folder_background: bool = False  # `folder` dataset: class 0 is background (threshold channel)
-    model: str = DEFAULT_MODEL  # registry name or model folder
-    backbone: str | None = None  # override of the model's backbone source
-    text_encoder: str | None = None  # override of the model's text-encoder source
-    projection: str | None = None  # override of the model's psi
-    device: str | None = None  # auto: CUDA when available
-    dtype: DType = "float32"  # backbone dtype, recorded in the results
-    cache_dir: str | None = None  # weight download cache
+    dataset: str | None = field(default=None, metadata=meta(
+        help="one benchmark (voc20, voc21, context59, ..., ade20k) or `folder`"))
+    root: str | None = field(default=None, metadata=meta(
+        help="that dataset's folder (e.g. /data/VOCdevkit/VOC2012); default: data_root/<standard place>"))
+    data_root: str | None = field(default=None, metadata=meta(
+        help="folder holding every dataset in the mmsegmentation layout"))
+    suite: Literal["all", "background", "no-background"] | None = field(default=None, metadata=meta(
+        help="several benchmarks in the paper's order"))
+    classes_file: str | None = field(default=None, metadata=meta(
+        help="class names, one per line, for the `folder` dataset"))
+    folder_background: bool = field(default=False, metadata=meta(
+        help="`folder` dataset: class 0 is background (threshold channel)"))
+    model: str = field(default=DEFAULT_MODEL, metadata=meta(help="registry name or model folder"))
+    backbone: str | None = field(default=None, metadata=meta(help="override of the model's backbone source"))
+    text_encoder: str | None = field(default=None, metadata=meta(help="override of the model's text-encoder source"))
+    projection: str | None = field(default=None, metadata=meta(help="override of the model's psi"))
+    device: str | None = field(default=None, metadata=meta(help="auto: CUDA when available"))
+    dtype: DType = field(default="float32", metadata=meta(help="backbone dtype, recorded in the results"))
+    cache_dir: str | None = field(default=None, metadata=meta(help="weight download cache"))
     inference: InferenceConfig = field(default_factory=lambda: EVAL_INFERENCE)  # settings on the model's; see above
+    inference_overrides: tuple[str, ...] = field(default=(), metadata=meta(
+        help="the `inference` fields the user set (recipe or flag): applied over the model's defaults even when "
+             "equal to InferenceConfig's"))
     # The sweeps: every combination of the listed values is one run; an empty list keeps the model's value.
-    bg_threshold: tuple[float, ...] = field(  # background thresholds to sweep; empty: the model's
-        default=(), metadata=meta(range=Range(0, 1, open_low=True, open_high=True)))
-    clean_lambda: tuple[float, ...] = field(  # background-cleaning weights (lambda) to sweep; empty: the model's
-        default=(), metadata=meta(range=Range(0, 100), aliases=("--bg-clean-lambda",)))
-    short_side: tuple[int, ...] = field(default=(), metadata=meta(range=_SIDE))  # short sides to sweep; empty: model's
-    window: tuple[int, ...] = field(default=(), metadata=meta(range=_SIDE))  # window sizes to sweep; empty: the model's
-    stride: tuple[int, ...] = field(default=(), metadata=meta(range=_SIDE))  # strides to sweep; empty: the model's
-    limit: int | None = field(default=None, metadata=meta(range=_COUNT))  # only the first N images of each split
-    out: str = "results"  # results folder: JSON records, Markdown tables, resume caches
-    save_predictions: bool = False  # write palette PNG predictions next to the records
-    skip_bad: bool = False  # skip unreadable or inconsistent samples and list them, instead of failing
+    bg_threshold: tuple[float, ...] = field(default=(), metadata=meta(
+        help="background thresholds to sweep; empty: the model's", range=Range(0, 1, open_low=True, open_high=True)))
+    clean_lambda: tuple[float, ...] = field(default=(), metadata=meta(
+        help="background-cleaning weights (lambda) to sweep; empty: the model's", range=Range(0, 100),
+        aliases=("--bg-clean-lambda",)))
+    short_side: tuple[int, ...] = field(default=(), metadata=meta(
+        help="short sides to sweep; empty: model's", range=_SIDE))
+    window: tuple[int, ...] = field(default=(), metadata=meta(
+        help="window sizes to sweep; empty: the model's", range=_SIDE))
+    stride: tuple[int, ...] = field(default=(), metadata=meta(help="strides to sweep; empty: the model's", range=_SIDE))
+    limit: int | None = field(default=None, metadata=meta(help="only the first N images of each split", range=_COUNT))
+    out: str = field(default="results", metadata=meta(
+        help="results folder: JSON records, Markdown tables, resume caches"))
+    save_predictions: bool = field(default=False, metadata=meta(
+        help="write palette PNG predictions next to the records"))
+    skip_bad: bool = field(default=False, metadata=meta(
+        help="skip unreadable or inconsistent samples and list them, instead of failing"))
 
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = {
         "pamr": "inference.pamr", "bg_clean": "inference.bg_clean", "bg_clean_lambda": "clean_lambda"}
     """Old recipe keys -> their new (dotted) place; read with a deprecation warning."""
 
+    def __post_init__(self) -> None:
+        # One spelling per set of names (sorted, each once): equal configs compare equal, and the record reads the
+        # same whatever order the names were given in. `validate` checks the names.
+        names = self.inference_overrides
+        object.__setattr__(self, "inference_overrides", tuple(sorted(set((names,) if isinstance(names, str)
+                                                                          else names))))
+
     def validate(self) -> None:
-        """Refuse a swept or numeric setting outside its range, and impossible inference settings.
+        """Refuse a swept or numeric setting outside its range, impossible inference settings, and an
+        `inference_overrides` name that is not an `InferenceConfig` field.
 
         Raises:
             InvalidInputError: one line naming the setting and its flag.
         """
         check_ranges(type(self), field_values(self))
+        known = {f.name for f in dataclasses.fields(InferenceConfig)}
+        unknown = [name for name in self.inference_overrides if name not in known]
+        if unknown:
+            raise InvalidInputError(f"EvalConfig.inference_overrides: {short_repr(unknown)} not InferenceConfig "
+                                    f"fields; known: {sorted(known)}")
         try:
             self.inference.validate()
         except ValueError as err:
@@ -407,16 +462,26 @@ class EvalConfig:
             bg_clean: the benchmark's published background-cleaning setting.
         """
         library = InferenceConfig()
+        given = set(self.inference_overrides)
         changes = {name: value for name, value in field_values(self.inference).items()
-                   if name not in _PROTOCOL_FIELDS and value != getattr(library, name)}
+                   if name not in _PROTOCOL_FIELDS and (name in given or value != getattr(library, name))}
         changes.update(background=background, pamr=self.inference.pamr,
                        bg_clean=bg_clean if self.inference.bg_clean is None else self.inference.bg_clean)
         return changes
 
+    def with_inference(self, **changes: Any) -> EvalConfig:
+        """A copy with `changes` made to `inference` and their names added to `inference_overrides`, so they
+        apply over the model's defaults whatever their values (``with_inference(bg_threshold=0.55)``)."""
+        return dataclasses.replace(self, inference=dataclasses.replace(self.inference, **changes),
+                                   inference_overrides=(*self.inference_overrides, *changes))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalConfig:
         """An `EvalConfig` from a mapping (a JSON record's ``config``): unknown keys are errors, old keys
-        (`DEPRECATED_KEYS`) are read with a `DeprecationWarning`, nested ``inference`` takes a mapping."""
+        (`DEPRECATED_KEYS`) are read with a `DeprecationWarning`, nested ``inference`` takes a mapping.
+
+        The keys of ``inference`` are not taken for overrides (a record lists every field): only
+        ``inference_overrides`` says which were given; a file without it (older records) gives none."""
         values = upgrade_keys(cls, d, warn=lambda message: warnings.warn(message, DeprecationWarning, stacklevel=3))
         config = cls(**check_fields(cls, values))
         config.validate()

@@ -2,10 +2,10 @@
 text becomes a setting's value.
 
 A field of a config dataclass (`talk2dino.config`, `talk2dino.server.config`) is the only declaration of a
-setting: its type, its default, and its trailing ``# comment``, which is also the flag's help text. What the
-type cannot say goes in the field's metadata, written with `meta`: a flag spelled otherwise than the field
-(``request_timeout_s`` is ``--request-timeout``), the old spellings still accepted, the allowed range, the help
-group. Everything else is derived from that:
+setting: its type, its default, and its metadata, written with `meta`: its help text (`field_help`, the help of
+its flag), and what the type cannot say: a flag spelled otherwise than the field (``request_timeout_s`` is
+``--request-timeout``), the old spellings still accepted, the allowed range, the help group. Everything else is
+derived from that:
 
 - `parse_text` turns text (a flag's value, an environment variable) into a value of the field's type. It is the
   one string-to-value parser: the generated flags (`talk2dino.cli.flags`) and `read_env` use it.
@@ -82,7 +82,8 @@ def meta(*, flag: str | None = None, aliases: tuple[str, ...] = (), help: str | 
     Args:
         flag: the command-line flag when it is not ``--`` plus the field name with ``-`` for ``_``.
         aliases: older flag spellings, still accepted with a logged deprecation warning.
-        help: the flag's help when the field's trailing comment does not fit (a long, multi-line comment).
+        help: what the setting does, in a line: the help of its generated flag (`field_help`; method.md section
+            references such as ``§4.6`` are kept here and left out of ``--help``).
         range: the allowed values (`check_ranges`); tuple fields are checked item by item.
         group: the title of the flag's argparse group, when not the one the caller gives.
         repeat: a tuple field whose flag is given once per item (``--url-allow-network A --url-allow-network B``).
@@ -103,27 +104,13 @@ def field_flag(item: dataclasses.Field[Any]) -> str:
     return field_meta(item).flag or "--" + item.name.replace("_", "-")
 
 
-def field_help(cls: type, item: dataclasses.Field[Any]) -> str:
-    """A field's help text: its metadata's ``help``, else its trailing comment in the class source."""
-    return field_meta(item).help or _field_comments(cls).get(item.name, "")
+def field_help(item: dataclasses.Field[Any]) -> str:
+    """A field's help text: its metadata's ``help`` (`meta`), else ``""``.
 
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing ``# comment`` of each field line (``name: type = default  # comment``) in the class source."""
-    import inspect
-
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out: dict[str, str] = {}
-    for line in source.splitlines():
-        stripped = line.strip()
-        if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
-            name = stripped.split(":", 1)[0].strip()
-            if name.isidentifier():
-                out[name] = stripped.split("#", 1)[1].strip()
-    return out
+    The metadata is the one source: the class source is never read, so the help of the generated flags costs
+    nothing at start-up and survives an install without ``.py`` files (a zipapp, a frozen build).
+    """
+    return field_meta(item).help or ""
 
 
 def unwrap_optional(tp: Any) -> Any:

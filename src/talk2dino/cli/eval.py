@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def add_parser(sub: Any) -> None:
                     help="comma-separated backbones to compare, each with the psi at the same position in "
                          "--projections (a psi is trained for one backbone)")
     ev.add_argument("--projections", default=None, help="comma-separated psi sources matching --backbones")
-    add_config_flags(ev, EvalConfig, title="Evaluation", nested={"inference": EVAL_INFERENCE_FIELDS})
+    # `inference_overrides` is no flag: `run` fills it from the recipe and the inference flags given.
+    add_config_flags(ev, EvalConfig, title="Evaluation", nested={"inference": EVAL_INFERENCE_FIELDS},
+                     exclude=("inference_overrides",))
     set_help(ev, "dataset", f"one benchmark: {', '.join(DATASET_NAMES)} (folder: your own data, with --root "
                             "and --classes-file)")
     set_help(ev, "inference.pamr", "PAMR mask refinement (default off in eval: the paper's rows without refinement; "
@@ -54,12 +57,32 @@ def add_parser(sub: Any) -> None:
     ev.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
 
+def given_inference_fields(recipe: Mapping[str, Any] | None, args: argparse.Namespace) -> list[str]:
+    """The `InferenceConfig` fields a recipe (its ``inference`` mapping, or an old flat key such as ``pamr``) or
+    the flags (``--pamr``, ``--bg-clean``) set: `EvalConfig.inference_overrides`. Call after `build_config`,
+    which has refused unknown keys."""
+    names: list[str] = []
+    if recipe:
+        nested = recipe.get("inference")
+        if isinstance(nested, Mapping):
+            names.extend(str(key) for key in nested)
+        names.extend(new.partition(".")[2] for old, new in EvalConfig.DEPRECATED_KEYS.items()
+                     if old in recipe and new.startswith("inference."))
+    names.extend(dest.partition(".")[2] for dest, value in vars(args).items()
+                 if dest.startswith("inference.") and value is not None)
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` subcommand: results.json + results.md (one block per model with --models)."""
     from talk2dino.evaluation.runner import run_eval
     from talk2dino.fileio import atomic_write_bytes
 
-    config = build_config(EvalConfig, args, recipe=load_recipe(args.recipe) if args.recipe else None)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    config = build_config(EvalConfig, args, recipe=recipe)
+    # The inference settings given apply over the model's defaults even when equal to InferenceConfig's.
+    config = dataclasses.replace(config, inference_overrides=(*config.inference_overrides,
+                                                              *given_inference_fields(recipe, args)))
     progress = not (args.quiet or args.no_progress)
     variants: list[tuple[str, EvalConfig]] = []
     if args.backbones:

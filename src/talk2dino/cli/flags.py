@@ -2,7 +2,7 @@
 
 Every field of a config dataclass becomes a flag whose default is None, so that the dataclass stays the single
 source of defaults: ``lr`` -> ``--lr``, or the flag its metadata names (``request_timeout_s`` ->
-``--request-timeout``); the help is the field's trailing comment; booleans get ``--x/--no-x``; ``Literal`` types
+``--request-timeout``); the help is the field's ``help`` metadata; booleans get ``--x/--no-x``; ``Literal`` types
 become choices; tuples read a comma list (or, with ``repeat``, one flag per item); values are read by
 `talk2dino.settings.parse_text`, the parser environment variables use too. Older spellings in the metadata
 (``aliases``) still work, hidden from the help, with a logged deprecation warning.
@@ -95,7 +95,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, title: str,
             continue
         info = field_meta(item)
         # The field comments cite method.md sections (a developer's document users do not have): not in --help.
-        help_text = _SECTION_REFERENCE.sub("", field_help(cls, item)).replace("%", "%%")
+        help_text = _SECTION_REFERENCE.sub("", field_help(item)).replace("%", "%%")
         if item.default is not dataclasses.MISSING and item.default is not None:  # None reads as "(default None)"
             help_text += f" (default {item.default!r})".replace("%", "%%")
         kwargs: dict[str, Any] = {"default": None, "dest": prefix + item.name, "help": help_text}

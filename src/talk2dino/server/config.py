@@ -1,7 +1,7 @@
 """`ServerConfig`: the limits and address of ``talk2dino serve`` (house-style §3), one field per flag.
 
 Every limit has a safe default here and only here. The ``serve`` flags are generated from these fields
-(`talk2dino.cli.flags`; help = the trailing comment, a different spelling = the field's metadata, e.g.
+(`talk2dino.cli.flags`; the help, the group and a different spelling are the field's metadata, e.g.
 ``request_timeout_s`` is ``--request-timeout``), and the environment (``TALK2DINO_SERVE_MAX_LABELS=...``) is read
 with the same parser (`talk2dino.settings.read_env`); flags override the environment, which overrides the defaults.
 """
@@ -26,34 +26,40 @@ ENV_PREFIX = "TALK2DINO_SERVE_"
 _MAX_LABELS_LIMIT = 255
 _SERVER = "Server"
 _LIMITS = "Limits (a request over one gets a 4xx/503 answer)"
-_NET = meta(group=_SERVER)
-_LIMIT = meta(group=_LIMITS)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Address, limits and batching of the HTTP server. All limits answer a clear 4xx/503, never exhaust memory."""
 
-    host: str = field(default="127.0.0.1", metadata=_NET)  # bind address; 0.0.0.0 exposes it to the network
-    port: int = field(default=8000, metadata=_NET)  # TCP port
-    max_upload_bytes: int = field(default=20_000_000, metadata=_LIMIT)  # request body cap (413 above it)
-    max_pixels: int = field(default=16_000_000, metadata=_LIMIT)  # image width x height cap (413), from the header
+    host: str = field(default="127.0.0.1", metadata=meta(
+        group=_SERVER, help="bind address; 0.0.0.0 exposes it to the network"))
+    port: int = field(default=8000, metadata=meta(group=_SERVER, help="TCP port"))
+    max_upload_bytes: int = field(default=20_000_000, metadata=meta(
+        group=_LIMITS, help="request body cap (413 above it)"))
+    max_pixels: int = field(default=16_000_000, metadata=meta(
+        group=_LIMITS, help="image width x height cap (413), from the header"))
     # 2**28 values of the [C, H, W] float32 scores are 1 GiB per copy.
-    max_score_values: int = field(default=2**28, metadata=_LIMIT)  # image pixels x score channels cap (413)
-    max_labels: int = field(default=255, metadata=_LIMIT)  # labels per request (422), at most 255 (a palette PNG)
-    max_label_length: int = field(default=200, metadata=_LIMIT)  # characters per label (422)
-    queue_size: int = field(default=16, metadata=_LIMIT)  # requests waiting for the model before answering 429
-    request_timeout_s: float = field(default=60.0, metadata=meta(  # seconds from arrival to answer, then 503
-        flag="--request-timeout", group=_LIMITS))
-    body_timeout_s: float = field(default=30.0, metadata=meta(  # seconds to receive a request body, then 408
-        flag="--body-timeout", group=_LIMITS))
-    shutdown_grace_s: float = field(default=20.0, metadata=meta(  # seconds in-flight requests get after SIGTERM
-        flag="--shutdown-grace", group=_LIMITS))
-    max_batch: int = field(default=4, metadata=_LIMIT)  # queued requests whose images share one backbone pass
+    max_score_values: int = field(default=2**28, metadata=meta(
+        group=_LIMITS, help="image pixels x score channels cap (413)"))
+    max_labels: int = field(default=255, metadata=meta(
+        group=_LIMITS, help="labels per request (422), at most 255 (a palette PNG)"))
+    max_label_length: int = field(default=200, metadata=meta(group=_LIMITS, help="characters per label (422)"))
+    queue_size: int = field(default=16, metadata=meta(
+        group=_LIMITS, help="requests waiting for the model before answering 429"))
+    request_timeout_s: float = field(default=60.0, metadata=meta(
+        flag="--request-timeout", group=_LIMITS, help="seconds from arrival to answer, then 503"))
+    body_timeout_s: float = field(default=30.0, metadata=meta(
+        flag="--body-timeout", group=_LIMITS, help="seconds to receive a request body, then 408"))
+    shutdown_grace_s: float = field(default=20.0, metadata=meta(
+        flag="--shutdown-grace", group=_LIMITS, help="seconds in-flight requests get after SIGTERM"))
+    max_batch: int = field(default=4, metadata=meta(
+        group=_LIMITS, help="queued requests whose images share one backbone pass"))
     # Kept LRU, keyed by the upload's sha256 and the feature settings.
     feature_cache_size: int = field(default=8, metadata=meta(group=_LIMITS, help=(
         "images whose features are kept, so a labels-only change skips the backbone (0: off)")))
-    max_connections: int = field(default=64, metadata=_NET)  # concurrent connections before answering 503
+    max_connections: int = field(default=64, metadata=meta(
+        group=_SERVER, help="concurrent connections before answering 503"))
     allow_image_url: bool = field(default=False, metadata=meta(group=_LIMITS, help=(
         "let clients send image_url for the server to fetch (off: it fetches nothing, as it lets clients make it "
         "fetch URLs)")))
@@ -64,8 +70,8 @@ class ServerConfig:
         flag="--url-allow-network", repeat=True, metavar="CIDR", group=_LIMITS, help=(
             "let image_url reach this non-public network too (loopback, private, link-local ...), e.g. 10.0.0.0/8 "
             "for a private image store (repeatable; default: only globally routable addresses, server/fetch.py)")))
-    retry_after_s: int = field(default=5, metadata=meta(  # Retry-After of 503 answers, and the least of 429 ones
-        flag="--retry-after", group=_LIMITS))
+    retry_after_s: int = field(default=5, metadata=meta(
+        flag="--retry-after", group=_LIMITS, help="Retry-After of 503 answers, and the least of 429 ones"))
 
     def validate(self) -> None:
         """Raise `InvalidInputError` naming the first impossible value and the flag to change."""
