@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from talk2dino.config import DEFAULT_MODEL, InferenceConfig, check_template
-from talk2dino.data.images import as_rgb_image
-from talk2dino.errors import InvalidInputError
+from talk2dino.data.image_memory import MemoryBudget, default_image_memory
+from talk2dino.data.images import ImageTooLargeError, as_rgb_image
+from talk2dino.errors import InvalidInputError, one_line
 from talk2dino.labels import BACKGROUND_NAME
 from talk2dino.models import BackboneOutput, Talk2DINO
 from talk2dino.postprocess import PredictionSetup, segment_batch, segment_streaming
@@ -67,15 +68,25 @@ class Segmenter:
         >>> result = seg.predict(background=True)
     """
 
-    def __init__(self, model: Talk2DINO, config: InferenceConfig | None = None, *, reference: bool = False) -> None:
+    def __init__(self, model: Talk2DINO, config: InferenceConfig | None = None, *, reference: bool = False,
+                 max_image_memory: int | None | Literal["auto"] = "auto") -> None:
         """Args:
             model: a built `Talk2DINO`.
             config: inference settings; the model's registry defaults when None.
             reference: use the plain reference path everywhere (eager attention, one window per
                 backbone call, prompts padded to the full context, PAMR materialising every
                 neighbour shift). For tests and benchmarks; results equal the fast path.
+            max_image_memory: bytes segmenting one image may need, as ``talk2dino segment
+                --max-image-memory``: a path or PIL image whose estimate (from its header) is above it is refused
+                before it is decoded, and `predict` / `predict_batch` refuse an image whose score maps for that
+                call's labels would exceed it. ``"auto"``: the CLI's default (half the machine's or container's
+                memory, `talk2dino.data.image_memory.default_image_memory`); None: no limit.
+
+        Raises:
+            InvalidInputError: `max_image_memory` not a positive number of bytes, None or ``"auto"``.
         """
         self.model = model
+        self.max_image_memory = default_image_memory() if max_image_memory == "auto" else max_image_memory
         self.config = config if config is not None else model.config.inference
         self.config.validate()
         self.reference = reference
@@ -85,18 +96,31 @@ class Segmenter:
         self._class_embeddings: torch.Tensor | None = None
         self._features: ImageFeatures | None = None
 
+    @property
+    def max_image_memory(self) -> int | None:
+        """Bytes segmenting one image may need (None: no limit); see the constructor."""
+        return self._max_image_memory
+
+    @max_image_memory.setter
+    def max_image_memory(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidInputError(f"max_image_memory must be a positive number of bytes, None (no limit) or "
+                                    f"'auto', got {value!r}")
+        self._max_image_memory = value
+
     @classmethod
     def from_pretrained(cls, name: str | None = DEFAULT_MODEL, *, pretrained: bool = True,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         cache_dir: str | os.PathLike[str] | None = None, backbone: str | None = None,
                         text_encoder: str | None = None, projection: str | None = None,
-                        **overrides: Any) -> Segmenter:
+                        max_image_memory: int | None | Literal["auto"] = "auto", **overrides: Any) -> Segmenter:
         """Build the model with `create_model` and a segmenter with its inference defaults.
 
         Args:
             name, pretrained, device, dtype, cache_dir, backbone, text_encoder, projection: passed to
                 `talk2dino.create_model` as they are: a registry name or ``local-dir:``/``hf-hub:`` folder,
                 and sources replacing the model's parts (``name=None`` composes a model from all three).
+            max_image_memory: the memory guard, as in the constructor.
             overrides: `InferenceConfig` fields replacing the model's defaults, e.g. ``pamr=False``;
                 names are checked before any weights load.
 
@@ -113,7 +137,7 @@ class Segmenter:
                             f"expected create_model arguments or InferenceConfig fields ({', '.join(sorted(known))})")
         model = create_model(name, pretrained=pretrained, device=device, dtype=dtype, cache_dir=cache_dir,
                              backbone=backbone, text_encoder=text_encoder, projection=projection)
-        return cls(model, dataclasses.replace(model.config.inference, **overrides))
+        return cls(model, dataclasses.replace(model.config.inference, **overrides), max_image_memory=max_image_memory)
 
     def _check_window(self, config: InferenceConfig) -> None:
         if config.window % (patch := self.model.backbone.patch_size):
@@ -191,16 +215,49 @@ class Segmenter:
         self._classes = checked
 
     # ------------------------------------------------------------------ image side
+    def _memory_budget(self, channels: int) -> MemoryBudget | None:
+        """`max_image_memory` as a header check for an image segmented with `channels` score channels (no
+        overlay or saved scores: the API writes no files); None without a limit."""
+        if self.max_image_memory is None:
+            return None
+        return MemoryBudget(self.max_image_memory, max(1, channels), self.config, overlay=False,
+                            flag="max_image_memory")
+
+    def _check_memory(self, features: Sequence[ImageFeatures], names: Sequence[str], background: bool | None) -> None:
+        """Refuse, before any score map is allocated, an image whose segmentation with this call's labels would
+        need over `max_image_memory` (`names`: how each image is called in the message)."""
+        if self._classes is None:
+            return  # `_setup` says that no labels are set
+        with_background = self.config.background if background is None else background
+        budget = self._memory_budget(len(self._classes) + int(with_background))
+        if budget is None:
+            return
+        for item, name in zip(features, names, strict=True):
+            height, width = item.original_size
+            try:
+                budget(int(width), int(height))
+            except ImageTooLargeError as err:
+                raise ImageTooLargeError(f"{name}: {err}") from None
+
     def prepare(self, image: ImageLike | PreparedImage) -> PreparedImage:
         """`prepare_image` with this segmenter's settings (a `PreparedImage` is returned as is).
 
         `image` may be any form `talk2dino.data.images.as_rgb_image` accepts: a file path (decoded as the CLI
         decodes it), a PIL image, an RGB uint8 ``H×W×3`` numpy array, or a ``[3, H, W]`` / ``[H, W, 3]``
         tensor (uint8, or float in [0, 1]; a leading dimension of 3 means channel-first).
+
+        A path or PIL image is first held to `max_image_memory` from its header (size and mode), before any
+        pixel is decoded, with the current vocabulary's score channels (one before `set_classes`).
+
+        Raises:
+            ImageTooLargeError: (an `InvalidInputError`) the image would need over `max_image_memory`; one line
+                naming the file, its size in pixels, the estimate and the limit.
+            InvalidInputError: an image that cannot be read or converted.
         """
         if isinstance(image, PreparedImage):
             return image
-        return prepare_image(as_rgb_image(image), self.config)
+        channels = (len(self._classes) if self._classes is not None else 1) + int(self.config.background)
+        return prepare_image(as_rgb_image(image, check_header=self._memory_budget(channels)), self.config)
 
     def _backbone_inputs(self, guides: torch.Tensor) -> torch.Tensor:
         """``[n, 3, wh, ww]`` 0–255 windows -> ``[n, 3, window, window]`` normalised backbone input."""
@@ -322,7 +379,12 @@ class Segmenter:
                 whose first dimension is 3 is channel-first, so a ``3×3×3`` one is ``[3, H, W]``.
                 See `talk2dino.data.images.as_rgb_image`.
 
+        A path (or a PIL image from ``Image.open``) is refused from its header, before decoding, when
+        segmenting it would need over `max_image_memory` (see `prepare`).
+
         Raises:
+            ImageTooLargeError: (an `InvalidInputError`) over `max_image_memory`: naming the file, its size, the
+                estimate and the limit.
             InvalidInputError: one line naming what is wrong with the image.
         """
         self._features = self.embed_images([image])[0]
@@ -430,9 +492,14 @@ class Segmenter:
         """Segment the image of the last `set_image` with the vocabulary of the last `set_classes`.
 
         Options as in `predict_features`.
+
+        Raises:
+            ImageTooLargeError: (an `InvalidInputError`) this call's score maps (labels, plus the background
+                channel) for the image's size would need over `max_image_memory`.
         """
         if self._features is None:
             raise InvalidInputError("no image set; call set_image first")
+        self._check_memory([self._features], ["the image of set_image"], background)
         return self.predict_features(self._features, background=background, pamr=pamr,
                                      bg_threshold=_renamed("threshold", threshold, bg_threshold),
                                      bg_clean=_renamed("clean", clean, bg_clean))
@@ -448,6 +515,8 @@ class Segmenter:
         Options as in `predict_features_batch`; one result per image.
 
         Raises:
+            ImageTooLargeError: (an `InvalidInputError`) an image over `max_image_memory`, from its header for
+                paths and PIL images, and with this call's labels for every image.
             InvalidInputError: `images` is one image rather than a sequence of them, or an image is bad.
         """
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
@@ -456,7 +525,10 @@ class Segmenter:
                                     "for one image use set_image and predict, or pass [image]")
         bg_threshold = _renamed("threshold", threshold, bg_threshold)
         bg_clean = _renamed("clean", clean, bg_clean)
-        return self.predict_features_batch(self.embed_images(images), background=background,
+        features = self.embed_images(images)
+        self._check_memory(features, [one_line(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+                                      for index, image in enumerate(images)], background)
+        return self.predict_features_batch(features, background=background,
                                            bg_threshold=bg_threshold, bg_clean=bg_clean, pamr=pamr, profile=profile)
 
     def summary(self, result: SegmentationResult) -> dict[str, Any]:

@@ -180,12 +180,10 @@ def run(args: argparse.Namespace) -> int:
 
     from talk2dino.cli.batch import (
         BackgroundWriter,
-        MemoryBudget,
         ResultFiles,
         default_image_memory,
         default_workers,
         default_writers,
-        format_bytes,
         parse_byte_size,
         prepared_batches,
     )
@@ -199,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         talk2dino_outputs,
     )
     from talk2dino.data.image_lists import list_images
+    from talk2dino.data.image_memory import MemoryBudget, format_bytes
     from talk2dino.errors import internal_error_guard
     from talk2dino.render import DEFAULT_OVERLAY_ALPHA
 

@@ -315,7 +315,9 @@ def as_rgb_image(
     Args:
         image: The input image, in one of the forms above.
         max_pixels: For paths: the decompression-bomb guard of :func:`load_image` (None: its default).
-        check_header: For paths: :func:`load_image`'s header check (e.g. a memory guard), else None.
+        check_header: For paths: :func:`load_image`'s header check (e.g. the memory guard of
+            `talk2dino.data.image_memory`), before any pixel is decoded; for PIL images (``Image.open`` decodes
+            nothing yet) the same check on their size and mode, before they are converted; else None.
 
     Returns:
         ``[H, W, 3]`` uint8 array, RGB, C-contiguous and writable, sharing no memory with the input.
@@ -344,6 +346,8 @@ def as_rgb_image(
         elif len(shape) != 3 or shape[0] != 3:
             raise InvalidInputError(f"{_API_FORMS}; got {_describe(image)}")
         return to_rgb_uint8(image)
+    if isinstance(image, Image.Image) and check_header is not None:
+        _check_pil_header(image, check_header)
     if isinstance(image, (Image.Image, np.ndarray)):
         return to_rgb_uint8(image)
     raise InvalidInputError(f"{_API_FORMS}; got {_describe(image)}")
@@ -381,6 +385,18 @@ def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _check_pil_header(image: Image.Image, check_header: HeaderCheck) -> None:
+    """`check_header` on a PIL image's size and mode, its message prefixed with the image's file name (when it
+    was opened from a file) as `load_image` prefixes a path's."""
+    try:
+        check_header(image.width, image.height, image.mode)
+    except InvalidInputError as exc:
+        own = getattr(image, "filename", None)
+        shown = one_line(own, max_chars=1000) if isinstance(own, str) and own else "PIL image"
+        kind = ImageTooLargeError if isinstance(exc, ImageTooLargeError) else InvalidInputError
+        raise kind(f"{shown}: {exc}") from exc
+
+
 def _check_min_size(width: int, height: int, *, where: str | None) -> None:
     if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
         prefix = f"{where}: " if where else ""
