@@ -3,10 +3,11 @@
 Workload: ``--windows`` windows of ``--size``² pixels, ``--classes`` score channels (21: VOC-20 + background),
 10 iterations, dilations (1, 2, 4, 8, 12, 24), random guide and scores (the cost does not depend on values).
 
-- CPU: ``pamr`` (the torch path) one call per window, as ``Segmenter.predict_features`` runs it, and one
-  batched call; then the issue-6 ratio "PAMR of 21 channels on two 448² windows ÷ one bare forward of one
-  448² window" (target ≤ 15 %) against a real-size DINOv2 ViT-B/14-reg (random weights, SDPA, nothing
-  downloaded) when ``--share`` is given.
+- CPU: the torch path one call per window (as ``Segmenter.predict_features`` runs it) and one batched call,
+  and the native kernel (``ops/pamr_native.c``, built at first use; left out where it cannot be built) one
+  call per window, with each one's speed-up over the torch path; then the issue-6 ratio "PAMR of 21 channels on
+  two 448² windows ÷ one bare forward of one 448² window" (target ≤ 15 %) against a real-size DINOv2
+  ViT-B/14-reg (random weights, SDPA, nothing downloaded) when ``--share`` is given.
 - CUDA: the fused Triton kernels (``pamr``'s default on CUDA) against the torch path (``fused=False``) for each
   batch size in ``--batches``, timed with CUDA events (no host synchronisation inside the timed region), with
   the peak memory of each and the largest difference between the two (≤ 1e-5 expected).
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from talk2dino.ops.pamr import fused_pamr_available, pamr
+from talk2dino.ops.pamr_native import native_pamr, native_pamr_status
 
 DILATIONS = (1, 2, 4, 8, 12, 24)
 ITERATIONS = 10
@@ -71,38 +73,54 @@ def _bare_forward(size: int) -> Callable[[], Any]:
 
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     image, masks = _inputs(args.windows, args.classes, args.size, torch.device("cpu"))
+    kernel = native_pamr()  # None where it cannot be built (logged): its row is then left out
 
-    def per_window() -> list[torch.Tensor]:  # as the predictor runs it: one call per window
-        return [pamr(image[i : i + 1], masks[i : i + 1], iterations=ITERATIONS, dilations=DILATIONS)
-                for i in range(args.windows)]
+    def per_window(native: bool) -> Callable[[], list[torch.Tensor]]:  # as the predictor runs it
+        return lambda: [pamr(image[i : i + 1], masks[i : i + 1], iterations=ITERATIONS, dilations=DILATIONS,
+                             native=native) for i in range(args.windows)]
 
-    def batched() -> torch.Tensor:
-        return pamr(image, masks, iterations=ITERATIONS, dilations=DILATIONS)
-
-    forward = _bare_forward(args.size) if args.share else None
-    timings: dict[str, list[float]] = {"per_window": [], "batched": [], "forward": []}
+    paths: dict[str, Callable[[], Any] | None] = {
+        "torch": per_window(False),
+        "torch_batched": lambda: pamr(image, masks, iterations=ITERATIONS, dilations=DILATIONS, native=False),
+        "native": per_window(True) if kernel is not None else None,
+        "forward": _bare_forward(args.size) if args.share else None,
+    }
+    timings: dict[str, list[float]] = {name: [] for name, fn in paths.items() if fn is not None}
     with torch.inference_mode():
         # Interleaved repetition by repetition, best of each: on a shared machine other processes only ever
-        # add time, and the ratio compares figures taken under the same conditions.
+        # add time, and the ratios compare figures taken under the same conditions.
         for repetition in range(args.repeats + 1):
-            for name, fn in (("per_window", per_window), ("batched", batched), ("forward", forward)):
+            for name, fn in paths.items():
                 if fn is None:
                     continue
                 start = time.perf_counter()
                 fn()
                 if repetition:  # the first round warms up
                     timings[name].append(time.perf_counter() - start)
-    best = {name: min(values) for name, values in timings.items() if values}
+    best = {name: min(values) for name, values in timings.items()}
     record: dict[str, Any] = {"device": "cpu", "threads": torch.get_num_threads(), "windows": args.windows,
                               "classes": args.classes, "size": args.size, "timings_s": timings,
-                              "load_average": os.getloadavg()}
-    print(f"CPU torch path, {args.windows} windows {args.size}², {args.classes} channels, {torch.get_num_threads()} "
-          f"threads (load average {os.getloadavg()[0]:.1f}): {best['per_window']:.3f} s one call per window, "
-          f"{best['batched']:.3f} s one batched call")
-    if forward is not None:
-        record["share"] = best["per_window"] / best["forward"]
-        print(f"bare ViT-B/14-reg forward of one window: {best['forward']:.3f} s; PAMR ÷ forward = "
-              f"{100 * record['share']:.1f} % (issue 6 target ≤ 15 %)")
+                              "native": native_pamr_status(), "load_average": os.getloadavg()}
+    print(f"CPU PAMR, {args.windows} windows {args.size}², {args.classes} channels, {ITERATIONS} iterations, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; native kernel: "
+          f"{record['native']}")
+    header = f"{'path':<34}{'seconds':>9}{'windows/s':>11}{'vs torch':>10}"
+    if "forward" in best:
+        header += f"{'÷ forward':>11}"
+    print(header)
+    labels = {"torch": "torch, one call per window", "torch_batched": "torch, one batched call",
+              "native": "native kernel, one call per window"}
+    for name, label in labels.items():
+        if name not in best:
+            continue
+        line = (f"{label:<34}{best[name]:>9.3f}{args.windows / best[name]:>11.2f}"
+                f"{best['torch'] / best[name]:>9.2f}×")
+        if "forward" in best:
+            record[f"share_{name}"] = best[name] / best["forward"]
+            line += f"{100 * record[f'share_{name}']:>10.1f}%"
+        print(line)
+    if "forward" in best:
+        print(f"bare ViT-B/14-reg forward of one window: {best['forward']:.3f} s (÷ forward: issue 6 target ≤ 15 %)")
     return record
 
 

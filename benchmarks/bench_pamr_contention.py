@@ -8,9 +8,11 @@ Variants, measured in this one process and interleaved repetition by repetition:
 - ``serial-affinities`` (the default ``pamr``): the ~1,200 small element-wise ops of the affinities on
   one thread, the 10 propagation steps with torch's thread count;
 - ``all-threaded`` (``pamr`` before issue 13): every op with torch's thread count;
+- ``native`` (the default ``pamr`` on CPU since issue 16, when a C compiler is there): the kernel of
+  ``ops/pamr_native.c``, one parallel region for the affinities and one for the propagation;
 
-each with torch's default thread count and with ``torch.set_num_threads(1)``. Results of both variants
-are checked to be bit-identical.
+each with torch's default thread count and with ``torch.set_num_threads(1)``. Results of the two torch
+variants are checked to be bit-identical, and the native kernel's largest difference from them is printed.
 
 Scenarios: *idle* (nothing started by this script; other users of the machine are reported with the
 load average) and *busy*: a competing process (``multiprocessing`` spawn) runs a float32 1024x1024
@@ -39,6 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from talk2dino.ops import pamr as pamr_module
+from talk2dino.ops.pamr_native import native_pamr, native_pamr_status
 
 DILATIONS = (1, 2, 4, 8, 12, 24)
 ITERATIONS = 10
@@ -97,18 +100,21 @@ def main() -> None:
     guides = torch.rand(WINDOWS, 1, 3, WINDOW, WINDOW, generator=generator) * 255
     scores = torch.rand(WINDOWS, 1, CLASSES, WINDOW, WINDOW, generator=generator)
 
-    def run() -> list[torch.Tensor]:
-        return [pamr_module.pamr(guides[i], scores[i], iterations=ITERATIONS, dilations=DILATIONS)
+    def run(native: bool) -> list[torch.Tensor]:
+        return [pamr_module.pamr(guides[i], scores[i], iterations=ITERATIONS, dilations=DILATIONS, native=native)
                 for i in range(WINDOWS)]
 
-    variants = [(name, threads) for name in ("serial-affinities", "all-threaded")
-                for threads in sorted({default_threads, 1}, reverse=True)]
+    names = ["serial-affinities", "all-threaded"] + (["native"] if native_pamr() is not None else [])
+    variants = [(name, threads) for name in names for threads in sorted({default_threads, 1}, reverse=True)]
     outputs = {}
     for name, threads in variants:  # warm-up (scratch buffer, neighbour index) and identity check
         with variant(name, threads):
-            outputs[name, threads] = run()
+            outputs[name, threads] = run(name == "native")
     reference = outputs[variants[0]]
-    identical = all(torch.equal(a, b) for out in outputs.values() for a, b in zip(out, reference, strict=True))
+    identical = all(torch.equal(a, b) for (name, _), out in outputs.items() if name != "native"
+                    for a, b in zip(out, reference, strict=True))
+    native_gap = max(((a - b).abs().max().item() for (name, _), out in outputs.items() if name == "native"
+                      for a, b in zip(out, reference, strict=True)), default=float("nan"))
 
     times: dict[tuple[str, int, str], list[float]] = {}
     load: dict[str, list[float]] = {}
@@ -120,14 +126,15 @@ def main() -> None:
                 for name, threads in variants:
                     with variant(name, threads):
                         start = time.perf_counter()
-                        run()
+                        run(name == "native")
                         times.setdefault((name, threads, scenario), []).append(time.perf_counter() - start)
 
     print(f"PAMR of a 500x375 image ({WINDOWS} windows {WINDOW}x{WINDOW}, {CLASSES} channels, "
           f"{ITERATIONS} iterations), median of {args.repeats}; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, default threads {default_threads}")
     print(f"load average (1/5/15 min) at start: idle {load['idle']}, busy {load['busy']}")
-    print(f"outputs bit-identical across variants: {identical}\n")
+    print(f"torch variants bit-identical: {identical}; native kernel: {native_pamr_status()}, largest difference "
+          f"from the torch path {native_gap:.1e}\n")
     print("| variant | threads | idle s | busy s | busy/idle |")
     print("|---|---:|---:|---:|---:|")
     rows = []
@@ -139,7 +146,7 @@ def main() -> None:
         print(f"| {name} | {threads} | {idle:.3f} | {busy:.3f} | {busy / idle:.1f}x |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"rows": rows, "load": load, "identical": identical, "cpus": os.cpu_count(),
+            json.dump({"rows": rows, "load": load, "identical": identical, "native_gap": native_gap, "cpus": os.cpu_count(),
                        "torch": torch.__version__}, handle, indent=2)
 
 

@@ -197,3 +197,17 @@ def tiny_model(tiny_sources: dict[str, str]):
     from talk2dino import create_model
 
     return create_model(None, device="cpu", **tiny_sources)
+
+
+def native_kernel_or_skip() -> object:
+    """The native PAMR kernel (``ops/pamr_native.c``), built on first use; skips where no C compiler can build
+    it, except when ``$TALK2DINO_REQUIRE_NATIVE_PAMR`` is set (.ci/run sets it: CI has a compiler, so the
+    kernel's tests can never be skipped there)."""
+    from talk2dino.ops.pamr_native import native_pamr
+
+    try:
+        return native_pamr(require=True)
+    except RuntimeError as error:
+        if os.environ.get("TALK2DINO_REQUIRE_NATIVE_PAMR"):
+            raise
+        pytest.skip(f"the native PAMR kernel cannot be built here: {error}")

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import pytest
 import torch
+from conftest import native_kernel_or_skip
 
 from talk2dino.ops.cleaning import clean_background
 from talk2dino.ops.pamr import pamr, pamr_reference
@@ -188,6 +189,15 @@ def _pamr_numpy(image: np.ndarray, mask: np.ndarray, iterations: int, dilations:
     return mask
 
 
+@pytest.fixture(params=[False, True], ids=["torch", "native"])
+def cpu_path(request: pytest.FixtureRequest) -> bool:
+    """Both CPU implementations of `pamr`: the torch formulation and the native kernel (tests/test_pamr_native.py
+    has the kernel's own tests; ``native_kernel_or_skip`` says when it may be skipped)."""
+    if request.param:
+        native_kernel_or_skip()
+    return bool(request.param)
+
+
 def _random_pamr_inputs(
     batch: int, classes: int, height: int, width: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +207,9 @@ def _random_pamr_inputs(
     return image, masks
 
 
-def test_pamr_matches_reference_odd_size() -> None:
+def test_pamr_matches_reference_odd_size(cpu_path: bool) -> None:
     image, masks = _random_pamr_inputs(2, 5, 37, 53, seed=1)
-    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS, native=cpu_path)
     slow = pamr_reference(image, masks, iterations=10, dilations=PAMR_DILATIONS)
     assert fast.shape == masks.shape
     assert fast.dtype == torch.float32
@@ -207,14 +217,14 @@ def test_pamr_matches_reference_odd_size() -> None:
     assert not torch.allclose(fast, masks, atol=1e-3)  # it actually did something
 
 
-def test_pamr_matches_reference_image_smaller_than_dilation() -> None:
+def test_pamr_matches_reference_image_smaller_than_dilation(cpu_path: bool) -> None:
     image, masks = _random_pamr_inputs(1, 3, 7, 5, seed=2)
-    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS, native=cpu_path)
     slow = pamr_reference(image, masks, iterations=10, dilations=PAMR_DILATIONS)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
 
 
-def test_pamr_hand_computed_one_iteration() -> None:
+def test_pamr_hand_computed_one_iteration(cpu_path: bool) -> None:
     image = np.array(
         [
             [[10.0, 200.0, 30.0], [40.0, 50.0, 250.0], [70.0, 80.0, 90.0]],
@@ -229,50 +239,51 @@ def test_pamr_hand_computed_one_iteration() -> None:
         ]
     )
     expected = _pamr_numpy(image, mask, iterations=1, dilations=(1,))
-    result = pamr(
-        torch.from_numpy(image).float()[None], torch.from_numpy(mask).float()[None], iterations=1, dilations=(1,)
-    )
+    result = pamr(torch.from_numpy(image).float()[None], torch.from_numpy(mask).float()[None], iterations=1,
+                  dilations=(1,), native=cpu_path)
     np.testing.assert_allclose(result[0].numpy(), expected, atol=1e-6, rtol=0)
 
 
-def test_pamr_hand_computed_two_dilations_two_iterations() -> None:
+def test_pamr_hand_computed_two_dilations_two_iterations(cpu_path: bool) -> None:
     image, masks = _random_pamr_inputs(1, 2, 4, 5, seed=3)
     expected = _pamr_numpy(image[0].double().numpy(), masks[0].double().numpy(), iterations=2, dilations=(1, 2))
-    result = pamr(image, masks, iterations=2, dilations=(1, 2))
+    result = pamr(image, masks, iterations=2, dilations=(1, 2), native=cpu_path)
     np.testing.assert_allclose(result[0].numpy(), expected, atol=1e-6, rtol=0)
 
 
-def test_pamr_constant_mask_stays_constant() -> None:
+def test_pamr_constant_mask_stays_constant(cpu_path: bool) -> None:
     image, _ = _random_pamr_inputs(1, 1, 20, 17, seed=4)
     masks = torch.full((1, 4, 20, 17), 0.625)
-    result = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    result = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS, native=cpu_path)
     # Each step is a convex combination; only float32 rounding of Σα = 1 and of the sums remains.
     torch.testing.assert_close(result, masks, atol=1e-5, rtol=0)
 
 
-def test_pamr_constant_image_gives_uniform_affinities() -> None:
+def test_pamr_constant_image_gives_uniform_affinities(cpu_path: bool) -> None:
     image = torch.full((1, 3, 6, 7), 128.0)
     _, masks = _random_pamr_inputs(1, 2, 6, 7, seed=5)
-    result = pamr(image, masks, iterations=1, dilations=(1, 2))
+    result = pamr(image, masks, iterations=1, dilations=(1, 2), native=cpu_path)
     padded = torch.nn.functional.pad(masks, [2] * 4, mode="replicate")
     neighbours = [(dy * d, dx * d) for d in (1, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
     expected = sum(padded[..., 2 + dy : 2 + dy + 6, 2 + dx : 2 + dx + 7] for dy, dx in neighbours) / len(neighbours)
     torch.testing.assert_close(result, expected, atol=1e-6, rtol=0)
 
 
-def test_pamr_batched_equals_per_sample() -> None:
+def test_pamr_batched_equals_per_sample(cpu_path: bool) -> None:
     image, masks = _random_pamr_inputs(3, 4, 19, 23, seed=6)
-    batched = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    batched = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS, native=cpu_path)
     for b in range(3):
-        single = pamr(image[b : b + 1], masks[b : b + 1], iterations=10, dilations=PAMR_DILATIONS)
+        single = pamr(image[b : b + 1], masks[b : b + 1], iterations=10, dilations=PAMR_DILATIONS,
+                      native=cpu_path)
         torch.testing.assert_close(batched[b : b + 1], single, atol=0, rtol=0)
 
 
-def test_pamr_classes_are_independent() -> None:
+def test_pamr_classes_are_independent(cpu_path: bool) -> None:
     image, masks = _random_pamr_inputs(1, 6, 15, 16, seed=7)
-    whole = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    whole = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS, native=cpu_path)
     chunks = torch.cat(
-        [pamr(image, masks[:, c : c + 4], iterations=10, dilations=PAMR_DILATIONS) for c in range(0, 6, 4)], dim=1
+        [pamr(image, masks[:, c : c + 4], iterations=10, dilations=PAMR_DILATIONS, native=cpu_path)
+         for c in range(0, 6, 4)], dim=1
     )
     torch.testing.assert_close(whole, chunks, atol=0, rtol=0)
 
@@ -318,7 +329,7 @@ def test_pamr_gather_matches_shift_accumulation(classes: int, height: int, width
     affinity arithmetic, and the K weighted terms summed in the same order (images of up to one band of
     affinity rows, so that the softmax runs over the same extent)."""
     image, masks = _random_pamr_inputs(2, classes, height, width, seed=11)
-    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS)
+    fast = pamr(image, masks, iterations=10, dilations=PAMR_DILATIONS, native=False)
     plain = _pamr_shift_accumulate(image, masks, 10, PAMR_DILATIONS)
     # With a single class, addcmul_ takes another (fused multiply-add) kernel: rounding-level differences.
     torch.testing.assert_close(fast, plain, atol=0 if classes > 1 else 1e-6, rtol=0)
@@ -331,7 +342,7 @@ def test_pamr_full_window_equals_shift_accumulation() -> None:
     """A full 448×448 window (several bands of affinity rows) is still bit-for-bit the plain formulation."""
     image, masks = _random_pamr_inputs(1, 3, 448, 448, seed=13)
     image = image.round()
-    fast = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS)
+    fast = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS, native=False)
     torch.testing.assert_close(fast, _pamr_shift_accumulate(image, masks, 2, PAMR_DILATIONS), atol=0, rtol=0)
 
 
@@ -344,25 +355,25 @@ def test_in_place_softmax_equals_torch_softmax(dim: int) -> None:
     assert torch.equal(_softmax_(logits.clone(), dim=dim), expected)
 
 
-def test_pamr_inside_then_outside_inference_mode(monkeypatch) -> None:
+def test_pamr_inside_then_outside_inference_mode(cpu_path: bool, monkeypatch) -> None:
     """The reused scratch buffer stays writable whichever mode made it."""
     import talk2dino.ops.pamr as pamr_module
 
     monkeypatch.setattr(pamr_module._SCRATCH, "buffer", None, raising=False)  # made by the next call
     image, masks = _random_pamr_inputs(1, 2, 23, 45, seed=15)
     with torch.inference_mode():
-        inside = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS)
-    outside = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS)
+        inside = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS, native=cpu_path)
+    outside = pamr(image, masks, iterations=2, dilations=PAMR_DILATIONS, native=cpu_path)
     assert torch.equal(inside, outside)
 
 
-def test_pamr_accepts_non_contiguous_masks() -> None:
+def test_pamr_accepts_non_contiguous_masks(cpu_path: bool) -> None:
     image, masks = _random_pamr_inputs(1, 5, 24, 20, seed=12)
     channels_last = masks.contiguous(memory_format=torch.channels_last)
     transposed = masks.transpose(2, 3).contiguous().transpose(2, 3)
-    expected = pamr(image, masks, iterations=3, dilations=PAMR_DILATIONS)
+    expected = pamr(image, masks, iterations=3, dilations=PAMR_DILATIONS, native=cpu_path)
     for variant in (channels_last, transposed):
-        assert torch.equal(pamr(image, variant, iterations=3, dilations=PAMR_DILATIONS), expected)
+        assert torch.equal(pamr(image, variant, iterations=3, dilations=PAMR_DILATIONS, native=cpu_path), expected)
 
 
 def test_pamr_neighbour_index_is_replicate_clamped() -> None:

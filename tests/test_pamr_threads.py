@@ -1,4 +1,7 @@
-"""PAMR under CPU contention (issue 13): the affinities' many small ops run on one thread, and nothing leaks."""
+"""PAMR under CPU contention (issue 13): the affinities' many small ops run on one thread, and nothing leaks.
+
+These are about the torch formulation, so the native kernel is switched off here; its threads (one parallel
+region per phase, no per-op barriers) are tested in tests/test_pamr_native.py."""
 
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ from talk2dino.ops import pamr as pamr_module
 from talk2dino.ops.pamr import pamr, pamr_reference
 
 DILATIONS = (1, 2, 4, 8, 12, 24)
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TALK2DINO_PAMR_NATIVE", "0")
 
 
 @pytest.fixture

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from talk2dino.ops.pamr_native import NativePamr, Offsets, native_pamr, run_parallel, split
+
 # Constants of the affinity formula κ = −|I(x) − I(x+δ)| / (STD_EPS + STD_SCALE · σ(x)); method.md §4.7.
 STD_EPS = 1e-8
 STD_SCALE = 0.1
@@ -231,7 +233,7 @@ def fused_pamr_available() -> bool:
 
 
 def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[int],
-         fused: bool | None = None) -> Tensor:
+         fused: bool | None = None, native: bool | None = None) -> Tensor:
     """Refine score maps by propagating them along colour affinities of the guide image.
 
     Implements method.md §4.7 exactly: for each dilation d the 8 neighbours at offsets {−d, 0, d}² \\ (0, 0)
@@ -259,6 +261,11 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
             triton imports and no input requires grad, the torch path otherwise (always on CPU). True: the
             kernels, required (they also run CPU tensors under ``TRITON_INTERPRET=1``; no autograd). False:
             the torch path.
+        native: the native CPU kernel (``ops/pamr_native.c``, compiled at first use: affinities vectorised
+            over pixels, then all steps in one cache-resident sweep per thread's share of the classes) for CPU
+            tensors. None (default): when ``$TALK2DINO_PAMR_NATIVE`` allows it, it builds, and no input requires
+            grad; otherwise the torch path. True: required (RuntimeError when it cannot be built). False: the
+            torch path. The two agree within float rounding (≤ 1e-5; tests compare them).
 
     Returns:
         `[B, C, H, W]` float32 refined score maps; each step is a convex combination of neighbours, so
@@ -266,7 +273,7 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
 
     Raises:
         ValueError: on mismatched shapes, negative ``iterations`` or invalid ``dilations``.
-        RuntimeError: ``fused=True`` without an importable triton.
+        RuntimeError: ``fused=True`` without an importable triton; ``native=True`` without a buildable kernel.
     """
     _check_inputs(image, masks, iterations, dilations)
     guide = image.to(torch.float32)
@@ -280,12 +287,54 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
             return kernel(guide, refined, iterations=iterations, dilations=dilations)
         if fused:
             raise RuntimeError("pamr(fused=True) needs triton (pip install triton)")
+    cpu_kernel = _cpu_kernel(native, guide, refined)
+    if cpu_kernel is not None:
+        samples = [_refine_one_native(cpu_kernel, guide[b : b + 1], refined[b : b + 1], iterations, dilations)
+                   for b in range(len(guide))]
+        return samples[0] if len(samples) == 1 else torch.cat(samples)
     # One sample at a time: the softmax kernel is not batch-invariant (its vectorised tail depends on the
     # tensor size), and running each window alone makes a batched call equal per-sample calls bit for bit
     # (house style §10); it also bounds memory to one window's buffers.
     samples = [_refine_one(guide[b : b + 1], refined[b : b + 1], iterations, dilations) for b in range(len(guide))]
     # A single window is returned as computed (a channels-last view), without a copy.
     return samples[0] if len(samples) == 1 else torch.cat(samples)
+
+
+def _cpu_kernel(native: bool | None, image: Tensor, masks: Tensor) -> NativePamr | None:
+    """The native kernel when `native` asks for it (True) or allows it (None) for these CPU inputs."""
+    if native is False or image.device.type != "cpu":
+        if native:
+            raise ValueError(f"pamr(native=True) serves CPU tensors; got {image.device.type}")
+        return None
+    if native is None and (image.requires_grad or masks.requires_grad):
+        return None  # the kernel has no backward
+    return native_pamr(require=bool(native))
+
+
+def _refine_one_native(kernel: NativePamr, image: Tensor, masks: Tensor, iterations: int,
+                       dilations: Sequence[int]) -> Tensor:
+    """Native PAMR of one sample: image `[1, 3, H, W]`, masks `[1, C, H, W]`, both float32, on CPU.
+
+    The affinities (`[H, K, Wa]`, in this thread's scratch) are computed by row bands, then every step runs
+    for a share of the classes per thread, with no synchronisation between threads in between: both phases
+    are one parallel region each, which keeps a busy machine from stalling the work (issue 13).
+    """
+    height, width = image.shape[-2:]
+    neighbours = Offsets(_stencil_offsets(dilations, include_centre=False))
+    stencil = Offsets(_stencil_offsets(dilations, include_centre=True))
+    pad, row_length = max(dilations), kernel.padded_width(width)
+    threads = torch.get_num_threads()
+    # The guide with a replicate border, and the columns up to the kernel's row length, so that every
+    # neighbour read is a plain load.
+    guide = F.pad(image, [pad, pad + row_length - width, pad, pad], mode="replicate")[0].contiguous()
+    alpha = _scratch(neighbours.count * height * row_length, image.device).view(height, neighbours.count, row_length)
+    run_parallel([functools.partial(kernel.affinities, guide, alpha, neighbours, stencil, (height, width),
+                                    (pad, pad), rows) for rows in split(height, threads)])
+    source = masks[0].contiguous()
+    out = torch.empty_like(source)
+    run_parallel([functools.partial(kernel.run, alpha, source, out, neighbours, iterations, channels)
+                  for channels in split(source.shape[0], threads)])
+    return out.unsqueeze(0)
 
 
 def _neighbour_index(height: int, width: int, dilations: Sequence[int], device: torch.device) -> Tensor:
