@@ -62,6 +62,12 @@ _TABLES: dict[tuple[tuple[int, ...], str], tuple[Tensor, Tensor]] = {}
 
 
 @triton.jit
+def _clamped_index(y: tl.tensor, x: tl.tensor, dy: tl.tensor, dx: tl.tensor, height: int, width: int) -> tl.tensor:
+    """Flat index of pixel (y + dy, x + dx) clamped to the image: replicate borders; shapes broadcast."""
+    return tl.minimum(tl.maximum(y + dy, 0), height - 1) * width + tl.minimum(tl.maximum(x + dx, 0), width - 1)
+
+
+@triton.jit
 def _affinity_kernel(image_ptr: tl.tensor, nb_dy_ptr: tl.tensor, nb_dx_ptr: tl.tensor, st_dy_ptr: tl.tensor,
                      st_dx_ptr: tl.tensor, alpha_ptr: tl.tensor, height: int, width: int, std_eps: float,
                      std_scale: float, K: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr,
@@ -87,16 +93,14 @@ def _affinity_kernel(image_ptr: tl.tensor, nb_dy_ptr: tl.tensor, nb_dx_ptr: tl.t
     s_valid = s_rows < S
     s_dy = tl.load(st_dy_ptr + s_rows, mask=s_valid, other=0)
     s_dx = tl.load(st_dx_ptr + s_rows, mask=s_valid, other=0)
-    s_index = (tl.minimum(tl.maximum(y[None, :] + s_dy[:, None], 0), height - 1) * width
-               + tl.minimum(tl.maximum(x[None, :] + s_dx[:, None], 0), width - 1))  # [S_PAD, BLOCK]
+    s_index = _clamped_index(y[None, :], x[None, :], s_dy[:, None], s_dx[:, None], height, width)  # [S_PAD, BLOCK]
     s_mask = s_valid[:, None] & valid[None, :]
 
     k_rows = tl.arange(0, K_PAD)
     k_valid = k_rows < K
     k_dy = tl.load(nb_dy_ptr + k_rows, mask=k_valid, other=0)
     k_dx = tl.load(nb_dx_ptr + k_rows, mask=k_valid, other=0)
-    k_index = (tl.minimum(tl.maximum(y[None, :] + k_dy[:, None], 0), height - 1) * width
-               + tl.minimum(tl.maximum(x[None, :] + k_dx[:, None], 0), width - 1))  # [K_PAD, BLOCK]
+    k_index = _clamped_index(y[None, :], x[None, :], k_dy[:, None], k_dx[:, None], height, width)  # [K_PAD, BLOCK]
     k_mask = k_valid[:, None] & valid[None, :]
 
     # Σ_c |I_c(x) − I_c(x + δ)| / (ε + s·σ_c(x)), channels added in the order R, G, B as `mean` does.
@@ -149,8 +153,7 @@ def _propagate_kernel(source_ptr: tl.tensor, alpha_ptr: tl.tensor, nb_dy_ptr: tl
     for k in range(K):
         dy = tl.load(nb_dy_ptr + k)
         dx = tl.load(nb_dx_ptr + k)
-        index = (tl.minimum(tl.maximum(y + dy, 0), height - 1) * width
-                 + tl.minimum(tl.maximum(x + dx, 0), width - 1))
+        index = _clamped_index(y, x, dy, dx, height, width)
         weight = tl.load(alpha + k * pixels, mask=valid, other=0.0)
         total += weight[None, :] * tl.load(source + index[None, :], mask=mask, other=0.0)
     target = target_ptr + window * classes * pixels + rows[:, None] * pixels + offs[None, :]
