@@ -146,8 +146,8 @@ def main() -> None:
         print(f"| {name} | {threads} | {idle:.3f} | {busy:.3f} | {busy / idle:.1f}x |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"rows": rows, "load": load, "identical": identical, "native_gap": native_gap, "cpus": os.cpu_count(),
-                       "torch": torch.__version__}, handle, indent=2)
+            json.dump({"rows": rows, "load": load, "identical": identical, "native_gap": native_gap,
+                       "cpus": os.cpu_count(), "torch": torch.__version__}, handle, indent=2)
 
 
 if __name__ == "__main__":

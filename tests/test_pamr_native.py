@@ -88,6 +88,23 @@ def test_native_is_independent_of_threads_and_batching(kernel: object, threads: 
     assert torch.equal(torch.cat(chunks, dim=1), expected)
 
 
+def test_portable_build_gives_the_same_bits(fresh_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build without -march=native (SSE2 or NEON vectors of 4 floats, where the machine's build may use 8)
+    computes every value with the same operations in the same order: the results are identical."""
+    if native_module._compiler() is None:
+        native_kernel_or_skip()
+    image, masks = _inputs(1, 9, 41, 75, seed=4)
+    machine = pamr(image, masks, iterations=10, dilations=DILATIONS, native=True)
+    machine_kernel = native_module.native_pamr()
+    monkeypatch.setattr(native_module, "_STATE", {})
+    monkeypatch.setattr(native_module, "_NATIVE_FLAGS", ())
+    portable = pamr(image, masks, iterations=10, dilations=DILATIONS, native=True)
+    portable_kernel = native_module.native_pamr()
+    assert machine_kernel is not None and portable_kernel is not None
+    assert portable_kernel.path != machine_kernel.path  # the flags are part of the cache key
+    assert torch.equal(portable, machine)
+
+
 def test_native_sharp_edges_stay_finite_and_close(kernel: object) -> None:
     """A hard black/white edge on a flat image drives most weights below float32's normal range: they are stored
     as 0 (no subnormal arithmetic), and the result still matches the reference."""

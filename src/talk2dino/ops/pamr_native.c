@@ -34,7 +34,13 @@
 #include <sys/mman.h>
 #endif
 
-#define LANES 16                 /* floats per vector: one AVX-512 register, two AVX2 or four SSE/NEON ones */
+#if defined(__AVX__)
+/* One AVX register. AVX-512 builds too: 16 lanes were no faster on a Zen 4 core (which splits 512-bit work in
+   two), and on AVX2 they would need twice the registers and spill the accumulators (3x slower, measured). */
+#define LANES 8
+#else
+#define LANES 4 /* one SSE2 / NEON register, for the same reason */
+#endif
 #define XBLOCK (2 * LANES)      /* pixels per block; Wa is a multiple of it */
 #define MAXG 6                   /* channels per pass: 12 accumulators and 2 weight vectors in registers */
 /* Floats ahead to prefetch in each of a block's ~300 row streams, more than the hardware prefetchers follow

@@ -147,8 +147,9 @@ def _cpu_signature() -> str:
 def _build(source: bytes, compiler: str, cache: Path) -> Path:
     """Compile `source` into a shared library under `cache` (reused when already there) and return its path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=False).stdout
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), version, " ".join(_BASE_FLAGS).encode(),
-                                     _cpu_signature().encode(), str(_ABI).encode()])).hexdigest()[:16]
+    flags = " ".join([*_BASE_FLAGS, *_NATIVE_FLAGS, *_LIBS]).encode()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), version, flags, _cpu_signature().encode(),
+                                     str(_ABI).encode()])).hexdigest()[:16]
     target = cache / f"pamr-{key}.so"
     if target.is_file():
         return target
