@@ -126,6 +126,13 @@ def test_default_dispatch(kernel: object) -> None:
     assert not torch.equal(default, pamr(image, masks, iterations=3, dilations=DILATIONS, native=False))
     differentiable = pamr(image, masks.clone().requires_grad_(), iterations=3, dilations=DILATIONS)
     assert differentiable.requires_grad
+    many = tuple(range(1, 130))  # 1,032 offsets: more than the kernel's tables hold, so the torch path runs
+    small_image, small_masks = _inputs(1, 2, 9, 11, seed=10)
+    expected = pamr_reference(small_image, small_masks, iterations=1, dilations=many)
+    torch.testing.assert_close(pamr(small_image, small_masks, iterations=1, dilations=many), expected, atol=1e-5,
+                               rtol=0)
+    with pytest.raises(ValueError, match="at most 128 dilations; got 129"):
+        pamr(small_image, small_masks, iterations=1, dilations=many, native=True)
     with pytest.raises(ValueError, match="serves CPU tensors"):
         pamr(image.to("meta"), masks.to("meta"), iterations=1, dilations=(1,), native=True)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from talk2dino.ops.pamr_native import NativePamr, Offsets, native_pamr, run_parallel, split
+from talk2dino.ops.pamr_native import MAX_OFFSETS, NativePamr, Offsets, native_pamr, run_parallel, split
 
 # Constants of the affinity formula κ = −|I(x) − I(x+δ)| / (STD_EPS + STD_SCALE · σ(x)); method.md §4.7.
 STD_EPS = 1e-8
@@ -287,7 +287,7 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
             return kernel(guide, refined, iterations=iterations, dilations=dilations)
         if fused:
             raise RuntimeError("pamr(fused=True) needs triton (pip install triton)")
-    cpu_kernel = _cpu_kernel(native, guide, refined)
+    cpu_kernel = _cpu_kernel(native, guide, refined, dilations)
     if cpu_kernel is not None:
         samples = [_refine_one_native(cpu_kernel, guide[b : b + 1], refined[b : b + 1], iterations, dilations)
                    for b in range(len(guide))]
@@ -300,11 +300,15 @@ def pamr(image: Tensor, masks: Tensor, *, iterations: int, dilations: Sequence[i
     return samples[0] if len(samples) == 1 else torch.cat(samples)
 
 
-def _cpu_kernel(native: bool | None, image: Tensor, masks: Tensor) -> NativePamr | None:
+def _cpu_kernel(native: bool | None, image: Tensor, masks: Tensor, dilations: Sequence[int]) -> NativePamr | None:
     """The native kernel when `native` asks for it (True) or allows it (None) for these CPU inputs."""
     if native is False or image.device.type != "cpu":
         if native:
             raise ValueError(f"pamr(native=True) serves CPU tensors; got {image.device.type}")
+        return None
+    if 8 * len(dilations) > MAX_OFFSETS:  # the kernel's offset tables have a fixed size
+        if native:
+            raise ValueError(f"pamr(native=True) takes at most {MAX_OFFSETS // 8} dilations; got {len(dilations)}")
         return None
     if native is None and (image.requires_grad or masks.requires_grad):
         return None  # the kernel has no backward

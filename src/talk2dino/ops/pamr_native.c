@@ -42,6 +42,7 @@
 #define LANES 4 /* one SSE2 / NEON register, for the same reason */
 #endif
 #define XBLOCK (2 * LANES)      /* pixels per block; Wa is a multiple of it */
+#define MAX_OFFSETS 1024 /* neighbour offsets per call (stack tables); MAX_OFFSETS in pamr_native.py */
 #define MAXG 6                   /* channels per pass: 12 accumulators and 2 weight vectors in registers */
 /* Floats ahead to prefetch in each of a block's ~300 row streams, more than the hardware prefetchers follow
    (two blocks: about 10 % faster on a Zen 4 core; a prefetch past a row's end touches only the next row). */
@@ -116,7 +117,7 @@ static void pad_row(float *row, int channels, ptrdiff_t Wp, int Q, int W) {
  */
 int t2d_pamr(const float *alpha, const float *masks, float *out, const int *dy, const int *dx, int K, int C, int H,
              int W, int Wa, int iterations, int c0, int c1) {
-    if (K <= 0 || K > 1024 || C <= 0 || H <= 0 || W <= 0 || Wa < W || Wa % XBLOCK != 0 || iterations < 1 ||
+    if (K <= 0 || K > MAX_OFFSETS || C <= 0 || H <= 0 || W <= 0 || Wa < W || Wa % XBLOCK != 0 || iterations < 1 ||
         c0 < 0 || c1 > C || c0 >= c1)
         return -1;
     int P = 0, Q = 0;
@@ -138,7 +139,7 @@ int t2d_pamr(const float *alpha, const float *masks, float *out, const int *dy, 
     madvise(work, bytes, MADV_HUGEPAGE); /* advice only: without transparent huge pages nothing changes */
 #endif
     float *last = work + (ptrdiff_t)T * ring; /* one row of G channels, Wp long */
-    const float *rows[1024];
+    const float *rows[MAX_OFFSETS];
 
     for (ptrdiff_t Y = 0; Y < (ptrdiff_t)H + (ptrdiff_t)T * P; ++Y) {
         /* Step 0: the input row Y, with its border columns. */
@@ -160,7 +161,7 @@ int t2d_pamr(const float *alpha, const float *masks, float *out, const int *dy, 
             for (int c = 0; c < G;) {
                 const int n = G - c >= MAXG ? MAXG : G - c;
                 const float *const *shifted = rows;
-                const float *cr[1024];
+                const float *cr[MAX_OFFSETS];
                 if (c > 0) { /* the same rows, `c` channels further */
                     for (int k = 0; k < K; ++k)
                         cr[k] = rows[k] + c * Wp;
@@ -241,11 +242,11 @@ static inline vec vexp(vec x) {
  */
 int t2d_pamr_affinities(const float *guide, float *alpha, const int *dy, const int *dx, int K, const int *sy,
                         const int *sx, int S, int H, int W, int Wa, int P, int Q, int y0, int y1) {
-    if (K <= 0 || K > 1024 || S < 2 || H <= 0 || W <= 0 || Wa < W || Wa % XBLOCK != 0 || y0 < 0 || y1 > H ||
+    if (K <= 0 || K > MAX_OFFSETS || S < 2 || H <= 0 || W <= 0 || Wa < W || Wa % XBLOCK != 0 || y0 < 0 || y1 > H ||
         y0 > y1)
         return -1;
     const ptrdiff_t Gw = (ptrdiff_t)Wa + 2 * Q, Gplane = ((ptrdiff_t)H + 2 * P) * Gw;
-    vec kappa[1024];
+    vec kappa[MAX_OFFSETS];
     for (ptrdiff_t y = y0; y < y1; ++y) {
         float *a = alpha + y * K * Wa;
         for (ptrdiff_t x = 0; x < Wa; x += LANES) {

@@ -36,11 +36,12 @@ from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["ENV", "NativePamr", "Offsets", "native_pamr", "native_pamr_status", "run_parallel", "split"]
+__all__ = ["ENV", "MAX_OFFSETS", "NativePamr", "Offsets", "native_pamr", "native_pamr_status", "run_parallel", "split"]
 
 logger = logging.getLogger(__name__)
 
 ENV = "TALK2DINO_PAMR_NATIVE"
+MAX_OFFSETS = 1024  # neighbour offsets the kernel takes (its row-pointer tables); 8 per dilation
 _ABI = 3  # t2d_pamr_abi() of the library this module drives
 _BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
 _LIBS = ("-lm",)
