@@ -76,6 +76,20 @@ def test_missing_out_is_created_and_probe_removed(tiny_sources, tmp_path: Path) 
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_labels.png", "a_legend.png", "a_overlay.png"]
 
 
+def test_a_run_failing_before_any_output_leaves_no_new_folder(tiny_sources, tmp_path: Path, capsys) -> None:
+    """A mistyped model fails after the folder check; the folder that check created is removed again (not its
+    parents, and never a folder that was already there)."""
+    image = _write_image(tmp_path / "a.png")
+    out = tmp_path / "new" / "out"
+    assert main(["segment", str(image), "--labels", "cat", "--out", str(out), "--model", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "new").is_dir()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert main(["segment", str(image), "--labels", "cat", "--out", str(existing), "--model", "no-such-model"]) == 2
+    assert existing.is_dir()
+
+
 def test_in_place_run_refuses_to_overwrite_user_files(tiny_sources, no_model, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "inplace"
     folder.mkdir()

@@ -9,6 +9,7 @@ killed run left behind are removed (`remove_stale_temps`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,13 +24,17 @@ from talk2dino.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_output_folder", "fit_stem", "max_stem_bytes", "output_names", "plan_stems", "refuse_overwrites",
-           "remove_stale_temps", "talk2dino_outputs"]
+           "remove_if_unused", "remove_stale_temps", "talk2dino_outputs"]
 
 
-def check_output_folder(out_dir: Path) -> None:
+def check_output_folder(out_dir: Path) -> bool:
     """Make sure `out_dir` exists (created with its parents if missing), is a folder and is writable.
 
     Writability is tried, not guessed: a temporary file is created in it and removed.
+
+    Returns:
+        Whether the folder itself was created here (so that a run failing before it writes anything can remove
+        it again, see `remove_if_unused`).
 
     Raises:
         InvalidInputError: one line naming the folder and the reason.
@@ -39,6 +44,7 @@ def check_output_folder(out_dir: Path) -> None:
     shown = one_line(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidInputError(f"--out {shown}: is a file, not a folder; give a folder")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError as err:  # a parent is a file, or the folder became a file
@@ -52,6 +58,15 @@ def check_output_folder(out_dir: Path) -> None:
         os.remove(probe)
     except OSError as err:
         raise InvalidInputError(f"--out {shown}: folder is not writable ({one_line(err.strerror or err)})") from err
+    return created
+
+
+def remove_if_unused(out_dir: Path, created: bool) -> None:
+    """Remove `out_dir` when this run created it and it is still empty (the run failed before writing), so that
+    a typo in a model name does not leave an empty ``talk2dino-out`` behind. Its parents are left alone."""
+    if created:
+        with contextlib.suppress(OSError):  # not empty, or gone: nothing to undo
+            out_dir.rmdir()
 
 
 _HASH_CHARS = 8  # hex digits of sha256 that `fit_stem` appends to a shortened stem

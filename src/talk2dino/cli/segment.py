@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         output_names,
         plan_stems,
         refuse_overwrites,
+        remove_if_unused,
         remove_stale_temps,
         talk2dino_outputs,
     )
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     MemoryBudget(memory_limit, len(names) + int(flag_config.background), flag_config).check_labels()
     # The output folder too (issue 14): usable, and no file there that this run did not create is written over.
     out_dir = Path(args.out or "talk2dino-out")
-    check_output_folder(out_dir)
+    created = check_output_folder(out_dir)
     ours = talk2dino_outputs(out_dir)
     out_resolved = out_dir.resolve()
     earlier = [p for p in paths if p.name in ours and p.resolve().parent == out_resolved]
@@ -251,9 +252,13 @@ def run(args: argparse.Namespace) -> int:
     stale = remove_stale_temps(out_dir, before=started, keep=ours | inputs_here)
     if stale:
         logger.info("removed %d temp file(s) left in %s by an interrupted run", len(stale), out_dir)
-    segmenter = build_segmenter(args)
-    segmenter.set_classes(names)
-    check_label_count(len(names), background=segmenter.config.background)  # a model folder's own default
+    try:
+        segmenter = build_segmenter(args)
+        segmenter.set_classes(names)
+        check_label_count(len(names), background=segmenter.config.background)  # a model folder's own default
+    except BaseException:
+        remove_if_unused(out_dir, created)  # e.g. a mistyped --model: no empty output folder left behind
+        raise
     device = segmenter.model.device
     workers = args.workers if args.workers is not None else default_workers(device)
     writers = args.writers if args.writers is not None else default_writers(device)
