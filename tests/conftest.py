@@ -28,6 +28,22 @@ TRANSFORMERS_VERSION = version_tuple(installed_version("transformers") or "0")
 HAS_DINOV3 = TRANSFORMERS_VERSION >= (4, 56)
 needs_dinov3 = pytest.mark.skipif(not HAS_DINOV3, reason="DINOv3 needs transformers>=4.56 (the refusal is tested)")
 
+# Under pytest-xdist (`pytest -n 2`, as .ci/run runs the suite) each worker is one of several processes sharing
+# the cores: one intra-op thread each, so that two workers do not run four torch threads on two cores. Tests
+# that need more threads set them and restore this count. A plain `pytest` keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare pytest-xdist's ``xdist_group`` mark when xdist is not installed (a plain `pytest` then ignores it).
+
+    Modules whose module fixtures are costly (a Ray runtime, an ONNX export, the real-size model) carry one, so
+    that ``pytest -n 2 --dist loadgroup`` runs each of them in a single worker.
+    """
+    if not config.pluginmanager.hasplugin("xdist"):
+        config.addinivalue_line("markers", "xdist_group(name): run these tests in one pytest-xdist worker")
+
 
 def parity_weights() -> Path:
     """Folder with the deterministic real-size parity weights, generated on first use (~5 s, 574 MB)."""

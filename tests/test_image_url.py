@@ -86,7 +86,9 @@ def site(routes: dict[str, Route], *, host: str = "127.0.0.1", tls: ssl.SSLConte
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # serve_forever checks for shutdown() every poll_interval (0.5 s by default): each site would take that
+    # long to stop, and the tests start about 40.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield state

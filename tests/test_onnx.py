@@ -30,6 +30,8 @@ from talk2dino.predictor import Segmenter  # noqa: E402
 
 SIZE = 28  # the exported window: 2×2 patches of the tiny DINOv2 (patch 14)
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+# Under pytest-xdist the module runs in one worker, so the export (module fixture, ~6 s) is done once.
+pytestmark = pytest.mark.xdist_group("onnx")
 
 
 @pytest.fixture(scope="module")

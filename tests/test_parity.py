@@ -18,7 +18,9 @@ from talk2dino import InferenceConfig, Segmenter, create_model
 from talk2dino.ops.cleaning import clean_background
 from talk2dino.ops.similarity import sigmoid_cosine
 
-pytestmark = [pytest.mark.slow, pytest.mark.reference]
+# xdist_group: under pytest-xdist the module runs in one worker, so the real-size model (a module fixture,
+# ~0.6 GB) is loaded once.
+pytestmark = [pytest.mark.slow, pytest.mark.reference, pytest.mark.xdist_group("parity")]
 
 GOLDEN = SHARED / "parity" / "golden"
 PSI = REFERENCE_WEIGHTS / "vitb_mlp_infonce.pth"

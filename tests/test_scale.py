@@ -28,6 +28,8 @@ ds = pytest.importorskip("pyarrow.dataset")
 from talk2dino.cli import main  # noqa: E402
 
 LABELS = "cat, sofa, window"
+# Under pytest-xdist the whole module runs in one worker: one Ray runtime (the module fixture), never two.
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")

@@ -519,7 +519,8 @@ def static_site(files: dict[str, bytes]) -> Iterator[str]:
             pass
 
     site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    # A short poll_interval: shutdown() waits for the next poll (0.5 s by default).
+    thread = threading.Thread(target=site.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{site.server_address[1]}"
