@@ -149,10 +149,11 @@ def test_cli_refuses_the_big_image_only(tiny_sources, tmp_path: Path, capsys) ->
 
 def test_default_memory_limit_is_half_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     from talk2dino.cli import batch
+    from talk2dino.data import image_memory
 
-    monkeypatch.setattr(batch, "_machine_memory", lambda: 16 << 30)
+    monkeypatch.setattr(image_memory, "machine_memory", lambda: 16 << 30)
     assert batch.default_image_memory() == 8 << 30
-    monkeypatch.setattr(batch, "_machine_memory", lambda: None)
+    monkeypatch.setattr(image_memory, "machine_memory", lambda: None)
     assert batch.default_image_memory() == batch.FALLBACK_IMAGE_MEMORY == 8 << 30
     assert format_bytes(8 << 30) == "8.0 GiB"
 

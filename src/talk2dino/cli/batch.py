@@ -39,13 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from talk2dino.config import InferenceConfig
-from talk2dino.data.image_memory import (
-    FALLBACK_IMAGE_MEMORY,
-    MemoryBudget,
-    format_bytes,
-    image_memory_limit,
-    machine_memory,
-)
+from talk2dino.data.image_memory import FALLBACK_IMAGE_MEMORY, MemoryBudget, default_image_memory, format_bytes
 from talk2dino.data.images import load_image
 from talk2dino.data.loading import default_workers, loader_options
 from talk2dino.errors import InvalidInputError, is_input_error
@@ -137,7 +131,6 @@ _BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 <
                "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
                "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _BYTE_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-_machine_memory = machine_memory  # looked up by `default_image_memory` at each call (tests replace it)
 
 
 def parse_byte_size(text: str, flag: str = "--max-image-memory") -> int:
@@ -157,12 +150,6 @@ def parse_byte_size(text: str, flag: str = "--max-image-memory") -> int:
     if size < 1:
         raise InvalidInputError(f"{flag} {one_line(repr(text))}: must be a positive size")
     return size
-
-
-def default_image_memory() -> int:
-    """``--max-image-memory``'s default: `talk2dino.data.image_memory.default_image_memory` (half the memory of
-    the machine or of its container, else 8 GiB)."""
-    return image_memory_limit(_machine_memory())
 
 
 def prepared_batches(paths: Sequence[Path], config: InferenceConfig, *, batch_size: int, workers: int,
