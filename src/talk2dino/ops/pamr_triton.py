@@ -68,6 +68,27 @@ def _clamped_index(y: tl.tensor, x: tl.tensor, dy: tl.tensor, dx: tl.tensor, hei
 
 
 @triton.jit
+def _tile_pixels(tile: tl.tensor, height: int, width: int, BLOCK: tl.constexpr) -> tuple[tl.tensor, ...]:
+    """Flat index, in-image mask, row and column of the `BLOCK` pixels of tile `tile` of an H×W window."""
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    y = offs // width
+    return offs, offs < height * width, y, offs - y * width
+
+
+@triton.jit
+def _offset_rows(dy_ptr: tl.tensor, dx_ptr: tl.tensor, y: tl.tensor, x: tl.tensor, valid: tl.tensor, height: int,
+                 width: int, COUNT: tl.constexpr, PAD: tl.constexpr) -> tuple[tl.tensor, ...]:
+    """The `COUNT` offsets (padded to `PAD` rows) applied to a tile's pixels: row numbers, their mask, the
+    clamped neighbour index `[PAD, BLOCK]` and its mask."""
+    rows = tl.arange(0, PAD)
+    rows_valid = rows < COUNT
+    dy = tl.load(dy_ptr + rows, mask=rows_valid, other=0)
+    dx = tl.load(dx_ptr + rows, mask=rows_valid, other=0)
+    index = _clamped_index(y[None, :], x[None, :], dy[:, None], dx[:, None], height, width)
+    return rows, rows_valid, index, rows_valid[:, None] & valid[None, :]
+
+
+@triton.jit
 def _affinity_kernel(image_ptr: tl.tensor, nb_dy_ptr: tl.tensor, nb_dx_ptr: tl.tensor, st_dy_ptr: tl.tensor,
                      st_dx_ptr: tl.tensor, alpha_ptr: tl.tensor, height: int, width: int, std_eps: float,
                      std_scale: float, K: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr,
@@ -81,27 +102,11 @@ def _affinity_kernel(image_ptr: tl.tensor, nb_dy_ptr: tl.tensor, nb_dx_ptr: tl.t
         alpha_ptr: output `[B, K, H·W]` float32.
         K_PAD, S_PAD: K and S rounded up to powers of two (register tile heights).
     """
-    tile = tl.program_id(0)
     window = tl.program_id(1).to(tl.int64)
     pixels = height * width
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < pixels
-    y = offs // width
-    x = offs - y * width
-
-    s_rows = tl.arange(0, S_PAD)
-    s_valid = s_rows < S
-    s_dy = tl.load(st_dy_ptr + s_rows, mask=s_valid, other=0)
-    s_dx = tl.load(st_dx_ptr + s_rows, mask=s_valid, other=0)
-    s_index = _clamped_index(y[None, :], x[None, :], s_dy[:, None], s_dx[:, None], height, width)  # [S_PAD, BLOCK]
-    s_mask = s_valid[:, None] & valid[None, :]
-
-    k_rows = tl.arange(0, K_PAD)
-    k_valid = k_rows < K
-    k_dy = tl.load(nb_dy_ptr + k_rows, mask=k_valid, other=0)
-    k_dx = tl.load(nb_dx_ptr + k_rows, mask=k_valid, other=0)
-    k_index = _clamped_index(y[None, :], x[None, :], k_dy[:, None], k_dx[:, None], height, width)  # [K_PAD, BLOCK]
-    k_mask = k_valid[:, None] & valid[None, :]
+    offs, valid, y, x = _tile_pixels(tl.program_id(0), height, width, BLOCK)
+    _, _, s_index, s_mask = _offset_rows(st_dy_ptr, st_dx_ptr, y, x, valid, height, width, S, S_PAD)
+    k_rows, k_valid, k_index, k_mask = _offset_rows(nb_dy_ptr, nb_dx_ptr, y, x, valid, height, width, K, K_PAD)
 
     # Σ_c |I_c(x) − I_c(x + δ)| / (ε + s·σ_c(x)), channels added in the order R, G, B as `mean` does.
     total = tl.zeros([K_PAD, BLOCK], dtype=tl.float32)
@@ -138,13 +143,9 @@ def _propagate_kernel(source_ptr: tl.tensor, alpha_ptr: tl.tensor, nb_dy_ptr: tl
         target_ptr: `[B, C, H, W]` float32 (step i + 1); never the source.
     """
     class_block = tl.program_id(0)
-    tile = tl.program_id(1)
     window = tl.program_id(2).to(tl.int64)
     pixels = height * width
-    offs = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = offs < pixels
-    y = offs // width
-    x = offs - y * width
+    offs, valid, y, x = _tile_pixels(tl.program_id(1), height, width, BLOCK_P)
     rows = class_block * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < classes)[:, None] & valid[None, :]
     source = source_ptr + window * classes * pixels + rows[:, None] * pixels  # [BLOCK_C, 1]
