@@ -9,7 +9,9 @@ Two implementations of the same formula:
   independent check for tests and benchmarks.
 
 On CUDA tensors :func:`pamr` hands the work to fused Triton kernels (``ops/pamr_triton.py``, imported on
-first use) when triton can be imported; the torch formulation here stays the CPU path and the fallback.
+first use) when triton can be imported; on CPU tensors to the native C kernel (``ops/pamr_native.py``, built at
+first use) when a C compiler can build it. The torch formulation here is the fallback of both, and what runs
+when a gradient is needed.
 
 Neighbour offsets are enumerated in one fixed order in both: dilations in the given order, and within a
 dilation row-major over (dy, dx) ∈ {−d, 0, d}², skipping (0, 0) for the propagation.

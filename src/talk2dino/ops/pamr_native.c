@@ -3,8 +3,8 @@
  * method.md section 4.7.
  *
  * Compiled at first use by ops/pamr_native.py with the machine's C compiler and loaded through ctypes (no
- * torch headers, so it builds in about a second). Plain C99 plus the GCC/Clang vector extension, which lowers
- * to whatever SIMD the target has (SSE2, AVX2, AVX-512, NEON).
+ * torch headers, so it builds in well under a second). Plain C99 plus the GCC/Clang vector extension, which
+ * lowers to whatever SIMD the target has (SSE2, AVX2, AVX-512, NEON).
  *
  * Why one sweep: one step at a time streams the affinities (48 floats per pixel, 38 MB for a 448x448 window)
  * and two copies of the masks through main memory at every step, and that traffic, not arithmetic, bounded
@@ -22,9 +22,9 @@
  * sweep reads 13 rows per class group at once, and with 4 kB pages their translations overflow the TLB.
  *
  * Every output value is the sum over k = 0..K-1, in that order, of alpha * m, accumulated in float32 from zero
- * with separate multiply and add (the build passes -ffp-contract=off): the arithmetic of the torch path's
- * weighted embedding_bag, lane by lane, so the result does not depend on the vector width, how channels are
- * split across threads, or the machine. Borders replicate the edge pixel (clamped rows and columns).
+ * with separate multiply and add (the build passes -ffp-contract=off), lane by lane, so the result does not
+ * depend on the vector width, how channels are split across threads, or the machine (it differs from the torch
+ * path's by float rounding). Borders replicate the edge pixel (clamped rows and columns).
  */
 #define _GNU_SOURCE /* madvise's MADV_HUGEPAGE on glibc */
 #include <stddef.h>
