@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,6 +101,15 @@ def write_noise_image(path: Path, h: int = 40, w: int = 60, seed: int = 0) -> Pa
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def gradient_image(h: int, w: int, seed: int, noise: float) -> np.ndarray:
+    """An ``h x w`` RGB uint8 array: colour ramps along x, y and the diagonal plus Gaussian noise of std `noise`
+    (structure that PAMR and the windows act on, unlike uniform noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], axis=-1)
+    return np.clip(base + rng.normal(0, noise, base.shape), 0, 255).astype(np.uint8)
 
 
 def save_tiny_dinov2(folder: Path, *, registers: int = 4, hidden: int = 32, heads: int = 4, layers: int = 2,

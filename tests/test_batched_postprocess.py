@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import gradient_image
 
 import talk2dino.postprocess as postprocess
 from talk2dino import InferenceConfig, Segmenter
@@ -29,10 +30,7 @@ WINDOWS = [2, 1, 3, 2, 5, 28, 2]
 
 
 def _image(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], axis=-1)
-    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    return gradient_image(h, w, seed, noise=25)
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES
+from conftest import IMAGES, gradient_image
 from PIL import Image
 
 from talk2dino import InferenceConfig, Segmenter
@@ -13,10 +13,7 @@ from talk2dino.errors import InvalidInputError
 
 
 def _image(h: int = 60, w: int = 90, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], axis=-1)
-    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return gradient_image(h, w, seed, noise=20)
 
 
 @pytest.fixture()
