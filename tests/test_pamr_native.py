@@ -3,11 +3,14 @@ independent of threads and batching, and a clean fallback to the torch path wher
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,6 +237,33 @@ def test_unwritable_cache_builds_in_a_temporary_folder(fresh_state: Path, monkey
     assert loaded is not None and not loaded.path.is_relative_to(blocker)
 
 
+def test_run_parallel_bounds_the_workers_and_runs_every_call() -> None:
+    """More calls than workers: every call runs once, never more than `workers` at a time; an error is raised
+    only after the other calls have finished."""
+    lock, running, peak, done = threading.Lock(), [0], [0], []
+
+    def call(index: int) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+            done.append(index)
+
+    native_module.run_parallel([functools.partial(call, i) for i in range(9)], 2)
+    assert sorted(done) == list(range(9))
+    assert peak[0] <= 2
+
+    def broken() -> None:
+        raise ValueError("call 0 failed")
+
+    done.clear()
+    with pytest.raises(ValueError, match="call 0 failed"):
+        native_module.run_parallel([broken, *[functools.partial(call, i) for i in range(1, 5)]], 2)
+    assert sorted(done) == [1, 2, 3, 4]
+
+
 def test_the_pool_survives_fork(kernel: object) -> None:
     """A child forked after the kernel's thread pool started (a DataLoader worker, a pre-forking server) gets a
     new pool instead of queueing work for threads that exist only in the parent. (torch's own OpenMP threads do
@@ -246,12 +276,12 @@ def test_the_pool_survives_fork(kernel: object) -> None:
         "seen = []\n"
         "# Every worker of the pool started (each waits for the others), then idle, as in a long-running process.\n"
         "everyone = threading.Barrier(os.cpu_count() or 1)\n"
-        "run_parallel([everyone.wait] * (os.cpu_count() or 1))\n"
-        "run_parallel([lambda: seen.append(1), lambda: seen.append(2)])\n"
+        "run_parallel([everyone.wait] * (os.cpu_count() or 1), os.cpu_count() or 1)\n"
+        "run_parallel([lambda: seen.append(1), lambda: seen.append(2)], 2)\n"
         "time.sleep(0.5)\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    run_parallel([lambda: seen.append(3), lambda: seen.append(4)])\n"
+        "    run_parallel([lambda: seen.append(3), lambda: seen.append(4)], 2)\n"
         "    os._exit(0 if sorted(seen) == [1, 2, 3, 4] else 3)\n"
         "_, status = os.waitpid(pid, 0)\n"
         "sys.exit(os.waitstatus_to_exitcode(status))\n"

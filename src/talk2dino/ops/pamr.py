@@ -321,25 +321,27 @@ def _refine_one_native(kernel: NativePamr, image: Tensor, masks: Tensor, iterati
                        dilations: Sequence[int]) -> Tensor:
     """Native PAMR of one sample: image `[1, 3, H, W]`, masks `[1, C, H, W]`, both float32, on CPU.
 
-    The affinities (`[H, K, Wa]`, in this thread's scratch) are computed by row bands, then every step runs
-    for a share of the classes per thread, with no synchronisation between threads in between: both phases
-    are one parallel region each, which keeps a busy machine from stalling the work (issue 13).
+    The affinities (H·K·Wa floats in this thread's scratch, laid out as the C source says) are computed by
+    row bands, then every step runs for a share of the classes per thread, with no synchronisation between
+    threads in between: both phases are one parallel region each, which keeps a busy machine from stalling
+    the work (issue 13).
     """
     height, width = image.shape[-2:]
     neighbours = Offsets(_stencil_offsets(dilations, include_centre=False))
     stencil = Offsets(_stencil_offsets(dilations, include_centre=True))
-    pad, row_length = max(dilations), kernel.padded_width(width)
     threads = torch.get_num_threads()
-    # The guide with a replicate border, and the columns up to the kernel's row length, so that every
-    # neighbour read is a plain load.
-    guide = F.pad(image, [pad, pad + row_length - width, pad, pad], mode="replicate")[0].contiguous()
-    alpha = _scratch(neighbours.count * height * row_length, image.device).view(height, neighbours.count, row_length)
-    run_parallel([functools.partial(kernel.affinities, guide, alpha, neighbours, stencil, (height, width),
-                                    (pad, pad), rows) for rows in split(height, threads)])
+    alpha = _scratch(neighbours.count * height * kernel.padded_width(width), image.device)
+    # The kernel pads the guide itself (a torch op here would leave torch's OpenMP workers spinning on the
+    # cores the kernel's threads are about to use).
+    guide = image[0].contiguous()
+    # Four row bands per thread: a thread that shares its core (see run_parallel) does fewer of them.
+    run_parallel([functools.partial(kernel.affinities, guide, alpha, neighbours, stencil, rows)
+                  for rows in split(height, 4 * threads)], threads)
     source = masks[0].contiguous()
     out = torch.empty_like(source)
+    # One share of the classes per thread: each share reads all of α once, so finer shares cost memory traffic.
     run_parallel([functools.partial(kernel.run, alpha, source, out, neighbours, iterations, channels)
-                  for channels in split(source.shape[0], threads)])
+                  for channels in split(source.shape[0], threads)], threads)
     return out.unsqueeze(0)
 
 

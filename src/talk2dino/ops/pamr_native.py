@@ -20,6 +20,7 @@ round differently); tests compare both with ``pamr_reference``.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import ctypes
 import hashlib
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 ENV = "TALK2DINO_PAMR_NATIVE"
 MAX_OFFSETS = 1024  # neighbour offsets the kernel takes (its row-pointer tables); 8 per dilation
-_ABI = 3  # t2d_pamr_abi() of the library this module drives
+_ABI = 4  # t2d_pamr_abi() of the library this module drives
 _BASE_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
 _LIBS = ("-lm",)
 # -march=native lets the compiler use the machine's widest SIMD; the CPU is part of the cache key, so a
@@ -65,7 +66,7 @@ class NativePamr:
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         self._affinities = library.t2d_pamr_affinities
         self._affinities.restype = integer
-        self._affinities.argtypes = [pointer] * 4 + [integer] + [pointer] * 2 + [integer] * 8
+        self._affinities.argtypes = [pointer] * 4 + [integer] + [pointer] * 2 + [integer] * 6
         self._run = library.t2d_pamr
         self._run.restype = integer
         self._run.argtypes = [pointer] * 5 + [integer] * 8
@@ -74,30 +75,32 @@ class NativePamr:
         """The row length α must have: `width` rounded up to a multiple of the kernel's block."""
         return -(-width // self.xblock) * self.xblock
 
-    def affinities(self, guide: Tensor, alpha: Tensor, neighbours: Offsets, stencil: Offsets, size: tuple[int, int],
-                   border: tuple[int, int], rows: tuple[int, int]) -> None:
-        """Rows ``rows[0]:rows[1]`` of α `[H, K, Wa]` from `guide` `[3, H + 2P, Wa + 2Q]` (replicate border
-        ``border`` = (P, Q)); ``size`` = (H, W)."""
-        status = self._affinities(guide.data_ptr(), alpha.data_ptr(), ctypes.addressof(neighbours.dy),
+    def affinities(self, image: Tensor, alpha: Tensor, neighbours: Offsets, stencil: Offsets,
+                   rows: tuple[int, int]) -> None:
+        """Rows ``rows[0]:rows[1]`` of α (`[H, Wa / block, K, block]`, see the C source) from `image`
+        `[3, H, W]` float32, contiguous."""
+        _, height, width = image.shape
+        status = self._affinities(image.data_ptr(), alpha.data_ptr(), ctypes.addressof(neighbours.dy),
                                   ctypes.addressof(neighbours.dx), neighbours.count, ctypes.addressof(stencil.dy),
-                                  ctypes.addressof(stencil.dx), stencil.count, size[0], size[1], alpha.shape[-1],
-                                  border[0], border[1], rows[0], rows[1])
+                                  ctypes.addressof(stencil.dx), stencil.count, height, width, self.padded_width(width),
+                                  rows[0], rows[1])
+        if status == -2:
+            raise MemoryError(f"native PAMR: no memory for the guide rows {rows}")
         if status != 0:
-            raise RuntimeError(f"native PAMR affinities refused their arguments (rows {rows}, size {size}, "
-                               f"row length {alpha.shape[-1]}, border {border})")
+            raise RuntimeError(f"native PAMR affinities refused their arguments (rows {rows}, size {height}x{width})")
 
     def run(self, alpha: Tensor, masks: Tensor, out: Tensor, offsets: Offsets, iterations: int,
             channels: tuple[int, int]) -> None:
         """All steps for channels ``channels[0]:channels[1]`` of `masks` `[C, H, W]` into `out` (same shape)."""
         num_classes, height, width = masks.shape
         status = self._run(alpha.data_ptr(), masks.data_ptr(), out.data_ptr(), ctypes.addressof(offsets.dy),
-                           ctypes.addressof(offsets.dx), offsets.count, num_classes, height, width, alpha.shape[-1],
-                           iterations, channels[0], channels[1])
+                           ctypes.addressof(offsets.dx), offsets.count, num_classes, height, width,
+                           self.padded_width(width), iterations, channels[0], channels[1])
         if status == -2:
             raise MemoryError(f"native PAMR: no memory for the scratch of channels {channels}")
         if status != 0:
             raise RuntimeError(f"native PAMR refused its arguments (channels {channels} of {num_classes}, "
-                               f"{height}x{width}, row length {alpha.shape[-1]}, {offsets.count} offsets)")
+                               f"{height}x{width}, {offsets.count} offsets)")
 
 
 class Offsets:
@@ -248,12 +251,31 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _POOL
 
 
-def run_parallel(calls: Sequence[Callable[[], None]]) -> None:
-    """Run the calls on the kernel's thread pool (ctypes releases the GIL) and wait for all; one runs inline."""
-    if len(calls) == 1:
-        calls[0]()
+def run_parallel(calls: Sequence[Callable[[], None]], workers: int) -> None:
+    """Run the calls on the kernel's thread pool (ctypes releases the GIL), at most `workers` at a time, and wait.
+
+    Each of the `workers` threads takes the next call when it finishes one, so more calls than workers balance
+    the load when a core is shared (torch's OpenMP workers keep spinning for a few ms after each torch op).
+    A single call, or a single worker, runs inline. The first error is raised once all calls have stopped.
+    """
+    workers = max(1, min(workers, len(calls)))
+    if workers == 1:
+        for call in calls:
+            call()
         return
-    for future in [_pool().submit(call) for call in calls]:
+    pending = collections.deque(calls)
+
+    def drain() -> None:
+        while True:
+            try:
+                call = pending.popleft()  # atomic: each call is taken by exactly one thread
+            except IndexError:
+                return
+            call()
+
+    futures = [_pool().submit(drain) for _ in range(workers)]
+    concurrent.futures.wait(futures)
+    for future in futures:
         future.result()
 
 
