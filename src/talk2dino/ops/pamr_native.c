@@ -18,8 +18,8 @@
  *   alpha   [H][Wa / XBLOCK][K][XBLOCK]   pixel block b of row y holds the K offsets' weights of its XBLOCK
  *                          pixels, one block after the other, so that a block's propagation reads one contiguous
  *                          stream of weights rather than K rows apart (one stream instead of 48: the hardware
- *                          prefetchers follow it; 25 % less time on one Zen 4 core, measured); columns W..Wa-1
- *                          are zero; Wa % XBLOCK == 0.
+ *                          prefetchers follow it; 25 % less time on one Zen 4 core, measured); the weights of
+ *                          pixels W..Wa-1 are zero; Wa % XBLOCK == 0.
  *   masks   [C][H][W]      the input maps (only channels c0..c1-1 are read).
  *   out     [C][H][W]      the refined maps (only channels c0..c1-1 are written).
  * The scratch, iterations * (2P + 1) rows of (c1 - c0) * (Wa + 2Q) floats (Q = the largest |dx|; about 10 MB
@@ -49,8 +49,10 @@
 #define XBLOCK (2 * LANES)      /* pixels per block; Wa is a multiple of it */
 #define MAX_OFFSETS 1024 /* neighbour offsets per call (stack tables); MAX_OFFSETS in pamr_native.py */
 #define MAXG 6                   /* channels per pass: 12 accumulators and 2 weight vectors in registers */
-/* Floats ahead to prefetch in each of a block's ~300 row streams, more than the hardware prefetchers follow
-   (two blocks: about 10 % faster on a Zen 4 core; a prefetch past a row's end touches only the next row). */
+/* Floats ahead to prefetch in the mask rows a block reads (one prefetch per offset and channel, up to 48 x MAXG,
+   over 13 distinct rows per channel: more streams than the hardware prefetchers follow). Two blocks: about 10 %
+   faster on a Zen 4 core than none, and one block was 1.7x slower than two; a prefetch past a row's end touches
+   only the next row. The weights, one contiguous stream per block, are left to the hardware. */
 #define PREFETCH (2 * XBLOCK)
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
@@ -113,7 +115,8 @@ static void reach(const int *dy, const int *dx, int n, int *P, int *Q) {
     }
 }
 
-/* Replicate the edge columns of one ring row of `channels` channels: Q columns left, and right of W. */
+/* Replicate the edge columns of one row of `channels` channels, each Wp long (a ring row of the masks, or a
+   guide row of the affinities): Q columns left, and right of W. */
 static void pad_row(float *row, int channels, ptrdiff_t Wp, int Q, int W) {
     for (int c = 0; c < channels; ++c) {
         float *r = row + c * Wp;
@@ -272,10 +275,7 @@ int t2d_pamr_affinities(const float *image, float *alpha, const int *dy, const i
             const float *src = image + ((ptrdiff_t)ch * H + clamp((int)(y0 - P + b), 0, H - 1)) * W;
             float *row = band + ch * Gplane + b * Gw;
             memcpy(row + Q, src, (size_t)W * sizeof(float));
-            for (int x = 0; x < Q; ++x)
-                row[x] = src[0];
-            for (ptrdiff_t x = Q + W; x < Gw; ++x)
-                row[x] = src[W - 1];
+            pad_row(row, 1, Gw, Q, W);
         }
     vec kappa[MAX_OFFSETS];
     for (ptrdiff_t y = y0; y < y1; ++y) {
