@@ -215,11 +215,14 @@ class Segmenter:
         self._classes = checked
 
     # ------------------------------------------------------------------ image side
-    def _memory_budget(self, channels: int) -> MemoryBudget | None:
-        """`max_image_memory` as a header check for an image segmented with `channels` score channels (no
-        overlay or saved scores: the API writes no files); None without a limit."""
+    def _memory_budget(self, background: bool | None) -> MemoryBudget | None:
+        """`max_image_memory` as a header check for an image segmented with the current labels (one before
+        `set_classes`) plus the background channel when `background` (None: the config's) asks for it; no
+        overlay or saved scores (the API writes no files). None without a limit."""
         if self.max_image_memory is None:
             return None
+        labels = len(self._classes) if self._classes is not None else 1
+        channels = labels + int(self.config.background if background is None else background)
         return MemoryBudget(self.max_image_memory, max(1, channels), self.config, overlay=False,
                             flag="max_image_memory")
 
@@ -228,8 +231,7 @@ class Segmenter:
         need over `max_image_memory` (`names`: how each image is called in the message)."""
         if self._classes is None:
             return  # `_setup` says that no labels are set
-        with_background = self.config.background if background is None else background
-        budget = self._memory_budget(len(self._classes) + int(with_background))
+        budget = self._memory_budget(background)
         if budget is None:
             return
         for item, name in zip(features, names, strict=True):
@@ -256,8 +258,7 @@ class Segmenter:
         """
         if isinstance(image, PreparedImage):
             return image
-        channels = (len(self._classes) if self._classes is not None else 1) + int(self.config.background)
-        return prepare_image(as_rgb_image(image, check_header=self._memory_budget(channels)), self.config)
+        return prepare_image(as_rgb_image(image, check_header=self._memory_budget(None)), self.config)
 
     def _backbone_inputs(self, guides: torch.Tensor) -> torch.Tensor:
         """``[n, 3, wh, ww]`` 0–255 windows -> ``[n, 3, window, window]`` normalised backbone input."""
